@@ -1,0 +1,63 @@
+"""hubcache: resolve model handles to loadable paths through pluggable storage backends.
+
+Drop-in for tensorflow_hub's resolver::
+
+    import hubcache as hub
+    path = hub.resolve("https://tfhub.dev/google/spice/2")
+    model = hub.load("https://tfhub.dev/google/spice/2")   # needs hubcache[tensorflow]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+from .core.config import define_absl_flags
+from .core.errors import (
+    ArchiveError,
+    CacheError,
+    ConfigError,
+    DownloadError,
+    HandleError,
+    HubcacheError,
+    IntegrityError,
+    MissingDependencyError,
+    OfflineError,
+    UnsafeArchiveError,
+)
+from .core.hookspecs import hookimpl
+from .core.resolver import resolve
+
+__all__ = [
+    "__version__",
+    "resolve",
+    "load",
+    "hookimpl",
+    "HubcacheError",
+    "HandleError",
+    "ConfigError",
+    "MissingDependencyError",
+    "DownloadError",
+    "ArchiveError",
+    "UnsafeArchiveError",
+    "IntegrityError",
+    "OfflineError",
+    "CacheError",
+]
+
+
+def load(handle: str, tags: Any = None, options: Any = None) -> Any:
+    """Resolve ``handle`` and load it as a SavedModel (imports TensorFlow on first call).
+
+    Args:
+        handle: as for :func:`resolve`.
+        tags: meta graph tags (``None``: the default; ``[]`` for TF1 hub modules).
+        options: a ``tf.saved_model.LoadOptions``, passed to TensorFlow unchanged.
+    """
+    from .tf import load as _load
+
+    return _load(handle, tags=tags, options=options)
+
+
+# Like tensorflow_hub: define --tfhub_cache_dir / --tfhub_model_load_format when absl is present.
+define_absl_flags()

@@ -1,0 +1,1 @@
+"""The built-in backends, each a plugin registered through the ``hubcache`` entry-point group."""

@@ -1,0 +1,121 @@
+"""The backend base classes a plugin subclasses."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+
+from .config import Config
+from .errors import ConfigError
+from .handles import Handle, parse_handle
+from .locate import Location
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import EntryInfo, Store
+
+
+class Backend(ABC):
+    """A way of turning a located handle into a loadable path.
+
+    Subclasses set :attr:`name` (unique among installed backends) and implement :meth:`resolve`.
+    Instances are created by hubcache with the effective :class:`~hubcache.core.config.Config`.
+
+    Attributes:
+        name: the backend's name, as ``HUBCACHE_BACKEND`` spells it.
+        protocols: cache-dir URL schemes this backend owns: a ``TFHUB_CACHE_DIR`` with one of them
+            selects this backend (``""`` stands for a plain local path).
+        description: one line for ``hubcache config`` and ``hubcache plugins``.
+    """
+
+    name: ClassVar[str] = ""
+    protocols: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    @abstractmethod
+    def resolve(self, handle: Handle, location: Location) -> str:
+        """Return a path (local or fsspec URL) holding the model."""
+
+    def describe(self) -> dict[str, object]:
+        """Facts about this backend instance, for ``hubcache config``."""
+        return {"name": self.name, "description": self.description}
+
+    def resolve_checked(self, handle: Handle, location: Location) -> tuple[str, Callable[[], bool] | None]:
+        """Resolve, and return a cheap check that the path is still valid for later calls.
+
+        The resolver memoises the path and, on later calls in this process, runs only the check
+        (``None``: the path stays valid). Cache backends return a one-``stat`` check.
+        """
+        return self.resolve(handle, location), None
+
+
+class CacheBackend(Backend):
+    """A backend that downloads archives into a cache held by a :class:`~hubcache.core.store.Store`.
+
+    Subclasses implement :meth:`default_root` and :meth:`make_store`; the download, safe
+    extraction, manifest and commit protocol are shared (``hubcache.core.cache``).
+    """
+
+    @abstractmethod
+    def default_root(self) -> str:
+        """The cache root used when ``TFHUB_CACHE_DIR`` does not name one for this backend."""
+
+    @abstractmethod
+    def make_store(self, root: str) -> Store:
+        """Build the store for ``root``."""
+
+    @property
+    def root(self) -> str:
+        """The effective cache root: ``TFHUB_CACHE_DIR`` if it is one of ours, else the default."""
+        cache_dir = self.config.get("cache_dir")
+        if cache_dir:
+            scheme = parse_handle(str(cache_dir)).scheme
+            if scheme in self.protocols or (scheme == "file" and "" in self.protocols):
+                return str(cache_dir)
+            if not self.protocols:
+                raise ConfigError(f"backend {self.name!r} cannot use cache dir {cache_dir!r}")
+        return self.default_root()
+
+    @property
+    def store(self) -> Store:
+        """The store (built once per backend instance)."""
+        store = self.__dict__.get("_store")
+        if store is None:
+            store = self.__dict__["_store"] = self.make_store(self.root)
+        return store
+
+    def resolve(self, handle: Handle, location: Location) -> str:
+        return self.resolve_checked(handle, location)[0]
+
+    def resolve_checked(self, handle: Handle, location: Location) -> tuple[str, Callable[[], bool] | None]:
+        from .cache import resolve_in_store
+
+        if location.kind == "directory":
+            # As tensorflow_hub does: a directory handle is already loadable.
+            return location.url, None
+        if location.kind == "pointer":
+            raise ConfigError(
+                f"backend {self.name!r} caches archives; this handle points to an uncompressed model",
+                hint="set TFHUB_MODEL_LOAD_FORMAT=COMPRESSED or choose the remote backend")
+        path, manifest = resolve_in_store(self.store, handle, location, self.config, backend=self.name)
+        return path, self.store.validator(path, manifest)
+
+    def entries(self) -> Iterator[EntryInfo]:
+        """Every entry in this backend's cache."""
+        return self.store.entries()
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "description": self.description, "root": self.root}
+
+
+class LocalCacheBackend(CacheBackend):
+    """A cache backend on the local filesystem; subclasses only choose :meth:`default_root`."""
+
+    protocols = ("",)
+
+    def make_store(self, root: str) -> Store:
+        from .localstore import LocalStore
+
+        return LocalStore(root, lock_timeout=float(self.config.get("lock_timeout", 3600.0)))

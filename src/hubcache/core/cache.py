@@ -1,0 +1,108 @@
+"""The shared download -> extract -> commit machinery every cache backend uses."""
+
+from __future__ import annotations
+
+import time
+
+from .._version import __version__
+from .config import Config
+from .errors import ArchiveError, IntegrityError, OfflineError
+from .events import emit
+from .extract import Limits, Meter, extract
+from .fetch import open_source
+from .handles import Handle
+from .locate import Location
+from .manifest import Manifest
+from .store import Store
+
+
+def check_pin(handle: Handle, manifest: Manifest) -> None:
+    """Raise :class:`IntegrityError` if a pinned handle's entry came from other bytes."""
+    if handle.pin is None:
+        return
+    algorithm, expected = handle.pin
+    actual = manifest.archive.get(algorithm)
+    if actual != expected:
+        raise IntegrityError(
+            f"the cached entry was built from an archive whose {algorithm} is {actual or 'unknown'}, "
+            f"but the handle pins {expected}",
+            hint="run `hubcache rm` on the handle to download it again")
+
+
+def resolve_in_store(store: Store, handle: Handle, location: Location, config: Config,
+                     backend: str = "") -> tuple[str, Manifest]:
+    """Return ``(path, manifest)`` of the handle's entry in ``store``, downloading on a miss.
+
+    Raises:
+        OfflineError: on a miss in offline mode.
+        DownloadError, ArchiveError, IntegrityError, CacheError: as the steps fail; nothing is
+            committed then.
+    """
+    key = handle.key
+    found = store.lookup(key, handle.url)
+    if found is not None:
+        check_pin(handle, found[1])
+        return found
+    if config.get("offline"):
+        raise OfflineError("not in the cache, and offline mode is on (HUBCACHE_OFFLINE)",
+                           hint=f"run `hubcache prefetch {handle.raw}` while online")
+
+    def on_wait(holder: str) -> None:
+        emit("waiting", handle.raw, backend, path=store.entry_path(key), holder=holder)
+
+    with store.lock(key, on_wait):
+        found = store.lookup(key, handle.url)  # another process may have finished meanwhile
+        if found is not None:
+            check_pin(handle, found[1])
+            return found
+        store.cleanup(key)
+        writer = store.writer(key, handle.url)
+        try:
+            manifest = download_into(writer, handle, location, config, backend)
+            path = writer.commit(manifest)
+        except BaseException:
+            writer.abort()
+            raise
+    emit("committed", handle.raw, backend, path=path)
+    return path, manifest
+
+
+def download_into(writer, handle: Handle, location: Location, config: Config, backend: str = "") -> Manifest:
+    """Stream ``location`` into ``writer`` and return the manifest to commit (not yet committed)."""
+    url = location.url
+    algorithms = ("sha256",) if handle.pin is None or handle.pin[0] == "sha256" else ("sha256", handle.pin[0])
+
+    def on_retry(attempt: int, error: str, offset: int) -> None:
+        emit("download_retry", handle.raw, backend, url=url, attempt=attempt, error=error, offset=offset)
+
+    source = open_source(url, timeout=float(config.get("timeout", 60.0)), retries=int(config.get("retries", 4)),
+                         on_retry=on_retry)
+    try:
+        emit("download_started", handle.raw, backend, url=source.final_url, total=source.total)
+
+        def on_progress(count: int) -> None:
+            emit("download_progress", handle.raw, backend, url=url, bytes=count, total=source.total)
+
+        meter = Meter(source, algorithms, on_progress)
+        started = time.monotonic()
+        limits = Limits(int(config.get("max_archive_bytes", Limits.max_bytes)),
+                        int(config.get("max_members", Limits.max_members)))
+        contents = extract(meter, writer, limits)
+        meter.drain()
+    finally:
+        source.close()
+    emit("download_finished", handle.raw, backend, url=source.final_url, bytes=meter.bytes,
+         seconds=time.monotonic() - started)
+    digests = {name: h.hexdigest() for name, h in meter.hashes.items()}
+    if handle.pin is not None and digests[handle.pin[0]] != handle.pin[1]:
+        raise IntegrityError(
+            f"the archive's {handle.pin[0]} is {digests[handle.pin[0]]}, but the handle pins {handle.pin[1]}",
+            hint=f"the file at {source.final_url} is not the pinned one; nothing was cached")
+    manifest = contents.manifest(
+        handle=handle.url, source=source.final_url,
+        archive={"bytes": meter.bytes, "format": contents.format, **digests},
+        creator=f"hubcache {__version__}")
+    emit("extracted", handle.raw, backend, files=len(manifest.files), bytes=manifest.total_bytes)
+    if not manifest.files and not manifest.dirs:
+        raise ArchiveError("the archive holds no files")
+    return manifest

@@ -1,0 +1,228 @@
+"""Effective settings and where each came from.
+
+Names and precedence follow tensorflow_hub so existing set-ups keep working: an environment
+variable beats the absl flag, which beats the default. hubcache's own settings are environment
+variables prefixed ``HUBCACHE_``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
+ENV_LOAD_FORMAT = "TFHUB_MODEL_LOAD_FORMAT"
+ENV_BACKEND = "HUBCACHE_BACKEND"
+FLAG_CACHE_DIR = "tfhub_cache_dir"
+FLAG_LOAD_FORMAT = "tfhub_model_load_format"
+
+LOAD_FORMATS = ("COMPRESSED", "UNCOMPRESSED", "AUTO")
+
+#: hubcache's own numeric settings: env var -> (default, parser name, help).
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One effective setting.
+
+    Attributes:
+        name: the setting's name (``cache_dir``, ``load_format``...).
+        value: its effective value.
+        source: ``env``, ``flag`` or ``default``.
+        origin: the variable or flag it came from (empty for defaults).
+        help: one line saying what it does.
+    """
+
+    name: str
+    value: object
+    source: str
+    origin: str = ""
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A snapshot of every setting, taken by :func:`load_config`."""
+
+    settings: dict[str, Setting] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> object:
+        return self.settings[name].value
+
+    def get(self, name: str, default: object = None) -> object:
+        setting = self.settings.get(name)
+        return default if setting is None else setting.value
+
+
+def parse_size(text: str, *, name: str = "size") -> int:
+    """Parse a byte size such as ``"20G"``, ``"512M"``, ``"1.5GiB"`` or ``"1000"``.
+
+    Raises:
+        ConfigError: if the text is not a size.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"{name}={text!r} is not a size", hint="write e.g. 500M, 20G or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _parse_bool(text: str) -> bool:
+    return text.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _parse_float(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={text!r} must not be negative")
+    return value
+
+
+def _parse_int(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={text!r} must not be negative")
+    return value
+
+
+# -- absl flags ---------------------------------------------------------------------------------
+
+_flags_defined = False
+
+
+def define_absl_flags() -> None:
+    """Define ``--tfhub_cache_dir`` and ``--tfhub_model_load_format`` if absl is installed.
+
+    They are defined only when nobody (tensorflow_hub, say) defined them first, so importing both
+    libraries does not crash with a duplicate-flag error.
+    """
+    global _flags_defined
+    if _flags_defined or importlib.util.find_spec("absl") is None:
+        return
+    from absl import flags
+
+    if FLAG_CACHE_DIR not in flags.FLAGS:
+        flags.DEFINE_string(
+            FLAG_CACHE_DIR, None,
+            "If set, hubcache (and TF-Hub) download and cache models in this directory; "
+            "a gs:// path makes a cache shared by many hosts.")
+    if FLAG_LOAD_FORMAT not in flags.FLAGS:
+        flags.DEFINE_enum(
+            FLAG_LOAD_FORMAT, "AUTO", list(LOAD_FORMATS),
+            "COMPRESSED downloads and caches archives; UNCOMPRESSED reads models straight "
+            "from remote storage; AUTO means COMPRESSED.")
+    _flags_defined = True
+
+
+def _flag_value(name: str) -> object:
+    """The value of an absl flag if absl is loaded, the flag defined and argv parsed."""
+    flags_module = sys.modules.get("absl.flags")
+    if flags_module is None:
+        return None
+    FLAGS = flags_module.FLAGS
+    if name not in FLAGS or not FLAGS.is_parsed():
+        return None
+    flag = FLAGS[name]
+    # An untouched flag is a default, not a choice the user made.
+    if not flag.present and flag.value == flag.default:
+        return None
+    return flag.value
+
+
+# -- the settings ---------------------------------------------------------------------------------
+
+
+def _env_or_flag(env: str, flag: str, default: object, name: str, help: str) -> Setting:
+    value = os.environ.get(env)
+    if value:
+        return Setting(name, value, "env", env, help)
+    value = _flag_value(flag)
+    if value:
+        return Setting(name, value, "flag", f"--{flag}", help)
+    return Setting(name, default, "default", "", help)
+
+
+def _env(env: str, default: object, name: str, help: str, parse=None) -> Setting:
+    text = os.environ.get(env)
+    if text is None or text.strip() == "":
+        return Setting(name, default, "default", "", help)
+    return Setting(name, parse(text) if parse else text, "env", env, help)
+
+
+def load_config() -> Config:
+    """Read every setting from the environment and absl flags.
+
+    Raises:
+        ConfigError: if a setting has an invalid value.
+    """
+    s: dict[str, Setting] = {}
+    s["backend"] = _env(ENV_BACKEND, None, "backend",
+                        "backend name, or a comma-separated chain of tiers (default: implied)")
+    s["cache_dir"] = _env_or_flag(ENV_CACHE_DIR, FLAG_CACHE_DIR, None, "cache_dir",
+                                  "cache root; a gs:// (or other fsspec) URL selects that store")
+    fmt = _env_or_flag(ENV_LOAD_FORMAT, FLAG_LOAD_FORMAT, "AUTO", "load_format",
+                       "COMPRESSED (download + cache), UNCOMPRESSED (read remote), AUTO (= COMPRESSED)")
+    value = str(fmt.value).strip().upper()
+    if value not in LOAD_FORMATS:
+        raise ConfigError(
+            f"{fmt.origin or 'load format'}={fmt.value!r} is not a model load format",
+            hint="use COMPRESSED, UNCOMPRESSED or AUTO")
+    s["load_format"] = Setting(fmt.name, value, fmt.source, fmt.origin, fmt.help)
+    s["offline"] = _env("HUBCACHE_OFFLINE", False, "offline",
+                        "1: use only cached entries, never the network", _parse_bool)
+    s["max_size"] = _env("HUBCACHE_MAX_SIZE", None, "max_size",
+                         "size budget of the home cache, e.g. 20G (LRU eviction)",
+                         lambda t: parse_size(t, name="HUBCACHE_MAX_SIZE"))
+    s["max_archive_bytes"] = _env("HUBCACHE_MAX_EXTRACT_SIZE", 256 << 30, "max_archive_bytes",
+                                  "refuse archives that unpack to more than this",
+                                  lambda t: parse_size(t, name="HUBCACHE_MAX_EXTRACT_SIZE"))
+    s["max_members"] = _env("HUBCACHE_MAX_MEMBERS", 200_000, "max_members",
+                            "refuse archives with more members than this",
+                            lambda t: _parse_int(t, "HUBCACHE_MAX_MEMBERS"))
+    s["timeout"] = _env("HUBCACHE_TIMEOUT", 60.0, "timeout",
+                        "seconds to wait for a connection or for the next bytes",
+                        lambda t: _parse_float(t, "HUBCACHE_TIMEOUT"))
+    s["retries"] = _env("HUBCACHE_RETRIES", 4, "retries",
+                        "retries of a failed or interrupted download",
+                        lambda t: _parse_int(t, "HUBCACHE_RETRIES"))
+    s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", 3600.0, "lock_timeout",
+                             "seconds to wait for another process downloading the same handle",
+                             lambda t: _parse_float(t, "HUBCACHE_LOCK_TIMEOUT"))
+    progress = _env("HUBCACHE_NO_PROGRESS", None, "progress", "", _parse_bool)
+    if progress.source == "env" and progress.value:
+        s["progress"] = Setting("progress", "never", "env", "HUBCACHE_NO_PROGRESS",
+                                "progress bar: auto (when stderr is a terminal), always, never")
+    else:
+        forced = _env("TFHUB_DOWNLOAD_PROGRESS", None, "progress", "", _parse_bool)
+        if forced.source == "env" and forced.value:
+            s["progress"] = Setting("progress", "always", "env", "TFHUB_DOWNLOAD_PROGRESS",
+                                    "progress bar: auto (when stderr is a terminal), always, never")
+        else:
+            s["progress"] = Setting("progress", "auto", "default", "",
+                                    "progress bar: auto (when stderr is a terminal), always, never")
+    return Config(s)
+
+
+def config_fingerprint() -> tuple:
+    """A cheap tuple that changes whenever the backend selection could change.
+
+    Used by the resolver to memoise hits without re-reading every setting on each call.
+    """
+    env = os.environ
+    flags_module = sys.modules.get("absl.flags")
+    flags_key = None
+    if flags_module is not None and flags_module.FLAGS.is_parsed():
+        flags_key = (_flag_value(FLAG_CACHE_DIR), _flag_value(FLAG_LOAD_FORMAT))
+    return (env.get(ENV_BACKEND), env.get(ENV_CACHE_DIR), env.get(ENV_LOAD_FORMAT),
+            env.get("HUBCACHE_OFFLINE"), flags_key)

@@ -1,0 +1,285 @@
+"""Archive formats: detection from the first bytes, and streaming decoders.
+
+Decoders read compressed bytes from a source in large chunks and hand out bounded pieces of
+output (a decompression bomb can never make one call allocate more than ``max_length``).
+Truncated streams are errors here, not silently short output: gzip, bz2 and xz decoders say when
+their stream ended early; for zstd, whose streaming reader does not, a small frame walker follows
+the frame and block headers as bytes pass.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import zlib
+from typing import Callable, Protocol
+
+from .errors import ArchiveError
+
+CHUNK = 1 << 20
+
+MAGIC = (
+    (b"\x1f\x8b", "gz"),
+    (b"\x28\xb5\x2f\xfd", "zst"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def sniff(head: bytes) -> str:
+    """Name the format of a stream from its first bytes (at least 512 if the stream has them).
+
+    Returns one of ``gz``, ``zst``, ``bz2``, ``xz``, ``tar``, and for things that are not
+    archives: ``empty``, ``html``, ``unknown``.
+    """
+    if not head:
+        return "empty"
+    for magic, name in MAGIC:
+        if head.startswith(magic):
+            return name
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if len(head) >= 512 and _is_v7_tar_header(head[:512]):
+        return "tar"
+    text = head[:256].lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        return "html"
+    return "unknown"
+
+
+def _is_v7_tar_header(block: bytes) -> bool:
+    try:
+        stored = int(block[148:156].replace(b"\x00", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    return stored == computed
+
+
+class PrefixedReader:
+    """A reader that first returns ``head`` and then the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw: Readable):
+        self._head = head
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            if size < 0 or size >= len(self._head):
+                data, self._head = self._head, b""
+                if size >= 0 and len(data) < size:
+                    data += self._raw.read(size - len(data))
+                elif size < 0:
+                    data += self._raw.read()
+                return data
+            data, self._head = self._head[:size], self._head[size:]
+            return data
+        return self._raw.read(size)
+
+
+def read_head(raw: Readable, size: int = 512) -> bytes:
+    """Read up to ``size`` bytes, looping over short reads (network streams return them)."""
+    parts, got = [], 0
+    while got < size:
+        part = raw.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+class _Decoder:
+    """Bounded-output decoding of a multi-member stream with a stdlib-style decompressor."""
+
+    def __init__(self, raw: Readable, new: Callable[[], object], name: str, trailing_zeros_ok: bool):
+        self._raw = raw
+        self._new = new
+        self._name = name
+        self._trailing_zeros_ok = trailing_zeros_ok
+        self._dec = new()
+        self._input = b""
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = CHUNK
+        while True:
+            if self._eof:
+                return b""
+            dec = self._dec
+            if dec.eof:
+                rest = dec.unused_data + self._input
+                self._input = b""
+                if not rest:
+                    rest = self._raw.read(CHUNK)
+                    if not rest:
+                        self._eof = True
+                        return b""
+                if self._trailing_zeros_ok and not rest.strip(b"\x00"):
+                    continue  # padding after the last member (some tools write it)
+                dec = self._dec = self._new()
+                self._input = rest
+            if not self._input and self._needs_input(dec):
+                self._input = self._raw.read(CHUNK)
+                if not self._input:
+                    raise ArchiveError(f"the {self._name} stream is truncated (it ends before its end marker)",
+                                       hint="the download was cut short or the file is damaged")
+            try:
+                out = self._decompress(dec, size)
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as error:
+                raise ArchiveError(f"corrupt {self._name} data: {error}") from None
+            if out:
+                return out
+
+    def _needs_input(self, dec) -> bool:
+        if hasattr(dec, "needs_input"):
+            return dec.needs_input
+        return not dec.unconsumed_tail
+
+    def _decompress(self, dec, size: int) -> bytes:
+        if hasattr(dec, "needs_input"):  # bz2 / lzma keep their own input buffer
+            data, self._input = self._input, b""
+            return dec.decompress(data, size)
+        data = dec.unconsumed_tail or self._input
+        self._input = b""
+        out = dec.decompress(data, size)
+        return out
+
+
+class ZstdFrameWalker:
+    """Follows zstd frame and block headers to tell whether the stream ended cleanly.
+
+    zstandard's stream reader returns short output, not an error, when its input is truncated;
+    watching the headers as the bytes pass costs almost nothing and catches that.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._state = "magic"
+        self._header_len = 0
+        self._skip = 0
+        self._after = ""
+        self._checksum = False
+        #: True when the bytes seen so far end exactly at a frame boundary.
+        self.complete = True
+
+    def _need(self) -> int:
+        return {"magic": 4, "fhd": 1, "header": self._header_len, "block": 3, "skiplen": 4}[self._state]
+
+    def feed(self, data: bytes) -> None:
+        view, pos, end = memoryview(data), 0, len(data)
+        while pos < end:
+            if self._skip:
+                take = min(self._skip, end - pos)
+                self._skip -= take
+                pos += take
+                if not self._skip:
+                    self._skipped()
+                continue
+            take = min(self._need() - len(self._buf), end - pos)
+            self._buf += view[pos:pos + take]
+            pos += take
+            if len(self._buf) == self._need():
+                self._parse(bytes(self._buf))
+                self._buf.clear()
+
+    def _skip_then(self, count: int, after: str) -> None:
+        self._skip, self._after = count, after
+        if not count:
+            self._skipped()
+
+    def _skipped(self) -> None:
+        after = self._after
+        if after == "block":
+            self._state = "block"
+        elif after == "checksum":
+            self._skip_then(4 if self._checksum else 0, "end")
+        else:  # end of a frame
+            self.complete = True
+            self._state = "magic"
+
+    def _parse(self, buf: bytes) -> None:
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(buf, "little")
+            self.complete = False
+            if magic == 0xFD2FB528:
+                self._state = "fhd"
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
+                self._state = "skiplen"
+            else:
+                raise ArchiveError("corrupt zstd data: bad frame magic")
+        elif state == "skiplen":
+            self._skip_then(int.from_bytes(buf, "little"), "end")
+        elif state == "fhd":
+            fhd = buf[0]
+            fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+            self._checksum = bool((fhd >> 2) & 1)
+            self._header_len = (0 if single else 1) + (0, 1, 2, 4)[dict_flag] + (single, 2, 4, 8)[fcs_flag]
+            if self._header_len:
+                self._state = "header"
+            else:
+                self._state = "block"
+        elif state == "header":
+            self._state = "block"
+        elif state == "block":
+            header = int.from_bytes(buf, "little")
+            last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise ArchiveError("corrupt zstd data: reserved block type")
+            self._skip_then(1 if kind == 1 else size, "checksum" if last else "block")
+
+
+class _ZstdDecoder:
+    def __init__(self, raw: Readable):
+        import zstandard
+
+        self._walker = ZstdFrameWalker()
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            _Watched(raw, self._walker), read_size=CHUNK, read_across_frames=True)
+
+    def read(self, size: int = -1) -> bytes:
+        import zstandard
+
+        if size is None or size < 0:
+            size = CHUNK
+        try:
+            out = self._reader.read(size)
+        except zstandard.ZstdError as error:
+            raise ArchiveError(f"corrupt zstd data: {error}") from None
+        if not out and not self._walker.complete:
+            raise ArchiveError("the zstd stream is truncated (it ends inside a frame)",
+                               hint="the download was cut short or the file is damaged")
+        return out
+
+
+class _Watched:
+    def __init__(self, raw: Readable, walker: ZstdFrameWalker):
+        self._raw = raw
+        self._walker = walker
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if data:
+            self._walker.feed(data)
+        return data
+
+
+def open_decoder(fmt: str, raw: Readable) -> Readable:
+    """Return a reader of the decompressed bytes of ``raw`` (format from :func:`sniff`)."""
+    if fmt == "tar":
+        return raw
+    if fmt == "gz":
+        return _Decoder(raw, lambda: zlib.decompressobj(wbits=31), "gzip", trailing_zeros_ok=True)
+    if fmt == "bz2":
+        return _Decoder(raw, bz2.BZ2Decompressor, "bzip2", trailing_zeros_ok=False)
+    if fmt == "xz":
+        return _Decoder(raw, lzma.LZMADecompressor, "xz", trailing_zeros_ok=False)
+    if fmt == "zst":
+        return _ZstdDecoder(raw)
+    raise ValueError(fmt)

@@ -1,0 +1,70 @@
+"""Locate: map a handle to where its bytes are (the built-in ``hubcache_locate``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .errors import HandleError
+from .handles import Handle
+from .hookspecs import hookimpl
+
+Kind = Literal["archive", "directory", "pointer"]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a handle's bytes are.
+
+    Attributes:
+        url: what to fetch (archive), the directory itself (directory), or the URL that answers
+            with a pointer to a directory (pointer: tfhub.dev's ``?tf-hub-format=uncompressed``).
+        kind: ``archive``, ``directory`` or ``pointer``.
+    """
+
+    url: str
+    kind: Kind
+
+
+def with_query(url: str, **params: str) -> str:
+    """Add query parameters to a URL, keeping those it already has."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    names = {name for name, _ in query}
+    query += [(name, value) for name, value in params.items() if name not in names]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def locate(handle: Handle, load_format: str) -> Location:
+    """The built-in answer for every handle shape hubcache knows.
+
+    Raises:
+        HandleError: for a local path that does not exist.
+    """
+    if handle.is_local:
+        path = os.path.abspath(handle.local_path)
+        if os.path.isdir(path):
+            return Location(path, "directory")
+        if os.path.isfile(path):
+            return Location(path, "archive")
+        raise HandleError(f"no such file or directory: {path}",
+                          hint="check the path, or use a URL")
+    if handle.scheme in ("http", "https"):
+        if handle.is_archive_url:
+            return Location(handle.url, "archive")
+        # A tfhub.dev-style model handle: the server picks the representation.
+        if load_format == "UNCOMPRESSED":
+            return Location(with_query(handle.url, **{"tf-hub-format": "uncompressed"}), "pointer")
+        return Location(with_query(handle.url, **{"tf-hub-format": "compressed"}), "archive")
+    # Any other fsspec URL: an archive by its suffix, otherwise a directory.
+    return Location(handle.url, "archive" if handle.is_archive_url else "directory")
+
+
+class DefaultLocator:
+    """The built-in locator plugin; it runs last so plugins can override any handle shape."""
+
+    @hookimpl(trylast=True)
+    def hubcache_locate(self, handle: Handle, load_format: str) -> Location:
+        return locate(handle, load_format)

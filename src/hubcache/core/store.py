@@ -1,0 +1,125 @@
+"""The cache entry protocol every cache store implements.
+
+A store keeps entries under a root, one per cache key:
+
+- ``<root>/<key>/``: the extracted model (the path ``resolve`` returns);
+- ``<root>/<key>.descriptor.txt``: tensorflow_hub's descriptor (who downloaded what, when);
+- ``<root>/<key>.manifest.json``: hubcache's manifest; only entries with one are trusted.
+
+Writers build an entry privately (an :class:`EntryWriter`) and make it visible with one atomic
+commit. Locks only save bandwidth; correctness never depends on them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from .manifest import Manifest
+
+
+@dataclass
+class EntryInfo:
+    """One entry as listed by a store.
+
+    Attributes:
+        key: the cache key.
+        path: the entry's path.
+        state: ``committed``, ``damaged``, ``in progress`` or ``foreign`` (a tensorflow_hub entry
+            not adopted yet).
+        manifest: its manifest, when it has a readable one.
+        size: bytes on record (manifest) or found.
+        last_used: Unix time of the last recorded use, if known.
+    """
+
+    key: str
+    path: str
+    state: str
+    manifest: Manifest | None = None
+    size: int = 0
+    last_used: float | None = None
+
+
+class EntryWriter(ABC):
+    """A private, not-yet-visible entry being filled by the extractor."""
+
+    @abstractmethod
+    def add_dir(self, path: str) -> None:
+        """Create a directory (relative, ``/``-separated, already validated)."""
+
+    @abstractmethod
+    def add_file(self, path: str, chunks: Iterable[bytes], executable: bool = False) -> None:
+        """Write a regular file from an iterator of byte chunks."""
+
+    @abstractmethod
+    def add_symlink(self, path: str, target: str) -> None:
+        """Create a symbolic link (the target is validated to stay inside the entry)."""
+
+    @abstractmethod
+    def add_hardlink(self, path: str, existing: str) -> None:
+        """Make ``path`` a copy of (or hard link to) the already-written file ``existing``."""
+
+    @abstractmethod
+    def commit(self, manifest: Manifest) -> str:
+        """Make the entry visible atomically and return its path.
+
+        If another writer committed the same key first, keep theirs, discard ours, and return
+        the committed path.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written (idempotent; safe after a partial failure)."""
+
+
+class Store(ABC):
+    """Where a cache backend keeps its entries.
+
+    Attributes:
+        root: the cache root (a local path or an fsspec URL).
+    """
+
+    root: str
+
+    @abstractmethod
+    def entry_path(self, key: str) -> str:
+        """The path of the entry for ``key`` (whether or not it exists)."""
+
+    @abstractmethod
+    def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
+        """Return ``(path, manifest)`` of a committed, complete entry, else ``None``.
+
+        Called on every cache miss and once per process on a hit; must not write anything it
+        does not own (a read-only cache must work).
+        """
+
+    @abstractmethod
+    def lock(self, key: str, on_wait: Callable[[str], None]) -> AbstractContextManager[None]:
+        """Hold off other writers of ``key`` (bandwidth only). ``on_wait(holder)`` is called once
+        if someone else holds it."""
+
+    @abstractmethod
+    def writer(self, key: str, handle: str) -> EntryWriter:
+        """A private writer for a new entry."""
+
+    @abstractmethod
+    def cleanup(self, key: str) -> None:
+        """Remove what crashed writers of ``key`` left behind (called while holding the lock)."""
+
+    @abstractmethod
+    def entries(self) -> Iterator[EntryInfo]:
+        """Every entry, committed or not."""
+
+    @abstractmethod
+    def remove(self, key: str) -> bool:
+        """Remove an entry (manifest first, so it is never seen half-removed). True if it existed."""
+
+    @abstractmethod
+    def verify(self, key: str, full: bool = False) -> list[str]:
+        """Problems of a committed entry against its manifest (sizes; digests too with ``full``)."""
+
+    def validator(self, path: str, manifest: Manifest) -> Callable[[], bool] | None:
+        """A cheap check that a memoised entry still exists (``None``: always valid)."""
+        return None
