@@ -59,6 +59,14 @@ class Config:
         setting = self.settings.get(name)
         return default if setting is None else setting.value
 
+    def replace(self, **values: object) -> Config:
+        """A copy with some values replaced (source ``override``): for tests and embedding."""
+        settings = dict(self.settings)
+        for name, value in values.items():
+            old = settings.get(name)
+            settings[name] = Setting(name, value, "override", "", old.help if old else "")
+        return Config(settings)
+
 
 def parse_size(text: str, *, name: str = "size") -> int:
     """Parse a byte size such as ``"20G"``, ``"512M"``, ``"1.5GiB"`` or ``"1000"``.

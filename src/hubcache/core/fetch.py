@@ -107,9 +107,9 @@ class HttpSource(Source):
                              f"{'s' if self._attempts != 1 else ''})",
                              url=self.url, status=status, attempts=self._attempts)
 
-    def _wait_before_retry(self, error: str, offset: int) -> None:
+    def _wait_before_retry(self, error: str, offset: int, status: int | None = None) -> None:
         if self._attempts > self._retries:
-            raise self._fail(error)
+            raise self._fail(error, status)
         if self._on_retry is not None:
             self._on_retry(self._attempts, error, offset)
         time.sleep(min(10.0, self._backoff * 2 ** (self._attempts - 1)))
@@ -143,7 +143,7 @@ class HttpSource(Source):
             if status in RETRY_STATUS:
                 response.drain_conn()
                 response.release_conn()
-                self._wait_before_retry(f"HTTP {status}", offset)
+                self._wait_before_retry(f"HTTP {status} {response.reason or ''}".rstrip(), offset, status)
                 continue
             if status >= 400:
                 response.drain_conn()
@@ -183,7 +183,8 @@ class HttpSource(Source):
                 if isinstance(error, DownloadError):
                     raise
                 self._response.release_conn()
-                self._wait_before_retry(f"interrupted after {self.position} bytes: {error}", self.position)
+                self._wait_before_retry(f"interrupted after {self.position} bytes: {_describe(error)}",
+                                        self.position)
                 self._response = self._request(self.position)
 
     def close(self) -> None:
@@ -192,6 +193,13 @@ class HttpSource(Source):
             if response is not None:
                 response.release_conn()
         super().close()
+
+
+def _describe(error: BaseException) -> str:
+    """A short reason: urllib3 wraps the useful text in tuples of nested exceptions."""
+    first = error.args[0] if error.args else error
+    text = first if isinstance(first, str) else str(error)
+    return text.split(": IncompleteRead")[0].split("(\'")[0] or type(error).__name__
 
 
 def _discard(response, count: int) -> None:

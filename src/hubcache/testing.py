@@ -1,0 +1,516 @@
+"""Test kit for hubcache and its backends: model and archive builders, a local origin server,
+and the conformance suite every cache backend (built-in or third-party) runs against itself.
+
+A third party tests its backend with one subclass::
+
+    from hubcache.testing import CacheBackendConformance
+
+    class TestS3Conformance(CacheBackendConformance):
+        @pytest.fixture
+        def backend(self, s3_bucket):
+            return S3Backend(load_config().replace(cache_dir=f"s3://{s3_bucket}/cache"))
+
+The suite needs pytest; nothing here touches the network beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import random
+import struct
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+FORMATS = ("tar", "gz", "zst", "bz2", "xz")
+SUFFIX = {"tar": ".tar", "gz": ".tar.gz", "zst": ".tar.zst", "bz2": ".tar.bz2", "xz": ".tar.xz"}
+
+
+# -- models and archives ------------------------------------------------------------------------
+
+
+def build_model_dir(path: str | os.PathLike, *, weights_bytes: int = 64 << 10, shards: int = 1,
+                    seed: int = 0) -> str:
+    """Write a SavedModel-shaped directory (not loadable by TensorFlow; see ``hubcache.tf`` tests
+    for real SavedModels): ``saved_model.pb``, ``variables/`` with an index and data shards of
+    float32-like random bytes, ``assets/``, and an empty directory.
+    """
+    rng = random.Random(seed)
+    path = os.fspath(path)
+    os.makedirs(os.path.join(path, "variables"), exist_ok=True)
+    os.makedirs(os.path.join(path, "assets"), exist_ok=True)
+    os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(b"\x08\x01\x12" + rng.randbytes(2000))
+    with open(os.path.join(path, "fingerprint.pb"), "wb") as f:
+        f.write(rng.randbytes(64))
+    with open(os.path.join(path, "variables", "variables.index"), "wb") as f:
+        f.write(rng.randbytes(300))
+    per_shard = max(1, weights_bytes // shards)
+    for i in range(shards):
+        name = f"variables.data-{i:05d}-of-{shards:05d}"
+        with open(os.path.join(path, "variables", name), "wb") as f:
+            f.write(rng.randbytes(per_shard))
+    with open(os.path.join(path, "assets", "vocab.txt"), "w") as f:
+        f.write("\n".join(f"token{i}" for i in range(100)))
+    return path
+
+
+def compress(data: bytes, fmt: str) -> bytes:
+    """Compress a tar stream into ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "tar":
+        return data
+    if fmt == "gz":
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if fmt == "zst":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+    if fmt == "bz2":
+        return bz2.compress(data)
+    if fmt == "xz":
+        return lzma.compress(data)
+    raise ValueError(fmt)
+
+
+def tar_directory(path: str | os.PathLike, *, prefix: str = "") -> bytes:
+    """A tar stream of a directory's contents (members relative to it, as tfhub archives are)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        root = os.fspath(path)
+        for name in sorted(os.listdir(root)):
+            tar.add(os.path.join(root, name), arcname=prefix + name)
+    return buf.getvalue()
+
+
+def archive_of(path: str | os.PathLike, fmt: str = "gz") -> bytes:
+    """The bytes of an archive of a directory, in ``fmt``."""
+    return compress(tar_directory(path), fmt)
+
+
+def read_tree(path: str) -> dict[str, bytes]:
+    """Every regular file under a local or fsspec directory, as ``{relative path: bytes}``."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    out = {}
+    for full in fs.find(root):
+        rel = full[len(root) + 1:]
+        out[rel] = fs.cat_file(full)
+    return out
+
+
+def tree_of(path: str) -> dict[str, bytes]:
+    """Every regular file under a local directory, as ``{relative path: bytes}``."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                continue
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path).replace(os.sep, "/")] = f.read()
+    return out
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _special(name: str, kind: bytes, **attrs) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info, None
+
+
+def hostile_archives(*, max_bytes: int = 1 << 20, max_members: int = 1000) -> dict[str, bytes]:
+    """Archives hubcache must refuse, by name. Sizes are chosen against the given limits."""
+    ok = _file("saved_model.pb", b"model")
+    archives = {
+        "absolute_path": _tar([ok, _file("/tmp/hubcache-escape.txt")]),
+        "dotdot": _tar([ok, _file("../escape.txt")]),
+        "dotdot_nested": _tar([ok, _file("variables/../../escape.txt")]),
+        "symlink_escape": _tar([ok, _special("evil", tarfile.SYMTYPE, linkname="../../etc/passwd")]),
+        "symlink_absolute": _tar([ok, _special("evil", tarfile.SYMTYPE, linkname="/etc/passwd")]),
+        "symlink_write_through": _tar([ok, _special("dir", tarfile.SYMTYPE, linkname="."),
+                                       _file("dir/x.txt")]),
+        "hardlink_escape": _tar([ok, _special("evil", tarfile.LNKTYPE, linkname="/etc/passwd")]),
+        "hardlink_outside": _tar([ok, _special("evil", tarfile.LNKTYPE, linkname="../outside")]),
+        "char_device": _tar([ok, _special("dev", tarfile.CHRTYPE, devmajor=1, devminor=3)]),
+        "block_device": _tar([ok, _special("blk", tarfile.BLKTYPE, devmajor=8, devminor=0)]),
+        "fifo": _tar([ok, _special("pipe", tarfile.FIFOTYPE)]),
+    }
+    archives = {name: compress(data, "gz") for name, data in archives.items()}
+    # A bomb: zeros compress ~1000:1, so a small download unpacks past the limit.
+    archives["bomb"] = compress(_tar([ok, _file("weights.bin", bytes(max_bytes + 1))]), "gz")
+    archives["too_many_members"] = compress(
+        _tar([_file(f"f{i}", b"") for i in range(max_members + 1)]), "gz")
+    good = _tar([ok, _file("variables/variables.data-00000-of-00001", random.Random(1).randbytes(20000))])
+    gz, zst = compress(good, "gz"), compress(good, "zst")
+    archives["truncated_gz"] = gz[: len(gz) // 2]
+    archives["truncated_zst"] = zst[: len(zst) // 2]
+    bad_crc = bytearray(gz)
+    bad_crc[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+    archives["bad_gzip_crc"] = bytes(bad_crc)
+    archives["html"] = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>" * 20
+    archives["empty"] = b""
+    archives["not_a_tar"] = compress(b"just some text, not a tar archive\n" * 100, "gz")
+    archives["random_bytes"] = random.Random(2).randbytes(4096)
+    return archives
+
+
+# -- a local origin server --------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    """What the origin answers for one path."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    ranges: bool = True
+    #: a tfhub.dev-style model: {"compressed": redirect target, "uncompressed": 303 body}
+    tfhub: dict[str, str] | None = None
+    #: failures to inject, consumed in order, one per request: ("status", code),
+    #: ("cut", after_bytes), ("stall", after_bytes, seconds)
+    faults: list[tuple] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    """One request the origin saw."""
+
+    path: str
+    query: str
+    headers: dict[str, str]
+    status: int = 0
+
+
+class OriginServer:
+    """A threaded HTTP server on 127.0.0.1 (free port) that serves archives, redirects and
+    tfhub.dev-style model handles, counts requests, and injects failures on demand.
+
+    Use as a context manager, or call :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def add(self, path: str, body: bytes, *, status: int = 200, ranges: bool = True,
+            headers: dict[str, str] | None = None) -> str:
+        """Serve ``body`` at ``path``; returns its URL."""
+        self.routes[path] = Route(body=body, status=status, ranges=ranges, headers=dict(headers or {}))
+        return self.url(path)
+
+    def redirect(self, path: str, to: str, status: int = 302) -> str:
+        """Answer ``path`` with a redirect to ``to`` (a path or URL); returns the URL of ``path``."""
+        location = to if "://" in to else self.url(to)
+        self.routes[path] = Route(status=status, headers={"Location": location})
+        return self.url(path)
+
+    def add_tfhub_model(self, path: str, archive: bytes, *, fmt: str = "gz",
+                        uncompressed: str | None = None) -> str:
+        """Serve a tfhub.dev-style handle: ``?tf-hub-format=compressed`` redirects to the archive,
+        ``?tf-hub-format=uncompressed`` answers 303 with ``uncompressed`` as its body (a gs://
+        path), and the bare handle answers with an HTML page. Returns the handle URL."""
+        archive_path = f"/storage{path}{SUFFIX[fmt]}"
+        self.add(archive_path, archive)
+        self.routes[path] = Route(tfhub={"compressed": self.url(archive_path),
+                                         "uncompressed": uncompressed or ""})
+        return self.url(path)
+
+    def fail(self, path: str, *faults: tuple) -> None:
+        """Inject failures on the next requests of ``path`` (see :class:`Route`)."""
+        self.routes[path].faults.extend(faults)
+
+    def url(self, path: str) -> str:
+        assert self._server is not None, "start the server first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def count(self, path: str | None = None) -> int:
+        """Requests seen for ``path`` (all paths if ``None``)."""
+        with self._lock:
+            return sum(1 for r in self.requests if path is None or r.path == path)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> OriginServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="origin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> OriginServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            record = Request(parts.path, parts.query, dict(self.headers))
+            with origin._lock:
+                origin.requests.append(record)
+            route = origin.routes.get(parts.path)
+            if route is None:
+                return self._send(record, 404, b"not found", {"Content-Type": "text/plain"})
+            fault = None
+            with origin._lock:
+                if route.faults:
+                    fault = route.faults.pop(0)
+            if fault and fault[0] == "status":
+                return self._send(record, fault[1], b"injected failure", {"Content-Type": "text/plain"})
+            if route.tfhub is not None:
+                fmt = parse_qs(parts.query).get("tf-hub-format", [""])[0]
+                if fmt == "compressed":
+                    return self._send(record, 302, b"", {"Location": route.tfhub["compressed"]})
+                if fmt == "uncompressed":
+                    return self._send(record, 303, route.tfhub["uncompressed"].encode(),
+                                      {"Content-Type": "text/plain"})
+                return self._send(record, 200, b"<!DOCTYPE html><html>a model page</html>",
+                                  {"Content-Type": "text/html"})
+            body, status, headers = route.body, route.status, dict(route.headers)
+            headers.setdefault("Content-Type", "application/octet-stream")
+            headers["ETag"] = f'"{len(body)}-{hash(body) & 0xFFFFFFFF:x}"'
+            start = 0
+            range_header = self.headers.get("Range")
+            if route.ranges and status == 200 and range_header and range_header.startswith("bytes="):
+                start = int(range_header[6:].split("-", 1)[0])
+                if_range = self.headers.get("If-Range")
+                if if_range is None or if_range == headers["ETag"]:
+                    status = 206
+                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                else:
+                    start = 0
+            if route.ranges:
+                headers["Accept-Ranges"] = "bytes"
+            self._send(record, status, body[start:], headers, fault)
+
+        def _send(self, record: Request, status: int, body: bytes, headers: dict[str, str],
+                  fault: tuple | None = None) -> None:
+            record.status = status
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if fault and fault[0] == "cut":
+                self.wfile.write(body[: fault[1]])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            if fault and fault[0] == "stall":
+                self.wfile.write(body[: fault[1]])
+                self.wfile.flush()
+                time.sleep(fault[2])
+                self.close_connection = True
+                return
+            view = memoryview(body)
+            try:
+                for i in range(0, len(body), 1 << 20):
+                    self.wfile.write(view[i:i + (1 << 20)])
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+    return Handler
+
+
+# -- the conformance suite ----------------------------------------------------------------------
+
+
+class CacheBackendConformance:
+    """What every cache backend must do. Subclass it in a test module and provide a ``backend``
+    fixture returning a fresh instance of your backend (with its own empty cache root).
+
+    The suite starts its own origin server; it calls ``backend.resolve`` directly, so no
+    environment variables are needed. Small limits are set through ``Config.replace``: build your
+    backend from the ``conformance_config`` fixture to have them.
+    """
+
+    MAX_BYTES = 1 << 20
+    MAX_MEMBERS = 500
+
+    @pytest.fixture
+    def conformance_config(self):
+        from hubcache.core.config import load_config
+
+        return load_config().replace(max_archive_bytes=self.MAX_BYTES, max_members=self.MAX_MEMBERS,
+                                     retries=1, timeout=10.0)
+
+    @pytest.fixture
+    def backend(self, conformance_config):  # pragma: no cover - subclasses provide it
+        raise NotImplementedError("override the `backend` fixture")
+
+    @pytest.fixture
+    def origin(self):
+        with OriginServer() as server:
+            yield server
+
+    @pytest.fixture
+    def model(self, tmp_path):
+        return build_model_dir(tmp_path / "model", weights_bytes=200_000, shards=2)
+
+    # helpers
+
+    def resolve(self, backend, url: str) -> str:
+        from hubcache.core.handles import parse_handle
+        from hubcache.core.locate import locate
+
+        handle = parse_handle(url)
+        return backend.resolve(handle, locate(handle, "COMPRESSED"))
+
+    def fresh(self, backend):
+        """A new instance of the same backend on the same root (no in-memory state)."""
+        return type(backend)(backend.config)
+
+    def committed_keys(self, backend) -> set[str]:
+        return {e.key for e in backend.entries() if e.state == "committed"}
+
+    # the suite
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_miss_then_hit_every_format(self, backend, origin, model, fmt):
+        url = origin.add(f"/m{SUFFIX[fmt]}", archive_of(model, fmt))
+        path = self.resolve(backend, url)
+        assert read_tree(path) == tree_of(model)
+        assert origin.count(f"/m{SUFFIX[fmt]}") == 1
+        assert self.resolve(self.fresh(backend), url) == path
+        assert origin.count() == 1, "a hit must not contact the origin"
+
+    def test_layout_matches_tensorflow_hub(self, backend, origin, model):
+        import fsspec
+
+        from hubcache.core.handles import cache_key
+
+        url = origin.add("/layout.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        assert path.rstrip("/").endswith(key)
+        fs, root = fsspec.core.url_to_fs(path)
+        parent = root.rstrip("/")[: -len(key)]
+        assert fs.exists(parent + key + ".descriptor.txt")
+        assert fs.exists(parent + key + ".manifest.json")
+        assert b"Module: " + url.encode() in fs.cat_file(parent + key + ".descriptor.txt")
+
+    def test_redirect_and_suffixless_url(self, backend, origin, model):
+        origin.add("/blob/abc", archive_of(model, "zst"))
+        url = origin.redirect("/download/model", "/blob/abc")
+        path = self.resolve(backend, url + "?token=1")
+        assert read_tree(path) == tree_of(model)
+
+    def test_tfhub_style_handle(self, backend, origin, model):
+        handle = origin.add_tfhub_model("/google/tiny/1", archive_of(model))
+        path = self.resolve(backend, handle)
+        assert read_tree(path) == tree_of(model)
+        assert [r.query for r in origin.requests if r.path == "/google/tiny/1"] == ["tf-hub-format=compressed"]
+
+    def test_manifest_is_the_commit(self, backend, origin, model):
+        import fsspec
+
+        from hubcache.core.handles import cache_key
+
+        url = origin.add("/c.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.rm(root.rstrip("/")[: -40] + cache_key(url) + ".manifest.json")
+        assert cache_key(url) not in self.committed_keys(self.fresh(backend))
+        assert self.resolve(self.fresh(backend), url) == path
+        assert origin.count("/c.tar.gz") == 2, "an entry without a manifest must be rebuilt"
+        assert read_tree(path) == tree_of(model)
+
+    @pytest.mark.parametrize("name", sorted(hostile_archives(max_bytes=1024, max_members=10)))
+    def test_refuses_bad_archive_and_commits_nothing(self, backend, origin, name):
+        from hubcache.core.errors import ArchiveError, DownloadError
+
+        body = hostile_archives(max_bytes=self.MAX_BYTES, max_members=self.MAX_MEMBERS)[name]
+        url = origin.add(f"/bad/{name}.tar.gz", body)
+        with pytest.raises((ArchiveError, DownloadError)):
+            self.resolve(backend, url)
+        assert not self.committed_keys(self.fresh(backend))
+        assert not os.path.exists("/tmp/hubcache-escape.txt")
+
+    @pytest.mark.parametrize("status", [404, 500])
+    def test_http_errors_name_the_status(self, backend, origin, status):
+        from hubcache.core.errors import DownloadError
+
+        url = origin.add("/gone.tar.gz", b"", status=status)
+        with pytest.raises(DownloadError) as info:
+            self.resolve(backend, url)
+        assert info.value.status == status and str(status) in str(info.value)
+        assert not self.committed_keys(self.fresh(backend))
+
+    def test_cut_connection_commits_nothing_then_recovers(self, backend, origin, model):
+        from hubcache.core.errors import DownloadError
+
+        data = archive_of(model, "gz")
+        url = origin.add("/cut.tar.gz", data, ranges=False)
+        # One cut per attempt the backend's config allows (retries + 1), so the first resolve fails.
+        attempts = int(backend.config.get("retries", 0)) + 1
+        origin.fail("/cut.tar.gz", *[("cut", len(data) // 2)] * attempts)
+        with pytest.raises(DownloadError):
+            self.resolve(backend, url)
+        assert not self.committed_keys(self.fresh(backend))
+        path = self.resolve(self.fresh(backend), url)
+        assert read_tree(path) == tree_of(model)
+
+    def test_entries_and_remove(self, backend, origin, model):
+        from hubcache.core.handles import cache_key
+
+        url = origin.add("/e.tar.gz", archive_of(model))
+        self.resolve(backend, url)
+        entries = {e.key: e for e in backend.entries()}
+        assert entries[cache_key(url)].state == "committed"
+        assert entries[cache_key(url)].size == sum(len(v) for v in tree_of(model).values())
+        assert backend.store.remove(cache_key(url))
+        assert cache_key(url) not in self.committed_keys(self.fresh(backend))
