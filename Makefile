@@ -1,25 +1,31 @@
-# Two entry points, each creating/refreshing its own virtual environment:
-#   make demo   - run the 30-second demo (local server, cold + warm resolve)
-#   make test   - run the whole test suite
+# Two entry points; each creates or refreshes the virtual environment it needs in .venv:
+#   make demo   - the 30-second demo (core install only, no TensorFlow)
+#   make test   - the whole test suite (installs the test extras: emulators, TensorFlow, ...)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 
 .PHONY: demo test venv clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+# Re-install when the project's metadata changes (new dependencies, entry points).
+$(VENV)/.core: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $@ $(VENV)/.core
 
-venv: $(STAMP)
+venv: $(VENV)/.test
 
-demo: $(STAMP)
+demo: $(VENV)/.core
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(VENV)/.test
 	$(PY) -m pytest
 
 clean:
