@@ -95,6 +95,33 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .core.plugins import get_registry
+
+    registry = get_registry()
+    plugins = [p for p in registry.plugins.values() if args.all or not p.builtin]
+    rows = [{"name": p.name, "distribution": p.distribution, "version": p.version, "module": p.value,
+             "builtin": p.builtin, "backends": p.backends, "hooks": p.hooks,
+             "status": "disabled" if p.disabled else ("failed" if p.error else "loaded"), "error": p.error}
+            for p in plugins]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no third-party plugins installed (`hubcache plugins --all` shows the built-in ones)")
+        return 0
+    for row in rows:
+        origin = f"{row['distribution']} {row['version']}".strip() or row["module"]
+        print(f"{row['name']}  ({origin}{', built-in' if row['builtin'] else ''})  {row['status']}")
+        if row["backends"]:
+            print(f"    backends: {', '.join(row['backends'])}")
+        if row["hooks"]:
+            print(f"    hooks:    {', '.join(row['hooks'])}")
+        if row["error"]:
+            print(f"    error:    {row['error']}")
+    return 0
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -118,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "env (an environment variable), flag (an absl flag) or default.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("plugins", help="list installed plugins, their backends and hooks",
+                       description="List the plugins found in the `hubcache` entry-point group: "
+                                   "their distribution and version, the backends and hooks each "
+                                   "provides, and any that failed to load or were disabled with "
+                                   "HUBCACHE_DISABLE_PLUGINS.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  hubcache plugins\n  hubcache plugins --all --json")
+    p.add_argument("--all", action="store_true", help="include the built-in plugins")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plugins)
     return parser
 
 
