@@ -71,8 +71,11 @@ class CacheBackend(Backend):
         """The effective cache root: ``TFHUB_CACHE_DIR`` if it is one of ours, else the default."""
         cache_dir = self.config.get("cache_dir")
         if cache_dir:
-            scheme = parse_handle(str(cache_dir)).scheme
-            if scheme in self.protocols or (scheme == "file" and "" in self.protocols):
+            parsed = parse_handle(str(cache_dir))
+            scheme = parsed.scheme
+            if scheme == "file" and "" in self.protocols:
+                return parsed.local_path  # a local store wants a path, not a file:// URL
+            if scheme in self.protocols:
                 return str(cache_dir)
             if not self.protocols:
                 raise ConfigError(f"backend {self.name!r} cannot use cache dir {cache_dir!r}")

@@ -120,16 +120,18 @@ def define_absl_flags() -> None:
         return
     from absl import flags
 
+    # tensorflow_hub defines the same flags unconditionally when imported: allow_override lets its
+    # definition replace ours (same names and values) instead of raising DuplicateFlagError.
     if FLAG_CACHE_DIR not in flags.FLAGS:
         flags.DEFINE_string(
             FLAG_CACHE_DIR, None,
             "If set, hubcache (and TF-Hub) download and cache models in this directory; "
-            "a gs:// path makes a cache shared by many hosts.")
+            "a gs:// path makes a cache shared by many hosts.", allow_override=True)
     if FLAG_LOAD_FORMAT not in flags.FLAGS:
         flags.DEFINE_enum(
             FLAG_LOAD_FORMAT, "AUTO", list(LOAD_FORMATS),
             "COMPRESSED downloads and caches archives; UNCOMPRESSED reads models straight "
-            "from remote storage; AUTO means COMPRESSED.")
+            "from remote storage; AUTO means COMPRESSED.", allow_override=True)
     _flags_defined = True
 
 

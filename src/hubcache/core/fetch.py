@@ -13,6 +13,7 @@ import io
 import threading
 import time
 from typing import Any, Callable
+from urllib.parse import urljoin
 
 from .errors import DownloadError, MissingDependencyError
 
@@ -149,7 +150,8 @@ class HttpSource(Source):
                 response.drain_conn()
                 response.release_conn()
                 raise self._fail(f"HTTP {status} {response.reason or ''}".rstrip(), status)
-            self.final_url = response.geturl() or self.url
+            # urllib3 gives only the path when there was no redirect: make it absolute.
+            self.final_url = urljoin(self.url, response.geturl() or self.url)
             if offset == 0:
                 length = response.headers.get("Content-Length")
                 self.total = int(length) if length and length.isdigit() else None

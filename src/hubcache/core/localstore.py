@@ -241,14 +241,12 @@ class LocalStore(Store):
         return LocalWriter(self, key, handle)
 
     def cleanup(self, key: str) -> None:
-        pattern = os.path.join(glob.escape(self.root), f"{key}.hc*")
-        for leftover in glob.glob(pattern):
-            if leftover.endswith((".tmp", ".trash")):
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover.endswith(".part"):
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
-        for part in glob.glob(os.path.join(glob.escape(self.root), f"{key}.*.part")):
+        # Every hubcache writer of this key holds the lock while it writes, so whatever
+        # temp dir, trash dir or half-written file of ours is here now was abandoned.
+        root = glob.escape(self.root)
+        for leftover in glob.glob(os.path.join(root, f"{key}.hc*.tmp")) + glob.glob(os.path.join(root, f"{key}.hc*.trash")):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for part in glob.glob(os.path.join(root, f"{key}.*.part")):
             with contextlib.suppress(OSError):
                 os.unlink(part)
 

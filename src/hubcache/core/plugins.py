@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import pluggy
 
@@ -67,6 +66,8 @@ class Registry:
         return self.pm.hook
 
     def load_entry_points(self) -> None:
+        from importlib import metadata  # ~30 ms: only when plugins are first needed
+
         disabled = {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             if ep.name in self.plugins:  # the same entry point seen twice (e.g. editable + site)
