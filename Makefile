@@ -17,7 +17,7 @@ $(VENV)/.core: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' -e examples/hubcache-s3
 	touch $@ $(VENV)/.core
 
 venv: $(VENV)/.test

@@ -53,6 +53,13 @@ def load(handle: str, tags: Any = None, options: Any = None) -> Any:
         handle: as for :func:`resolve`.
         tags: meta graph tags (``None``: the default; ``[]`` for TF1 hub modules).
         options: a ``tf.saved_model.LoadOptions``, passed to TensorFlow unchanged.
+
+    Returns:
+        What ``tf.saved_model.load`` returns (see :func:`hubcache.tf.load`).
+
+    Raises:
+        HandleError: ``handle`` is not a string, or names no SavedModel.
+        MissingDependencyError: TensorFlow is not installed (``pip install 'hubcache[tensorflow]'``).
     """
     from .tf import load as _load
 

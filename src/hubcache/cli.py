@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import threading
 from typing import Callable, Sequence
 
 from ._version import __version__
@@ -67,12 +69,12 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from .core.config import load_config
     from .core.plugins import get_registry
-    from .core.resolver import select_backend_name
+    from .core.resolver import make_backend, select_backend_name
 
     config = load_config()
     name, why = select_backend_name(config)
     registry = get_registry()
-    backend = registry.backend_class(name)(config)
+    backend = make_backend(name, config)
     details = backend.describe()
     rows = [{"name": "backend (selected)", "value": name, "source": why}]
     for key, value in details.items():
@@ -122,6 +124,268 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cache management: ls, info, rm, prune, prefetch (hubcache.core.manage, .prune, .prefetch) ----
+
+
+def _para(text: str) -> str:
+    """Wrap a --help description to the terminal width, keeping its paragraphs."""
+    import shutil
+    import textwrap
+
+    width = min(shutil.get_terminal_size().columns, 100) - 2
+    return "\n\n".join(textwrap.fill(par, width) for par in text.split("\n\n"))
+
+
+def _size_arg(text: str) -> int:
+    from .core.config import parse_size
+
+    try:
+        return parse_size(text, name="size")
+    except HubcacheError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _duration_arg(text: str) -> float:
+    from .core.prune import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _table(rows: list[list[str]], right: Sequence[int] = ()) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .core.config import load_config
+    from .core.manage import ago, cache_backends, list_entries
+    from .core.prune import format_size
+
+    backends = cache_backends(load_config(), args.backend)
+    listed = list_entries(backends)
+    totals = {b.name: {"root": b.store.root, "entries": 0, "bytes": 0, "states": {}} for b in backends}
+    for item in listed:
+        total = totals[item.backend]
+        total["entries"] += 1
+        total["bytes"] += item.entry.size
+        total["states"][item.entry.state] = total["states"].get(item.entry.state, 0) + 1
+    if args.json:
+        _print_json({"entries": [item.to_json() for item in listed], "backends": totals,
+                     "total": {"entries": len(listed), "bytes": sum(i.entry.size for i in listed)}})
+        return 0
+    if listed:
+        rows = [["SIZE", "FILES", "LAST USED", "STATE", "BACKEND", "HANDLE"]]
+        for item in listed:
+            e = item.entry
+            state = e.state + (", in use" if item.busy else "")
+            rows.append([format_size(e.size), str(len(e.manifest.files)) if e.manifest else "-",
+                         ago(e.last_used), state, item.backend, e.handle or f"(unknown handle) {e.key}"])
+        _table(rows, right=(0, 1))
+        print()
+    for name, total in totals.items():
+        states = ", ".join(f"{n} {s}" for s, n in sorted(total["states"].items()))
+        count = f"{total['entries']} entr{'y' if total['entries'] == 1 else 'ies'}"
+        print(f"{name}: {count}, {format_size(total['bytes'])} in {total['root']}"
+              + (f" ({states})" if states else ""))
+    debris = sum(n for t in totals.values() for s, n in t["states"].items() if s in ("damaged", "in progress"))
+    if debris:
+        print(f"{debris} damaged or unfinished entries: `hubcache prune` removes them "
+              "(a resolve also rebuilds a damaged entry)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .core.config import load_config
+    from .core.manage import ago, describe_handle
+    from .core.prune import format_size
+
+    info = describe_handle(args.handle, load_config())
+    if args.json:
+        _print_json(info)
+        return 0
+    location = info["location"]
+    print(f"handle    {info['handle']}")
+    print(f"key       {info['key']}" + (f"  (pinned {info['pin']})" if info["pin"] else ""))
+    print(f"backend   {info['backend']}  (selected by {info['backend_reason']})"
+          + ("  [offline]" if info["offline"] else ""))
+    if "error" in location:
+        print(f"source    cannot be located: {location['error']}")
+    else:
+        print(f"source    {location['kind']} {location['url']}")
+    for tier in info["tiers"]:
+        name = tier["backend"]
+        if "note" in tier and "root" not in tier:
+            print(f"{name:<9} {tier['note']}")
+            continue
+        if tier.get("note"):
+            print(f"{name:<9} {tier['note']}")
+        if not tier.get("cached"):
+            state = tier.get("state", "not cached")
+            print(f"{name:<9} {state}: would be at {tier['path']}")
+            print(f"{'':<9} run `hubcache prefetch {info['handle']}` to download it now")
+            continue
+        files = tier.get("manifest", {}).get("files", "?")
+        busy = f", {tier['busy']}" if tier.get("busy") else ""
+        print(f"{name:<9} cached at {tier['path']}")
+        print(f"{'':<9} {tier['state']}, {format_size(tier['bytes'])} in {files} files, "
+              f"last used {ago(tier.get('last_used_unix'))}{busy}")
+        manifest = tier.get("manifest")
+        if manifest:
+            archive = manifest["archive"]
+            if archive.get("sha256"):
+                print(f"{'':<9} archive sha256 {archive['sha256']}, "
+                      f"{format_size(int(archive.get('bytes', 0)))} {archive.get('format', '')}")
+            if manifest["source"]:
+                print(f"{'':<9} from {manifest['source']}")
+            print(f"{'':<9} created {manifest['created']} by {manifest['creator'] or 'unknown'}")
+        if tier.get("pin_matches") is False:
+            print(f"{'':<9} the pinned digest does NOT match: `hubcache rm` it to download again")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .core.config import load_config
+    from .core.manage import cache_backends, remove
+    from .core.prune import format_size
+
+    results = remove(args.handles, cache_backends(load_config(), args.backend))
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            if r["outcome"] == "removed":
+                print(f"removed  {format_size(int(r['bytes']))}  {r['handle']}  [{r['backend']}]")
+            elif r["outcome"] == "kept":
+                print(f"hubcache: kept {r['handle']} [{r['backend']}]: {r['reason']}; "
+                      "try again when it is done", file=sys.stderr)
+            else:
+                print(f"hubcache: not cached: {r['handle']} [{r['backend']}]", file=sys.stderr)
+    return 1 if any(r["outcome"] == "kept" for r in results) else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .core.config import load_config
+    from .core.manage import ago, cache_backends
+    from .core.prune import format_size, prune_store
+
+    config = load_config()
+    max_size = args.max_size
+    if max_size is None and args.older_than is None and config.get("max_size"):
+        max_size = int(config.get("max_size"))  # the configured budget (HUBCACHE_MAX_SIZE)
+    reports = [prune_store(b.store, backend=b.name, max_size=max_size, older_than=args.older_than,
+                           dry_run=args.dry_run) for b in cache_backends(config, args.backend)]
+    if args.json:
+        _print_json([{"backend": r.backend, "root": r.root, "dry_run": r.dry_run, "max_size": r.max_size,
+                      "bytes_before": r.total_before, "bytes_after": r.total_after, "freed": r.freed,
+                      "actions": [{"handle": a.entry.handle, "key": a.entry.key, "path": a.entry.path,
+                                   "state": a.entry.state, "bytes": a.entry.size, "reason": a.reason,
+                                   "outcome": a.outcome, "kept_because": a.kept_because,
+                                   "last_used_unix": a.entry.last_used} for a in r.actions]}
+                     for r in reports])
+        return 0
+    for r in reports:
+        for a in r.actions:
+            what = a.entry.handle or a.entry.key
+            if a.outcome == "kept":
+                print(f"kept          {format_size(a.entry.size):>10}  {what}: {a.kept_because}")
+            elif a.outcome != "gone":
+                print(f"{a.outcome:<13} {format_size(a.entry.size):>10}  {what}  "
+                      f"(last used {ago(a.entry.last_used)}; {a.reason})")
+        verb = "would free" if r.dry_run else "freed"
+        print(f"{r.backend}: {verb} {format_size(r.freed)} in {len(r.removed)} entries; "
+              f"{format_size(r.total_after)} {'would ' if r.dry_run else ''}remain in {r.root}"
+              + (" (dry run: nothing was removed)" if r.dry_run else ""))
+        if r.over_budget:
+            print(f"{r.backend}: still over the budget of {format_size(r.max_size)}: "
+                  f"{len(r.kept)} entries are in use", file=sys.stderr)
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    import time
+
+    from . import progress
+    from .core.prefetch import BarObserver, Fetched, Observer, prefetch, read_handle_list
+    from .core.prune import format_size
+
+    handles = list(args.handles)
+    for name in args.file or []:
+        if name == "-":
+            handles += read_handle_list(sys.stdin)
+        else:
+            try:
+                with open(name, encoding="utf-8") as f:
+                    handles += read_handle_list(f)
+            except OSError as error:
+                print(f"hubcache: error: cannot read {name}: {error.strerror}", file=sys.stderr)
+                return 2
+    handles = list(dict.fromkeys(handles))
+    if not handles:
+        print("hubcache: error: no handles to prefetch (give some, or -f FILE)", file=sys.stderr)
+        return 2
+    display = BarObserver(handles) if progress.enabled() else Observer(handles)
+    lock = threading.Lock()
+
+    def on_done(result: Fetched) -> None:
+        with lock:
+            display.finished(result)
+            if args.json:
+                return
+            if result.error is not None:
+                display.write(f"hubcache: error: {result.error}", sys.stderr)
+            else:
+                size = format_size(result.downloaded) if result.downloaded else ""
+                display.write(f"{result.status:<8} {size:>10}  {result.handle}", sys.stdout)
+
+    started = time.monotonic()
+    with progress.muted():
+        try:
+            results = prefetch(handles, jobs=args.jobs, observer=display, on_done=on_done)
+        finally:
+            display.close()
+    seconds = time.monotonic() - started
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        _print_json([r.to_json() for r in results])
+    else:
+        fetched = [r for r in results if r.status == "fetched"]
+        print(f"{len(results)} handles in {seconds:.1f} s: {len(fetched)} downloaded "
+              f"({format_size(sum(r.downloaded for r in fetched))}), "
+              f"{sum(r.status == 'cached' for r in results)} already cached, {len(failed)} failed",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .core.config import load_config
+    from .core.manage import cache_backends
+    from .core.verify import verify
+
+    results = verify(cache_backends(load_config(), args.backend), args.handles, full=args.full,
+                     repair=args.repair)
+    if args.json:
+        _print_json([r.to_json() for r in results])
+    else:
+        for r in results:
+            what = r.handle or r.key
+            detail = "; ".join(r.problems) if r.problems and r.status not in ("repaired", "cleaned") else ""
+            if r.status == "repair failed":
+                detail = r.error or detail
+            print(f"{r.status:<13} {what}  [{r.backend}]" + (f": {detail}" if detail else ""))
+        bad = [r for r in results if not r.good]
+        print(f"{len(results)} entr{'y' if len(results) == 1 else 'ies'} checked "
+              f"({'sizes and CRC-32' if args.full else 'sizes'}): "
+              f"{len(results) - len(bad)} good, {len(bad)} with problems"
+              + ("" if args.repair or not bad else "; `hubcache verify --repair` fixes them"),
+              file=sys.stderr)
+    return 0 if all(r.good for r in results) else 1
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -129,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubcache", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hubcache {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what happens (downloads, waits, evictions) to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     p = sub.add_parser("resolve", help="print the local path of each handle (downloading on first use)",
@@ -156,6 +422,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include the built-in plugins")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plugins)
+
+    # cache management (cmd_ls, cmd_info, cmd_rm, cmd_prune, cmd_prefetch)
+    raw = argparse.RawDescriptionHelpFormatter
+    backend_help = ("cache backend(s) to work on, e.g. home or tmp,home (repeatable; "
+                    "default: the selected one, see `hubcache config`)")
+    p = sub.add_parser(
+        "ls", help="list cached models: size, files, last use, state", formatter_class=raw,
+        description=_para("List every entry of a cache: its size, file count, when it was last used, its "
+                    "state and its handle, most recently used first, then totals.\n\nStates: "
+                    "committed (complete, trusted), foreign (written by tensorflow_hub, adopted on "
+                    "first use), damaged (files missing: rebuilt on the next resolve), in progress "
+                    "(being downloaded, or left over by a crash). `in use` marks entries a running "
+                    "process resolved: rm, prune and the size budget leave those alone."),
+        epilog="examples:\n  hubcache ls\n  hubcache ls --backend home\n  hubcache ls --backend tmp,home\n"
+               "  hubcache ls --json | jq '.entries[] | select(.state != \"committed\")'")
+    p.add_argument("--backend", action="append", metavar="NAME", help=backend_help)
+    p.add_argument("--json", action="store_true", help="print JSON: entries and per-backend totals")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser(
+        "info", help="where a handle would resolve, whether it is cached, its manifest", formatter_class=raw,
+        description=_para("Show where HANDLE would resolve (backend, and why that one), where its bytes come "
+                    "from, whether it is cached and, if so, its manifest: files, bytes, the archive's "
+                    "SHA-256, source URL, creation and last use. Downloads nothing."),
+        epilog="examples:\n  hubcache info https://tfhub.dev/google/spice/2\n"
+               "  HUBCACHE_BACKEND=home hubcache info --json https://example.com/m.tar.gz")
+    p.add_argument("handle", metavar="HANDLE", help="URL, gs:// path or local path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "rm", help="remove cached models", formatter_class=raw,
+        description=_para("Remove the cache entries of the given handles (or cache keys, as `ls --json` "
+                    "prints them). An entry another process is using or downloading is kept, and "
+                    "the command exits 1 naming who holds it; the next resolve of a removed handle "
+                    "downloads it again."),
+        epilog="examples:\n  hubcache rm https://tfhub.dev/google/spice/2\n"
+               "  hubcache rm --backend home https://example.com/a.tar.gz https://example.com/b.tar.gz\n"
+               "  hubcache ls --json | jq -r '.entries[].key' | xargs hubcache rm")
+    p.add_argument("handles", nargs="+", metavar="HANDLE", help="handle or 40-hex-digit cache key")
+    p.add_argument("--backend", action="append", metavar="NAME", help=backend_help)
+    p.add_argument("--json", action="store_true", help="print a JSON list of {handle, backend, outcome, reason}")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser(
+        "prune", help="free space: remove debris, old and least recently used entries", formatter_class=raw,
+        description=_para("Remove, in this order: damaged entries and leftovers of interrupted downloads; "
+                    "entries not used for --older-than; then least recently used entries until the "
+                    "cache holds at most --max-size. Without either option the budget is "
+                    "HUBCACHE_MAX_SIZE, if set. Entries in use or being downloaded by another process "
+                    "are never removed. --dry-run shows what would go and changes nothing."),
+        epilog="examples:\n  hubcache prune --dry-run --max-size 10G\n  hubcache prune --older-than 30d\n"
+               "  hubcache prune --backend home --max-size 500M --older-than 2w\n"
+               "sizes: 500M, 10G, 1.5T, or bytes; durations: 45s, 90m, 12h, 30d, 2w")
+    p.add_argument("--max-size", type=_size_arg, metavar="SIZE", help="evict least recently used entries "
+                   "until the cache holds at most SIZE (e.g. 10G)")
+    p.add_argument("--older-than", type=_duration_arg, metavar="AGE",
+                   help="remove entries not used for AGE (e.g. 30d)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would be removed; remove nothing")
+    p.add_argument("--backend", action="append", metavar="NAME", help=backend_help)
+    p.add_argument("--json", action="store_true", help="print JSON, one report per backend")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "prefetch", help="download models into the cache ahead of time, in parallel", formatter_class=raw,
+        description=_para("Resolve every handle into the selected cache, --jobs at a time, with one progress "
+                    "display on a terminal. Use it before going offline (then set HUBCACHE_OFFLINE=1) "
+                    "or to warm the cache of each host of a fleet. Handles already cached cost nothing. "
+                    "Prints one line per handle (fetched / cached) and a summary; exits 1 if any failed."),
+        epilog="examples:\n  hubcache prefetch https://tfhub.dev/google/spice/2 https://example.com/m.tar.zst\n"
+               "  HUBCACHE_BACKEND=home hubcache prefetch -f models.txt --jobs 8\n"
+               "  cat models.txt | hubcache prefetch -f - --json\n"
+               "list files: one handle a line; blank lines and # comments are ignored")
+    p.add_argument("handles", nargs="*", metavar="HANDLE", help="URL, gs:// path or local path")
+    p.add_argument("-f", "--file", action="append", metavar="FILE",
+                   help="read handles from FILE, one a line (- for stdin); repeatable")
+    p.add_argument("--jobs", "-j", type=int, default=4, metavar="N", help="parallel downloads (default 4)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {handle, status, path, error, ...}")
+    p.set_defaults(func=cmd_prefetch)
+
+    p = sub.add_parser(
+        "verify", help="check cached models against their manifests; --repair fixes them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Check each entry of HANDLEs (default: every entry of the cache) against its "
+                          "manifest: every file present with its recorded size, or with --full also its "
+                          "CRC-32 (reads every byte). A pinned handle (#sha256=..., or HUBCACHE_PINS) must "
+                          "come from an archive with that digest. Leftovers of interrupted downloads are "
+                          "reported too. --repair removes what is damaged or left over and downloads it "
+                          "again, as the next resolve would. Exits 1 if a problem remains."),
+        epilog="examples:\n  hubcache verify\n  hubcache verify --full https://tfhub.dev/google/spice/2\n"
+               "  hubcache verify --repair --json")
+    p.add_argument("handles", nargs="*", metavar="HANDLE", help="handle or 40-hex-digit cache key")
+    p.add_argument("--full", action="store_true", help="also compare every file's CRC-32 (reads all bytes)")
+    p.add_argument("--repair", action="store_true", help="rebuild damaged entries, remove leftovers")
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="cache backend(s) to check (default: the selected one)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {handle, key, status, problems}")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -166,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="hubcache: %(message)s")
     try:
         return args.func(args)
     except HubcacheError as error:

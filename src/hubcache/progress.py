@@ -6,16 +6,31 @@ Shown when stderr is a terminal; ``TFHUB_DOWNLOAD_PROGRESS=1`` (tensorflow_hub's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import hubcache
 from hubcache.core.events import Event
 
 _bars: dict[tuple[str, int], Any] = {}
 _lock = threading.Lock()
+_muted = 0
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """No per-download bars while the block runs (``hubcache prefetch`` draws one display)."""
+    global _muted
+    with _lock:
+        _muted += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _muted -= 1
 
 
 def enabled() -> bool:
@@ -40,7 +55,7 @@ def _label(handle: str) -> str:
 def hubcache_event(event: Event) -> None:
     key = (event.handle, threading.get_ident())
     if event.kind == "download_started":
-        if not enabled():
+        if _muted or not enabled():
             return
         from tqdm import tqdm
 
@@ -58,6 +73,6 @@ def hubcache_event(event: Event) -> None:
         if bar is not None:
             bar.update(event.data["bytes"] - bar.n)
             bar.close()
-    elif event.kind == "waiting" and enabled():
+    elif event.kind == "waiting" and not _muted and enabled():
         print(f"hubcache: waiting for {event.data.get('holder') or 'another process'} "
               f"to finish downloading {event.handle}", file=sys.stderr)

@@ -195,8 +195,12 @@ class Route:
     #: a tfhub.dev-style model: {"compressed": redirect target, "uncompressed": 303 body}
     tfhub: dict[str, str] | None = None
     #: failures to inject, consumed in order, one per request: ("status", code),
-    #: ("cut", after_bytes), ("stall", after_bytes, seconds)
+    #: ("cut", after_bytes) (clean close), ("reset", after_bytes) (TCP RST),
+    #: ("stall", after_bytes, seconds), ("delay", seconds): answer normally,
+    #: but only after ``seconds`` (keeps a download in flight, e.g. to race other processes)
     faults: list[tuple] = field(default_factory=list)
+    #: send the body at this many bytes per second (``None``: as fast as possible)
+    rate: float | None = None
 
 
 @dataclass
@@ -207,6 +211,8 @@ class Request:
     query: str
     headers: dict[str, str]
     status: int = 0
+    #: body bytes written to the client (a resumed download re-sends only the rest)
+    sent: int = 0
 
 
 class OriginServer:
@@ -252,6 +258,11 @@ class OriginServer:
         """Inject failures on the next requests of ``path`` (see :class:`Route`)."""
         self.routes[path].faults.extend(faults)
 
+    def throttle(self, path: str, rate: float | None) -> None:
+        """Send the body of ``path`` at ``rate`` bytes per second (``None``: full speed), so a
+        download lasts long enough to be observed, interrupted or killed."""
+        self.routes[path].rate = rate
+
     def url(self, path: str) -> str:
         assert self._server is not None, "start the server first"
         return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
@@ -271,7 +282,9 @@ class OriginServer:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="origin", daemon=True)
+        # A short poll: stop() waits up to one poll interval (the default 0.5 s, per test).
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="origin", daemon=True)
         self._thread.start()
         return self
 
@@ -309,6 +322,9 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                     fault = route.faults.pop(0)
             if fault and fault[0] == "status":
                 return self._send(record, fault[1], b"injected failure", {"Content-Type": "text/plain"})
+            if fault and fault[0] == "delay":
+                time.sleep(fault[1])
+                fault = None
             if route.tfhub is not None:
                 fmt = parse_qs(parts.query).get("tf-hub-format", [""])[0]
                 if fmt == "compressed":
@@ -333,32 +349,51 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                     start = 0
             if route.ranges:
                 headers["Accept-Ranges"] = "bytes"
-            self._send(record, status, body[start:], headers, fault)
+            self._send(record, status, body[start:], headers, fault, route.rate)
 
         def _send(self, record: Request, status: int, body: bytes, headers: dict[str, str],
-                  fault: tuple | None = None) -> None:
+                  fault: tuple | None = None, rate: float | None = None) -> None:
             record.status = status
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if fault and fault[0] == "reset":
+                import socket
+
+                self.wfile.write(body[: fault[1]])
+                self.wfile.flush()
+                record.sent = len(body[: fault[1]])
+                time.sleep(0.05)  # let the bytes leave: an RST discards what is still queued
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+                return
             if fault and fault[0] == "cut":
                 self.wfile.write(body[: fault[1]])
                 self.wfile.flush()
+                record.sent = len(body[: fault[1]])
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
             if fault and fault[0] == "stall":
                 self.wfile.write(body[: fault[1]])
                 self.wfile.flush()
+                record.sent = len(body[: fault[1]])
                 time.sleep(fault[2])
                 self.close_connection = True
                 return
             view = memoryview(body)
+            step = 16 << 10 if rate else 1 << 20
+            began = time.monotonic()
             try:
-                for i in range(0, len(body), 1 << 20):
-                    self.wfile.write(view[i:i + (1 << 20)])
+                for i in range(0, len(body), step):
+                    self.wfile.write(view[i:i + step])
+                    record.sent += len(view[i:i + step])
+                    if rate:  # paced against the clock, so a busy machine does not slow it further
+                        self.wfile.flush()
+                        time.sleep(max(0.0, began + record.sent / rate - time.monotonic()))
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 

@@ -19,6 +19,17 @@ class HomeBackend(LocalCacheBackend):
 
         return os.path.join(platformdirs.user_cache_dir(), "tfhub_modules")
 
+    def after_commit(self, handle, path, manifest) -> None:
+        """Enforce ``HUBCACHE_MAX_SIZE``: evict least recently used entries until under budget.
+
+        The entry just committed and entries in use by any process are never evicted.
+        """
+        max_size = self.config.get("max_size")
+        if max_size:
+            from hubcache.core.prune import enforce_budget
+
+            enforce_budget(self.store, int(max_size), keep=frozenset({handle.key}), backend=self.name)
+
 
 @hubcache.hookimpl
 def hubcache_register_backends(register):

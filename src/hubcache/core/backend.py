@@ -11,6 +11,7 @@ from .handles import Handle, parse_handle
 from .locate import Location
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .manifest import Manifest
     from .store import EntryInfo, Store
 
 
@@ -102,8 +103,15 @@ class CacheBackend(Backend):
             raise ConfigError(
                 f"backend {self.name!r} caches archives; this handle points to an uncompressed model",
                 hint="set TFHUB_MODEL_LOAD_FORMAT=COMPRESSED or choose the remote backend")
-        path, manifest = resolve_in_store(self.store, handle, location, self.config, backend=self.name)
+        path, manifest = resolve_in_store(self.store, handle, location, self.config, backend=self.name,
+                                          on_commit=self.after_commit)
         return path, self.store.validator(path, manifest)
+
+    def after_commit(self, handle: Handle, path: str, manifest: Manifest) -> None:
+        """Called after this backend downloaded and committed a new entry; default: nothing.
+
+        The ``home`` backend enforces its size budget here (``hubcache.core.prune``).
+        """
 
     def entries(self) -> Iterator[EntryInfo]:
         """Every entry in this backend's cache."""

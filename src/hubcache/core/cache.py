@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from .._version import __version__
 from .config import Config
@@ -13,6 +14,7 @@ from .fetch import open_source
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest
+from .pins import apply_pins
 from .store import Store
 
 
@@ -30,15 +32,22 @@ def check_pin(handle: Handle, manifest: Manifest) -> None:
 
 
 def resolve_in_store(store: Store, handle: Handle, location: Location, config: Config,
-                     backend: str = "") -> tuple[str, Manifest]:
+                     backend: str = "",
+                     on_commit: Callable[[Handle, str, Manifest], None] | None = None) -> tuple[str, Manifest]:
     """Return ``(path, manifest)`` of the handle's entry in ``store``, downloading on a miss.
+
+    The entry is marked used (``store.mark_used``) before it is looked up, so nothing removes it
+    between the lookup and the caller's use. ``on_commit(handle, path, manifest)`` runs after
+    this call committed a new entry (the backend's hook, e.g. size-budget eviction).
 
     Raises:
         OfflineError: on a miss in offline mode.
         DownloadError, ArchiveError, IntegrityError, CacheError: as the steps fail; nothing is
             committed then.
     """
+    handle = apply_pins(handle, config)  # a pin from HUBCACHE_PINS, if the handle has none
     key = handle.key
+    store.mark_used(key)
     found = store.lookup(key, handle.url)
     if found is not None:
         check_pin(handle, found[1])
@@ -64,6 +73,8 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
             writer.abort()
             raise
     emit("committed", handle.raw, backend, path=path)
+    if on_commit is not None:
+        on_commit(handle, path, manifest)
     return path, manifest
 
 

@@ -209,6 +209,12 @@ def load_config() -> Config:
     s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", 3600.0, "lock_timeout",
                              "seconds to wait for another process downloading the same handle",
                              lambda t: _parse_float(t, "HUBCACHE_LOCK_TIMEOUT"))
+    s["pins"] = _env("HUBCACHE_PINS", None, "pins",
+                     "a file of `HANDLE sha256=HEX` lines: those archives must have that digest")
+    s["lease_ttl"] = _env("HUBCACHE_LEASE_TTL", 30.0, "lease_ttl",
+                          "object-store caches (gcs): seconds without a heartbeat before a "
+                          "download lease is taken over",
+                          lambda t: _parse_float(t, "HUBCACHE_LEASE_TTL"))
     progress = _env("HUBCACHE_NO_PROGRESS", None, "progress", "", _parse_bool)
     if progress.source == "env" and progress.value:
         s["progress"] = Setting("progress", "never", "env", "HUBCACHE_NO_PROGRESS",
@@ -235,4 +241,4 @@ def config_fingerprint() -> tuple:
     if flags_module is not None and flags_module.FLAGS.is_parsed():
         flags_key = (_flag_value(FLAG_CACHE_DIR), _flag_value(FLAG_LOAD_FORMAT))
     return (env.get(ENV_BACKEND), env.get(ENV_CACHE_DIR), env.get(ENV_LOAD_FORMAT),
-            env.get("HUBCACHE_OFFLINE"), flags_key)
+            env.get("HUBCACHE_OFFLINE"), env.get("HUBCACHE_PINS"), flags_key)

@@ -17,13 +17,57 @@ KINDS = {
     "waiting": "path, holder (who holds the lock, if known)",
     "extracted": "files, bytes",
     "committed": "path",
-    "evicted": "path, bytes",
+    "evicted": "path, bytes, reason",
+    "copied": "path (in this tier), source (the tier it came from), bytes",
     "adopted": "path",
     "repaired": "path, problems",
 }
 
 # Events that are only noise in a log.
 _QUIET = {"download_progress"}
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, (int, float)):
+        return "unknown size"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def describe(event: Event) -> str:
+    """One line for the log: what happened, to which handle, with the numbers that matter."""
+    d, h = event.data, event.handle
+    where = f" [{event.backend}]" if event.backend else ""
+    if event.kind == "download_started":
+        source = f" from {d.get('url')}" if d.get("url") not in (None, h) else ""
+        return f"downloading {h}{source} ({_size(d.get('total'))}){where}"
+    if event.kind == "download_finished":
+        seconds = float(d.get("seconds") or 0.0)
+        rate = f", {_size(d.get('bytes', 0) / seconds)}/s" if seconds > 0 else ""
+        return f"downloaded {_size(d.get('bytes'))} of {h} in {seconds:.1f} s{rate}{where}"
+    if event.kind == "download_retry":
+        return (f"retrying the download of {h} (attempt {d.get('attempt')}, from byte {d.get('offset')}) "
+                f"after: {d.get('error')}{where}")
+    if event.kind == "waiting":
+        return (f"waiting for {d.get('holder') or 'another process'} to finish downloading {h} "
+                f"into {d.get('path')}{where}")
+    if event.kind == "extracted":
+        return f"unpacked {d.get('files')} files ({_size(d.get('bytes'))}) of {h}{where}"
+    if event.kind == "committed":
+        return f"cached {h} at {d.get('path')}{where}"
+    if event.kind == "evicted":
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        return f"removed {h}: {_size(d.get('bytes'))} at {d.get('path')}{reason}{where}"
+    if event.kind == "copied":
+        return f"copied {h} ({_size(d.get('bytes'))}) from {d.get('source')} to {d.get('path')}{where}"
+    if event.kind == "adopted":
+        return f"adopted the tensorflow_hub entry of {h} at {d.get('path')}{where}"
+    if event.kind == "repaired":
+        return f"rebuilding the damaged entry of {h} at {d.get('path')}: {d.get('problems')}{where}"
+    return f"{event.kind} {h} {d}{where}"
 
 
 @dataclass(frozen=True)
@@ -48,8 +92,8 @@ def emit(kind: str, handle: str, backend: str = "", **data: Any) -> None:
     from .plugins import get_registry
 
     event = Event(kind, handle, backend, data)
-    if kind not in _QUIET:
-        logger.info("%s %s %s", kind, handle, data)
+    if kind not in _QUIET and logger.isEnabledFor(logging.INFO):
+        logger.info("%s", describe(event))
     hook = get_registry().hook.hubcache_event
     for impl in hook.get_hookimpls():
         try:

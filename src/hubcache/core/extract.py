@@ -11,13 +11,13 @@ import hashlib
 import posixpath
 import tarfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .errors import ArchiveError, UnsafeArchiveError
-from .formats import CHUNK, PrefixedReader, Readable, open_decoder, read_head, sniff
+from .formats import CHUNK, Readable, read_head, sniff
 from .manifest import FileRecord, Manifest, crc_hex
+from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
 from .store import EntryWriter
 
 _NOT_ARCHIVES = {
@@ -50,13 +50,18 @@ class Meter:
         self.bytes = 0
         self._on_progress = on_progress
         self._next_report = 0.0
+        #: a ``pipeline.HashWorker`` that digests on another core while ``extract`` runs
+        self.hasher = None
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
         if data:
             self.bytes += len(data)
-            for h in self.hashes.values():
-                h.update(data)
+            if self.hasher is not None:
+                self.hasher.put(data)
+            else:
+                for h in self.hashes.values():
+                    h.update(data)
             if self._on_progress is not None:
                 now = time.monotonic()
                 if now >= self._next_report:
@@ -109,10 +114,15 @@ def extract(raw: Readable, writer: EntryWriter, limits: Limits) -> Contents:
     fmt = sniff(head)
     if fmt in _NOT_ARCHIVES:
         raise ArchiveError(_NOT_ARCHIVES[fmt])
-    decoded = open_decoder(fmt, PrefixedReader(head, raw))
+    # The digest and the decoder run in threads, overlapping the unpacking (see pipeline.py).
+    with background_digest(raw), decoding(fmt, head, raw) as decoded:
+        return _extract_decoded(fmt, decoded, writer, limits)
+
+
+def _extract_decoded(fmt: str, decoded: Readable, writer: EntryWriter, limits: Limits) -> Contents:
     contents = Contents(format=fmt)
     try:
-        tar = tarfile.open(fileobj=decoded, mode="r|", bufsize=CHUNK)
+        tar = tarfile.open(fileobj=ForwardReader(decoded), mode="r:")
         _unpack(tar, writer, limits, contents)
     except tarfile.TarError as error:
         if fmt != "tar" and "empty" in str(error).lower():
@@ -126,18 +136,26 @@ def extract(raw: Readable, writer: EntryWriter, limits: Limits) -> Contents:
     return contents
 
 
+#: Decoded bytes allowed after the tar end-of-archive marker. Writers pad to a record (10 KiB by
+#: default, 1 MiB with the largest blocking factors); more is refused at once, so a tiny download
+#: cannot make hubcache decode gigabytes of trailing zeros before the size limit trips.
+MAX_TRAILER = 16 << 20
+
+
 def _drain(decoded: Readable, limits: Limits) -> None:
-    left = limits.max_bytes
+    left = min(limits.max_bytes, MAX_TRAILER)
     while True:
         data = decoded.read(CHUNK)
         if not data:
             return
         left -= len(data)
         if left < 0:
-            raise UnsafeArchiveError("the archive has too much data after its end", member="")
+            raise UnsafeArchiveError(f"the archive has more than {min(limits.max_bytes, MAX_TRAILER)} bytes "
+                                     "after its end (a decompression bomb?)", member="")
 
 
 def _unpack(tar: tarfile.TarFile, writer: EntryWriter, limits: Limits, contents: Contents) -> None:
+    crc32 = crc32_function()
     total = 0
     count = 0
     for member in tar:
@@ -160,16 +178,13 @@ def _unpack(tar: tarfile.TarFile, writer: EntryWriter, limits: Limits, contents:
                     member=member.name, hint="raise HUBCACHE_MAX_EXTRACT_SIZE if this archive is trusted")
             _add_parents(path, writer, contents)
             _forget(path, contents)
-            fileobj = tar.extractfile(member)
+            pieces = member_data(tar, member)
             crc = [0]
             written = [0]
 
-            def chunks(f=fileobj) -> Iterator[bytes]:
-                while True:
-                    data = f.read(CHUNK)
-                    if not data:
-                        return
-                    crc[0] = zlib.crc32(data, crc[0])
+            def chunks(pieces=pieces) -> Iterator[bytes]:
+                for data in pieces:
+                    crc[0] = crc32(data, crc[0])
                     written[0] += len(data)
                     yield data
 

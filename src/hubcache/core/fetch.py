@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import urljoin
 
-from .errors import DownloadError, MissingDependencyError
+from .errors import DownloadError, HandleError, MissingDependencyError
 
 USER_AGENT = "hubcache"
 RETRY_STATUS = (408, 425, 429, 500, 502, 503, 504)
@@ -240,6 +240,9 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
         extra = {"gs": "gcs", "gcs": "gcs"}.get(scheme)
         hint = f"pip install 'hubcache[{extra}]'" if extra else f"install the fsspec implementation for {scheme}://"
         raise MissingDependencyError(f"cannot open {scheme}:// URLs: {error}", hint=hint) from None
+    except ValueError as error:  # fsspec: "Protocol not known"
+        raise HandleError(f"no installed filesystem reads {url.split('://', 1)[0]}:// URLs ({error})",
+                          hint="check the handle's scheme, or install the fsspec implementation for it") from None
     try:
         f = fs.open(path, "rb", block_size=1 << 22)
         size = getattr(f, "size", None)

@@ -120,8 +120,13 @@ class _Decoder:
                     if not rest:
                         self._eof = True
                         return b""
-                if self._trailing_zeros_ok and not rest.strip(b"\x00"):
-                    continue  # padding after the last member (some tools write it)
+                # Zero padding after the last member (some tools write it) is read past and
+                # dropped; looping on it without consuming it would spin forever.
+                while self._trailing_zeros_ok and rest and not rest.strip(b"\x00"):
+                    rest = self._raw.read(CHUNK)
+                if not rest:
+                    self._eof = True
+                    return b""
                 dec = self._dec = self._new()
                 self._input = rest
             if not self._input and self._needs_input(dec):
@@ -131,7 +136,7 @@ class _Decoder:
                                        hint="the download was cut short or the file is damaged")
             try:
                 out = self._decompress(dec, size)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as error:
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, *_inflate_errors()) as error:
                 raise ArchiveError(f"corrupt {self._name} data: {error}") from None
             if out:
                 return out
@@ -184,6 +189,8 @@ class ZstdFrameWalker:
             take = min(self._need() - len(self._buf), end - pos)
             self._buf += view[pos:pos + take]
             pos += take
+            if self._state == "magic":
+                self.complete = False  # a frame has begun, even if its magic is not all here
             if len(self._buf) == self._need():
                 self._parse(bytes(self._buf))
                 self._buf.clear()
@@ -270,12 +277,33 @@ class _Watched:
         return data
 
 
+_inflate = None
+
+
+def inflate_module():
+    """The gzip inflater: ISA-L's (``isal``, same API as :mod:`zlib`, about 1.5x faster here) when
+    installed, else the standard library's."""
+    global _inflate
+    if _inflate is None:
+        try:
+            from isal import isal_zlib as module
+        except ImportError:
+            module = zlib
+        _inflate = module
+    return _inflate
+
+
+def _inflate_errors() -> tuple[type[BaseException], ...]:
+    module = inflate_module()
+    return () if module is zlib else (module.error,)  # isal's error is not a zlib.error
+
+
 def open_decoder(fmt: str, raw: Readable) -> Readable:
     """Return a reader of the decompressed bytes of ``raw`` (format from :func:`sniff`)."""
     if fmt == "tar":
         return raw
     if fmt == "gz":
-        return _Decoder(raw, lambda: zlib.decompressobj(wbits=31), "gzip", trailing_zeros_ok=True)
+        return _Decoder(raw, lambda: inflate_module().decompressobj(wbits=31), "gzip", trailing_zeros_ok=True)
     if fmt == "bz2":
         return _Decoder(raw, bz2.BZ2Decompressor, "bzip2", trailing_zeros_ok=False)
     if fmt == "xz":

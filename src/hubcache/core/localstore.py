@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 from .._version import __version__
 from .errors import CacheError
+from . import usage
 from .manifest import FileRecord, Manifest, crc_hex
 from .store import EntryInfo, EntryWriter, Store
 
@@ -127,6 +128,10 @@ class LocalStore(Store):
     def lock_path(self, key: str) -> str:
         return os.path.join(self.root, f"{key}.hubcache.lock")
 
+    def use_path(self, key: str) -> str:
+        """The file whose shared locks mark the entry in use and whose mtime is its last use."""
+        return os.path.join(self.root, f"{key}.hubcache.use")
+
     # -- reading ------------------------------------------------------------------------------
 
     def read_manifest(self, key: str) -> Manifest | None:
@@ -195,9 +200,68 @@ class LocalStore(Store):
         return path, manifest
 
     def validator(self, path: str, manifest: Manifest) -> Callable[[], bool]:
-        # One stat per memoised hit: the first file (saved_model.pb sorts early) or the dir.
-        sentinel = os.path.join(path, manifest.files[0].path) if manifest.files else path
-        return lambda: os.path.exists(sentinel)
+        # One stat per memoised hit, of the file TensorFlow opens first (a temp cleaner deleting
+        # it is the "SavedModel file does not exist" failure); else the first file, or the dir.
+        names = {f.path for f in manifest.files}
+        first = next((n for n in ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb") if n in names),
+                     manifest.files[0].path if manifest.files else None)
+        sentinel = os.path.join(path, first) if first else path
+        use = self.use_path(os.path.basename(path))
+
+        def still_valid() -> bool:
+            # In use again first (a prefetch may have released it), then check it is still there.
+            usage.use(use)  # held already: a dict lookup and a clock read
+            return os.path.exists(sentinel)
+
+        return still_valid
+
+    # -- use tracking (see hubcache.core.usage) ---------------------------------------------------
+
+    def mark_used(self, key: str) -> None:
+        if not os.path.isdir(self.root):
+            with contextlib.suppress(OSError):
+                os.makedirs(self.root, exist_ok=True)
+        usage.use(self.use_path(key))
+
+    def release(self, key: str) -> None:
+        usage.release(self.use_path(key))
+
+    def _foreign_download(self, key: str) -> str | None:
+        # tensorflow_hub announces its download with a plain `<key>.lock` file (no OS lock).
+        try:
+            age = time.time() - os.stat(os.path.join(self.root, f"{key}.lock")).st_mtime
+        except OSError:
+            return None
+        return "being downloaded by tensorflow_hub (its .lock file is there)" if age < self.lock_timeout else None
+
+    def _downloading(self, key: str) -> str | None:
+        if usage.probe(self.lock_path(key)) is not None:
+            return f"being downloaded ({self._holder(key)})"
+        return self._foreign_download(key)
+
+    def busy(self, key: str) -> str | None:
+        # The download lock first: a downloader also holds the use lock, and this says more.
+        return self._downloading(key) or usage.probe(self.use_path(key))
+
+    @contextlib.contextmanager
+    def guard(self, key: str) -> Iterator[str | None]:
+        reason = self._downloading(key)
+        if reason is not None:
+            yield reason
+            return
+        with usage.exclusive(self.use_path(key)) as in_use:
+            if in_use is not None:
+                yield in_use
+                return
+            with usage.exclusive(self.lock_path(key)) as downloading:
+                if downloading is not None:
+                    yield f"being downloaded ({self._holder(key)})"
+                    return
+                try:
+                    yield None
+                finally:
+                    if not os.path.lexists(self.entry_path(key)) and not os.path.exists(self.manifest_path(key)):
+                        usage.forget(self.use_path(key))
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -276,21 +340,48 @@ class LocalStore(Store):
             if _KEY.match(key):
                 keys.setdefault(key, set()).add(name[len(key):])
         for key, suffixes in keys.items():
-            path = self.entry_path(key)
-            manifest = self.read_manifest(key)
-            in_progress = any(s.endswith(".tmp") for s in suffixes)
-            if manifest is not None and "" in suffixes and not self.check(path, manifest):
-                state = "committed"
-            elif manifest is None and "" in suffixes and self._is_foreign(key) and not describe_model_dir(path):
-                state = "foreign"
-            elif in_progress:
-                state = "in progress"
-            elif "" in suffixes or manifest is not None:
-                state = "damaged"
-            else:
-                continue
-            size = manifest.total_bytes if manifest else _du(path)
-            yield EntryInfo(key, path, state, manifest, size, None)
+            info = self._info(key, suffixes)
+            if info is not None:
+                yield info
+
+    def entry(self, key: str) -> EntryInfo | None:
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return None
+        return self._info(key, {name[len(key):] for name in names if name.startswith(key)})
+
+    def _info(self, key: str, suffixes: set[str]) -> EntryInfo | None:
+        path = self.entry_path(key)
+        manifest = self.read_manifest(key)
+        in_progress = any(s.endswith(".tmp") for s in suffixes)
+        if manifest is not None and "" in suffixes and not self.check(path, manifest):
+            state = "committed"
+        elif manifest is None and "" in suffixes and self._is_foreign(key) and not describe_model_dir(path):
+            state = "foreign"
+        elif in_progress:
+            state = "in progress"
+        elif "" in suffixes or manifest is not None:
+            state = "damaged"
+        else:
+            return None
+        size = manifest.total_bytes if manifest else _du(path)
+        last = usage.last_used(self.use_path(key))
+        if last is None:
+            with contextlib.suppress(OSError):
+                last = manifest.created if manifest else os.stat(path).st_mtime
+        return EntryInfo(key, path, state, manifest, size, last, manifest.handle if manifest else self._module(key))
+
+    def _module(self, key: str) -> str | None:
+        """The handle a descriptor names (``Module: ...``, as tensorflow_hub writes it)."""
+        try:
+            with open(self.descriptor_path(key), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Module: "):
+                        return line[len("Module: "):].strip()
+        except OSError:
+            pass
+        return None
 
     def remove(self, key: str) -> bool:
         existed = os.path.lexists(self.entry_path(key)) or os.path.exists(self.manifest_path(key))
@@ -399,6 +490,7 @@ class LocalWriter(EntryWriter):
         except OSError as error:
             self.abort()
             raise _cache_error(error, f"committing {entry}") from None
+        usage.touch(store.use_path(key))  # last use: when it became usable, not when the download began
         return entry
 
     def abort(self) -> None:

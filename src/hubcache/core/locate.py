@@ -29,12 +29,14 @@ class Location:
 
 
 def with_query(url: str, **params: str) -> str:
-    """Add query parameters to a URL, keeping those it already has."""
+    """Add query parameters to a URL, keeping those it already has byte for byte (re-encoding
+    them could break a signed URL: ``%20`` would become ``+``)."""
     parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    names = {name for name, _ in query}
-    query += [(name, value) for name, value in params.items() if name not in names]
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    names = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    extra = urlencode([(name, value) for name, value in params.items() if name not in names])
+    if not extra:
+        return url
+    return urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
 
 
 def locate(handle: Handle, load_format: str) -> Location:

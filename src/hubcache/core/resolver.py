@@ -60,9 +60,17 @@ def current_backend() -> tuple[Config, Backend]:
         if cached is None:
             config = load_config()
             name, _ = select_backend_name(config)
-            cls = get_registry().backend_class(name)
-            cached = _backends[fingerprint] = (config, cls(config))
+            cached = _backends[fingerprint] = (config, make_backend(name, config))
     return cached
+
+
+def make_backend(name: str, config: Config) -> Backend:
+    """An instance of backend ``name``, or of a tier chain for ``"home,gcs"`` (hubcache.core.tiers)."""
+    if "," in name:
+        from .tiers import TieredBackend
+
+        return TieredBackend.from_setting(config, name)
+    return get_registry().backend_class(name)(config)
 
 
 def resolve(handle: str) -> str:
@@ -80,6 +88,8 @@ def resolve(handle: str) -> str:
     Raises:
         HubcacheError: a subclass saying what went wrong with this handle and what to do.
     """
+    if not isinstance(handle, str):
+        parse_handle(handle)  # raises HandleError (a list would otherwise fail as unhashable)
     memo_key = (handle, config_fingerprint())
     hit = _memo.get(memo_key)
     if hit is not None:

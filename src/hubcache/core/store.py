@@ -13,7 +13,7 @@ commit. Locks only save bandwidth; correctness never depends on them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -32,6 +32,7 @@ class EntryInfo:
         manifest: its manifest, when it has a readable one.
         size: bytes on record (manifest) or found.
         last_used: Unix time of the last recorded use, if known.
+        handle: the handle it was made for (manifest or descriptor), if known.
     """
 
     key: str
@@ -40,6 +41,7 @@ class EntryInfo:
     manifest: Manifest | None = None
     size: int = 0
     last_used: float | None = None
+    handle: str | None = None
 
 
 class EntryWriter(ABC):
@@ -123,3 +125,34 @@ class Store(ABC):
     def validator(self, path: str, manifest: Manifest) -> Callable[[], bool] | None:
         """A cheap check that a memoised entry still exists (``None``: always valid)."""
         return None
+
+    # -- use tracking and guarded removal (hubcache.core.usage explains the local scheme) ---------
+
+    def entry(self, key: str) -> EntryInfo | None:
+        """The listing of one entry, or ``None`` if the store has nothing for ``key``."""
+        return next((e for e in self.entries() if e.key == key), None)
+
+    def mark_used(self, key: str) -> None:
+        """Record that this process uses the entry (called before every lookup of a resolve).
+
+        Stores that can must keep the entry from being removed by :meth:`guard` holders until
+        this process exits or calls :meth:`release`, and record the time of use. Default: nothing.
+        """
+
+    def release(self, key: str) -> None:
+        """Stop protecting an entry this process marked used (e.g. after a prefetch)."""
+
+    def busy(self, key: str) -> str | None:
+        """Why the entry must not be removed now (in use, being downloaded), else ``None``.
+
+        A read-only probe: creates and changes nothing (``prune --dry-run`` relies on it).
+        """
+        return None
+
+    def guard(self, key: str) -> AbstractContextManager[str | None]:
+        """Hold off users and writers of ``key`` while removing it.
+
+        Yields ``None`` when the entry may be removed (and keeps it so until the block ends), or
+        why not, like :meth:`busy`. Never blocks.
+        """
+        return nullcontext(None)

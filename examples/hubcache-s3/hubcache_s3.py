@@ -1,0 +1,117 @@
+"""hubcache-s3: a hubcache backend that keeps its cache in an S3 bucket.
+
+Selected by ``TFHUB_CACHE_DIR=s3://bucket/prefix`` (or ``HUBCACHE_BACKEND=s3`` with the root in
+``TFHUB_CACHE_DIR``). Every host that can read the bucket shares the cache, as with hubcache's
+built-in ``gcs`` backend, and with the same protocol (:mod:`hubcache.core.objectstore`): the
+files are uploaded to their final names, the manifest object is created last and is the commit,
+and a lease object with a heartbeat saves the bandwidth of concurrent downloads.
+
+This module is a third-party plugin: it uses only hubcache's public API (``hubcache.hookimpl``,
+the errors exported by ``hubcache``, ``CacheBackend`` and ``ObjectStore``) and s3fs.
+
+Settings (environment):
+    HUBCACHE_S3_ENDPOINT_URL: an S3-compatible endpoint (MinIO, moto, Ceph...). botocore's own
+        ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` are honoured too when this is unset.
+    HUBCACHE_S3_PROFILE: the AWS profile to use (default: botocore's credential chain:
+        ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance roles...).
+    HUBCACHE_LEASE_TTL, HUBCACHE_LOCK_TIMEOUT: hubcache's own, as for ``gcs``.
+
+s3fs (and so botocore) is imported only when an ``s3://`` cache is used, so loading the plugin
+costs ``hubcache plugins`` and every other command nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import hubcache
+from hubcache import ConfigError, MissingDependencyError
+from hubcache.core.backend import CacheBackend
+from hubcache.core.objectstore import ObjectStore
+
+__version__ = "0.1.0"
+
+ENV_ENDPOINT = "HUBCACHE_S3_ENDPOINT_URL"
+ENV_PROFILE = "HUBCACHE_S3_PROFILE"
+
+
+def endpoint_url() -> str | None:
+    """The endpoint the settings name, or ``None`` for botocore's default (AWS itself)."""
+    for name in (ENV_ENDPOINT, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def s3_filesystem() -> Any:
+    """An s3fs filesystem configured from the environment.
+
+    Raises:
+        MissingDependencyError: if s3fs is not installed.
+    """
+    try:
+        import s3fs
+    except ImportError:
+        raise MissingDependencyError("s3:// cache dirs need s3fs, which is not installed",
+                                     hint="pip install hubcache-s3 (it depends on s3fs)") from None
+    # Listings are re-read on every use anyway: other hosts write the same bucket.
+    return s3fs.S3FileSystem(endpoint_url=endpoint_url(), profile=os.environ.get(ENV_PROFILE) or None,
+                             use_listings_cache=False)
+
+
+class S3ObjectStore(ObjectStore):
+    """hubcache's object-store protocol on S3: only the conditional create differs."""
+
+    def create_object(self, path: str, data: bytes) -> None:
+        """Create ``path`` only if no object is there (the commit and the lease rest on this).
+
+        s3fs sends the ``PUT`` that closes an ``"xb"`` file with ``If-None-Match: *``; S3 (since
+        August 2024), MinIO and moto answer ``412`` when the key exists, which s3fs raises as
+        :class:`FileExistsError`. A store that ignores the header makes the lease advisory only;
+        the commit stays correct because racing writers upload identical objects. (s3fs also
+        honours the base class's ``pipe_file(mode="create")``; ``"xb"`` is fsspec's spelling
+        of an exclusive write that every filesystem with the feature implements, and it streams.)
+
+        Raises:
+            FileExistsError: if an object is already there.
+        """
+        if not data:
+            # s3fs closes an empty "xb" file with an unconditional touch; pipe_file keeps the header.
+            self.fs.pipe_file(path, data, mode="create")
+            return
+        with self.fs.open(path, "xb") as out:
+            out.write(data)
+
+
+class S3Backend(CacheBackend):
+    """A cache in an S3 bucket (``TFHUB_CACHE_DIR=s3://bucket/prefix``), shared by many hosts."""
+
+    name = "s3"
+    protocols = ("s3",)
+    description = "cache in an s3:// bucket shared by many hosts (TFHUB_CACHE_DIR=s3://bucket/prefix)"
+
+    def default_root(self) -> str:
+        cache_dir = self.config.get("cache_dir")
+        found = f"TFHUB_CACHE_DIR is {cache_dir!r}, not an s3:// URL" if cache_dir else "TFHUB_CACHE_DIR is not set"
+        raise ConfigError(f"the s3 backend keeps its cache in a bucket, but {found}",
+                          hint="set TFHUB_CACHE_DIR=s3://bucket/prefix")
+
+    def make_store(self, root: str) -> S3ObjectStore:
+        if not root.split("://", 1)[-1].strip("/"):
+            raise ConfigError(f"cache dir {root!r} names no bucket", hint="set TFHUB_CACHE_DIR=s3://bucket/prefix")
+        return S3ObjectStore(root, s3_filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
+                             lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+
+    def describe(self) -> dict[str, object]:
+        facts = super().describe()
+        facts["endpoint"] = endpoint_url() or "AWS (botocore default)"
+        facts["profile"] = os.environ.get(ENV_PROFILE) or "botocore default credentials"
+        facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
+        return facts
+
+
+@hubcache.hookimpl
+def hubcache_register_backends(register):
+    """Register the ``s3`` backend."""
+    register(S3Backend)

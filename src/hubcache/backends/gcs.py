@@ -1,0 +1,81 @@
+"""The ``gcs`` backend: a download-and-decompress cache in a ``gs://`` bucket many hosts share.
+
+Selected by ``TFHUB_CACHE_DIR=gs://bucket/prefix`` (or ``HUBCACHE_BACKEND=gcs`` with the root in
+``TFHUB_CACHE_DIR``). This is the Colab TPU workaround: the TPU worker cannot read the notebook
+host's disk, but it can read the bucket. The commit protocol and the lease are those of
+:mod:`hubcache.core.objectstore`; this module only builds the gcsfs filesystem.
+
+Settings: ``HUBCACHE_GCS_TOKEN`` (gcsfs ``token``: ``anon``, ``google_default``, ``cloud``, or a
+service-account JSON file; default: gcsfs's own credential chain), ``HUBCACHE_LEASE_TTL``.
+``STORAGE_EMULATOR_HOST`` points gcsfs at an emulator (fake-gcs-server), as for every Google client.
+
+gcsfs is the optional extra ``hubcache[gcs]``, imported only when a gs:// path is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import hubcache
+from hubcache.core.backend import CacheBackend
+from hubcache.core.errors import ConfigError, MissingDependencyError
+from hubcache.core.store import Store
+
+ENV_TOKEN = "HUBCACHE_GCS_TOKEN"
+
+
+def gcs_filesystem() -> Any:
+    """A gcsfs filesystem configured from the environment.
+
+    Raises:
+        MissingDependencyError: if gcsfs is not installed.
+    """
+    if os.environ.get("STORAGE_EMULATOR_HOST") and "gcsfs" not in sys.modules:
+        # gcsfs's experimental zonal/HNS support probes each bucket with a call an emulator does
+        # not answer, costing 60 s per bucket; emulators have no such buckets anyway.
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    try:
+        import gcsfs
+    except ImportError:
+        raise MissingDependencyError("gs:// paths need gcsfs, which is not installed",
+                                     hint="pip install 'hubcache[gcs]'") from None
+    token = os.environ.get(ENV_TOKEN) or None
+    # Listings are re-read on every use anyway (other hosts write the same bucket).
+    return gcsfs.GCSFileSystem(token=token, use_listings_cache=False)
+
+
+class GcsBackend(CacheBackend):
+    """A cache in a Google Cloud Storage bucket, shared by every host that can read it."""
+
+    name = "gcs"
+    protocols = ("gs", "gcs")
+    description = "cache in a gs:// bucket shared by many hosts (TFHUB_CACHE_DIR=gs://bucket/prefix)"
+
+    def default_root(self) -> str:
+        cache_dir = self.config.get("cache_dir")
+        found = f"TFHUB_CACHE_DIR is {cache_dir!r}, not a gs:// URL" if cache_dir else "TFHUB_CACHE_DIR is not set"
+        raise ConfigError(f"the gcs backend keeps its cache in a bucket, but {found}",
+                          hint="set TFHUB_CACHE_DIR=gs://bucket/prefix (or --tfhub_cache_dir)")
+
+    def make_store(self, root: str) -> Store:
+        from hubcache.core.objectstore import ObjectStore
+
+        if not root.split("://", 1)[-1].strip("/"):
+            raise ConfigError(f"cache dir {root!r} names no bucket", hint="set TFHUB_CACHE_DIR=gs://bucket/prefix")
+        return ObjectStore(root, gcs_filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
+                           lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+
+    def describe(self) -> dict[str, object]:
+        facts = super().describe()
+        facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
+        facts["token"] = os.environ.get(ENV_TOKEN) or "gcsfs default credentials"
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            facts["emulator"] = os.environ["STORAGE_EMULATOR_HOST"]
+        return facts
+
+
+@hubcache.hookimpl
+def hubcache_register_backends(register):
+    register(GcsBackend)

