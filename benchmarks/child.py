@@ -40,7 +40,7 @@ def main() -> None:
                           "peak_rss": _status_bytes("VmHWM"), "rss_before": rss_before}), flush=True)
     elif mode == "warm":
         calls, batches = int(sys.argv[4]), int(sys.argv[5])
-        path = hub.resolve(handle)  # the first call reads the entry; the rest are the warm path
+        path = hub.resolve(handle)  # fills the cache (or reads the entry); the rest are the warm path
         per_call = []
         for _ in range(batches):
             started = time.perf_counter()

@@ -223,17 +223,16 @@ class Bench:
 
     # -- warm --------------------------------------------------------------------------------------
 
-    def warm_cache(self, lib: str) -> tuple[str, str]:
-        """A cache dir holding the .tar.gz entry written by ``lib``; returns ``(cache, entry path)``."""
+    def warm_calls(self, lib: str) -> tuple[str, str]:
+        """Warm resolves in one process (its first resolve fills a new cache, which is kept for
+        the fresh-process runs); returns ``(cache dir, entry path)``."""
         cache = self.fresh_dir()
-        res = self.result(self.child(["cold", lib, self.url("gz")], cache), f"{lib} warming")
-        return cache, res["path"]
-
-    def warm_calls(self, lib: str, cache: str) -> None:
         res = self.result(self.child(["warm", lib, self.url("gz"), str(self.args.calls), str(self.args.repeat)],
                                      cache), f"{lib} warm resolve")
+        self.check_tree(f"{lib} warm resolve", res["path"])
         for value in res["per_call"]:
             self.record("warm_call", lib, value)
+        return cache, res["path"]
 
     def warm_stat_limit(self, entry: str) -> None:
         probe = os.path.join(entry, "saved_model.pb")
@@ -427,12 +426,14 @@ def machine() -> dict:
             mem = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024
     except OSError:
         pass
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {}
-    for module in ("hubcache", "tensorflow_hub", "zstandard", "isal"):
+    for dist in ("hubcache", "tensorflow-hub", "tensorflow", "zstandard", "isal"):
         try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # not installed (reported as missing)
-            versions[module] = None
+            versions[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            versions[dist.replace("-", "_")] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / (1 << 30), 1),
             "os": platform.platform(), "python": platform.python_version(), "versions": versions}
 
@@ -527,11 +528,9 @@ def main(argv: list[str] | None = None) -> int:
                         bench.pipeline(measure, command, measure)
 
         step("warm resolves")
-        warm = {"hubcache": bench.warm_cache("hubcache")}
+        warm = {"hubcache": bench.warm_calls("hubcache")}
         if use_tfhub:
-            warm["tensorflow_hub"] = bench.warm_cache("tensorflow_hub")
-        for lib, (cache, _) in warm.items():
-            bench.warm_calls(lib, cache)
+            warm["tensorflow_hub"] = bench.warm_calls("tensorflow_hub")
         if use_limit:
             bench.warm_stat_limit(warm["hubcache"][1])
 

@@ -20,7 +20,7 @@ from gcs_emulator import fresh_root, gcs
 from hubcache.backends.gcs import GcsBackend
 from hubcache.core.cache import download_into, resolve_in_store
 from hubcache.core.config import load_config
-from hubcache.core.errors import ArchiveError, ConfigError
+from hubcache.core.errors import ArchiveError, CacheError, ConfigError
 from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import locate
 from hubcache.core.objectstore import ObjectStore
@@ -176,6 +176,16 @@ def test_gcs_backend_needs_a_gs_cache_dir(monkeypatch, cache_dir):
         hubcache.resolve("https://example.com/m.tar.gz")
     assert "TFHUB_CACHE_DIR=gs://bucket/prefix" in str(info.value)
     assert "m.tar.gz" in str(info.value)
+
+
+def test_missing_bucket_is_a_cache_error(origin, model, monkeypatch):
+    gcs()  # the emulator runs, but has no such bucket
+    monkeypatch.setenv("TFHUB_CACHE_DIR", "gs://no-such-bucket-here/cache")
+    url = origin.add("/m.tar.gz", archive_of(model))
+    with pytest.raises(CacheError) as info:
+        hubcache.resolve(url)
+    assert "check that the bucket of gs://no-such-bucket-here/cache exists" in str(info.value)
+    assert str(info.value).startswith(repr(url))
 
 
 def test_missing_gcsfs_names_the_extra(tmp_path):
