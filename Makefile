@@ -16,7 +16,7 @@ $(VENV)/.core: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.test: pyproject.toml | $(PY)
+$(VENV)/.test: pyproject.toml examples/hubcache-s3/setup.cfg | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]' -e examples/hubcache-s3
 	touch $@ $(VENV)/.core
 

@@ -259,12 +259,15 @@ def test_flags_parsed_by_absl_app_run_and_shown_by_hubcache_config(tmp_path):
 def test_hubcache_config_shows_values_and_sources(tmp_path):
     out = run_cli("config", env={"TFHUB_CACHE_DIR": str(tmp_path / "c"), "HUBCACHE_BACKEND": "home"})
     assert out.returncode == 0, out.stderr
-    lines = {line.split()[0] if not line.startswith("backend (") else "backend (selected)": line
-             for line in out.stdout.splitlines()}
-    assert "home" in lines["backend (selected)"] and "HUBCACHE_BACKEND" in lines["backend (selected)"]
-    assert str(tmp_path / "c") in lines["cache_dir"] and "[env (TFHUB_CACHE_DIR)]" in lines["cache_dir"]
-    assert "AUTO" in lines["load_format"] and "[default]" in lines["load_format"]
-    assert "installed backends" in out.stdout
+
+    def row(name: str) -> str:
+        return next(line for line in out.stdout.splitlines() if line.startswith(name + " "))
+
+    assert "  home  " in row("backend (selected)") and "HUBCACHE_BACKEND" in row("backend (selected)")
+    assert row("cache_dir").split()[1:] == [str(tmp_path / "c"), "[env", "(TFHUB_CACHE_DIR)]"]
+    assert row("load_format").split()[1:] == ["AUTO", "[default]"]
+    assert row("backend.root").split()[1] == str(tmp_path / "c")
+    assert "home" in row("installed backends") and "tmp" in row("installed backends")
 
 
 def test_hubcache_config_json(tmp_path):

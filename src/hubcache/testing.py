@@ -97,11 +97,19 @@ def archive_of(path: str | os.PathLike, fmt: str = "gz") -> bytes:
     return compress(tar_directory(path), fmt)
 
 
-def read_tree(path: str) -> dict[str, bytes]:
-    """Every regular file under a local or fsspec directory, as ``{relative path: bytes}``."""
+def read_tree(path: str, fs=None) -> dict[str, bytes]:
+    """Every regular file under a local or fsspec directory, as ``{relative path: bytes}``.
+
+    Args:
+        path: a local path or fsspec URL.
+        fs: the filesystem to read it with (default: the one fsspec builds for the URL).
+    """
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
+    if fs is None:
+        fs, root = fsspec.core.url_to_fs(path)
+    else:
+        root = fs._strip_protocol(path)
     root = root.rstrip("/")
     out = {}
     for full in fs.find(root):

@@ -46,8 +46,9 @@ class PluginInfo:
 
     @property
     def builtin(self) -> bool:
-        """True for plugins shipped inside hubcache itself."""
-        return self.value.startswith("hubcache.")
+        """True for plugins shipped inside hubcache itself (by distribution, not module name, so a
+        third party's ``hubcache.x`` namespace module is not mistaken for one)."""
+        return self.distribution == "hubcache" or (not self.distribution and self.value.startswith("hubcache."))
 
 
 class Registry:
