@@ -27,7 +27,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -187,6 +186,36 @@ def hostile_archives(*, max_bytes: int = 1 << 20, max_members: int = 1000) -> di
     archives["not_a_tar"] = compress(b"just some text, not a tar archive\n" * 100, "gz")
     archives["random_bytes"] = random.Random(2).randbytes(4096)
     return archives
+
+
+# -- isolation -------------------------------------------------------------------------------------
+
+#: Settings that change what hubcache selects or does; :func:`isolate` clears them.
+SETTINGS = ("HUBCACHE_BACKEND", "TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "HUBCACHE_OFFLINE",
+            "HUBCACHE_MAX_SIZE", "HUBCACHE_DISABLE_PLUGINS", "TFHUB_DOWNLOAD_PROGRESS", "HUBCACHE_PINS")
+
+
+def isolate(monkeypatch, root: str | os.PathLike) -> None:
+    """Give hubcache a private world under ``root`` for one test.
+
+    ``TMPDIR`` (the ``tmp`` backend) and the user cache dir (``home``) move under ``root``,
+    inherited hubcache settings are cleared, progress bars are off, and memoised resolves and
+    backend instances are forgotten. Everything is restored by pytest's ``monkeypatch``; call
+    ``hubcache.core.resolver.clear_memo()`` after the test too if you resolved in-process.
+    """
+    import tempfile
+
+    from hubcache.core.resolver import clear_memo
+
+    root = os.fspath(root)
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+    monkeypatch.setenv("TMPDIR", os.path.join(root, "tmp"))
+    monkeypatch.setenv("XDG_CACHE_HOME", os.path.join(root, "home-cache"))
+    monkeypatch.setenv("HUBCACHE_NO_PROGRESS", "1")
+    monkeypatch.setattr(tempfile, "tempdir", None)  # make tempfile re-read TMPDIR
+    clear_memo()
 
 
 # -- a local origin server --------------------------------------------------------------------------

@@ -12,10 +12,8 @@ These fixtures are the package's own (a third party cannot use hubcache's ``test
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from typing import Iterator
@@ -23,15 +21,12 @@ from typing import Iterator
 import pytest
 
 from hubcache.core import resolver
-from hubcache.testing import OriginServer, build_model_dir
+from hubcache.testing import OriginServer, build_model_dir, isolate
 
 BUCKET = "hubcache-s3-test"
 
-# Settings that would leak in from the developer's shell and change what is selected or where
-# botocore sends requests and with which credentials.
-_LEAKY = ("HUBCACHE_BACKEND", "TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "HUBCACHE_OFFLINE",
-          "HUBCACHE_MAX_SIZE", "HUBCACHE_DISABLE_PLUGINS", "TFHUB_DOWNLOAD_PROGRESS", "HUBCACHE_PINS",
-          "HUBCACHE_S3_ENDPOINT_URL", "HUBCACHE_S3_PROFILE", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+# hubcache's own settings are cleared by hubcache.testing.isolate; these are the plugin's and AWS's.
+_LEAKY = ("HUBCACHE_S3_ENDPOINT_URL", "HUBCACHE_S3_PROFILE", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
           "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
           "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 
@@ -83,12 +78,7 @@ def isolated(monkeypatch, tmp_path, moto_endpoint) -> Iterator[None]:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
-    monkeypatch.setenv("HUBCACHE_NO_PROGRESS", "1")
-    os.makedirs(tmp_path / "tmp", exist_ok=True)
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    resolver.clear_memo()
+    isolate(monkeypatch, tmp_path)
     yield
     resolver.clear_memo()
 
