@@ -84,8 +84,6 @@ class CacheBackendConformance:
         assert origin.count() == 1, "a hit must not contact the origin"
 
     def test_layout_matches_tensorflow_hub(self, backend, origin, model):
-        import fsspec
-
         from hubcache.core.handles import cache_key
 
         url = origin.add("/layout.tar.gz", archive_of(model))
@@ -111,8 +109,6 @@ class CacheBackendConformance:
         assert [r.query for r in origin.requests if r.path == "/google/tiny/1"] == ["tf-hub-format=compressed"]
 
     def test_manifest_is_the_commit(self, backend, origin, model):
-        import fsspec
-
         from hubcache.core.handles import cache_key
 
         url = origin.add("/c.tar.gz", archive_of(model))
