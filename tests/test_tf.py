@@ -196,6 +196,22 @@ def test_same_result_as_tensorflow_hub_load(tf, served, x, name):
         np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
 
 
+def test_keras_layer_takes_what_hubcache_returns(tf, served, x):
+    """hubcache has no KerasLayer; tensorflow_hub's takes hubcache's path (any model) or, for a
+    TF2 model, the object hubcache.load returns — without downloading anything itself."""
+    import tensorflow_hub
+
+    before = served.origin.count()
+    from_path = tensorflow_hub.KerasLayer(hubcache.resolve(served.tf2.handle), output_key="y")
+    from_object = tensorflow_hub.KerasLayer(hubcache.load(served.tf2.handle), output_key="y")
+    tf1 = tensorflow_hub.KerasLayer(hubcache.resolve(served.tf1.handle), signature="default",
+                                    output_key="default")
+    np.testing.assert_allclose(from_path(x).numpy(), _model.expected_tf2(x), rtol=1e-6)
+    np.testing.assert_allclose(from_object(x).numpy(), _model.expected_tf2(x), rtol=1e-6)
+    np.testing.assert_allclose(tf1(x).numpy(), _model.expected_tf1(x), rtol=1e-6)
+    assert served.origin.count() - before == 4, "one download per model (2 requests each), by hubcache"
+
+
 def test_imports_alongside_tensorflow_hub_and_shares_its_flags(tmp_path):
     """tensorflow_hub defines --tfhub_cache_dir unconditionally: importing it after hubcache must
     not raise DuplicateFlagError, and hubcache must read the flag the user set."""

@@ -8,7 +8,9 @@ Usage: ``python _child.py '<json config>'`` with keys
   many processes start their resolves within a millisecond of each other;
 - ``id``: this child's name;
 - ``stop_at``: a commit step at which the process stops itself with SIGSTOP, so the parent can
-  look at the disk and SIGKILL it exactly there (see :data:`STOP_POINTS`).
+  look at the disk and SIGKILL it exactly there (see :data:`STOP_POINTS`);
+- ``hold``: after printing, stay alive until stdin closes (the parent inspects its locks);
+- ``setuid``: become this user before resolving (see :func:`become`).
 
 The stop points wrap library functions *in this process only* (the library has no test hooks):
 they mark the instant between two system calls of the commit protocol.
@@ -16,6 +18,7 @@ they mark the instant between two system calls of the commit protocol.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,6 +88,25 @@ def install_stop(point: str) -> None:
         os.replace = replace
 
 
+def become(uid: int) -> None:
+    """Drop root for another user *after* start-up: the interpreter lives under /root (0700), so a
+    process started as that user could not even run. What the resolves need is imported first."""
+    import importlib
+
+    for name in ("filelock", "urllib3", "zstandard", "hubcache.core.cache", "hubcache.core.localstore",
+                 "hubcache.core.fetch", "hubcache.core.extract", "hubcache.core.pipeline",
+                 "hubcache.core.formats", "hubcache.core.usage", "hubcache.backends.tmp",
+                 "hubcache.backends.home", "platformdirs", "tarfile", "zlib", "bz2", "lzma", "hashlib"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    import filelock
+
+    filelock.FileLock  # resolve the package's lazy attributes while files can still be read
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     import hubcache
@@ -100,6 +122,8 @@ def main() -> None:
                 waits.append(event.handle)
 
     get_registry().register(Waits(), "child-waits")
+    if config.get("setuid") is not None:
+        become(int(config["setuid"]))
     if config.get("stop_at"):
         install_stop(config["stop_at"])
     handles = list(config["handles"])
@@ -131,7 +155,10 @@ def main() -> None:
     start.set()
     for t in threads:
         t.join()
-    print(json.dumps({"pid": os.getpid(), "released": released, "results": results, "waits": len(waits)}))
+    print(json.dumps({"pid": os.getpid(), "released": released, "results": results, "waits": len(waits)}),
+          flush=True)
+    if config.get("hold"):  # stay alive (locks, open files) until the parent closes stdin
+        sys.stdin.read()
 
 
 if __name__ == "__main__":

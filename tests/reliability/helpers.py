@@ -119,8 +119,39 @@ def start_child(config: dict, *, env: dict[str, str] | None = None, user: int | 
     kwargs: dict = {}
     if user is not None:
         kwargs.update(user=user, group=user, extra_groups=[])
-    return subprocess.Popen(child_command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, **(env or {})), **kwargs)
+    return subprocess.Popen(child_command(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), **kwargs)
+
+
+def held_locks(pid: int) -> list[tuple[str, str]]:
+    """The ``flock``/POSIX locks a process holds, as (READ|WRITE, file path) from ``/proc/locks``."""
+    inodes: dict[str, str] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        inodes[f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"] = target
+    out = []
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" in fields or len(fields) < 6 or fields[4] != str(pid):
+                continue
+            out.append((fields[3], inodes.get(fields[5], fields[5])))
+    return out
+
+
+def open_files(pid: int) -> list[str]:
+    """Paths of the files a process has open."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
 
 
 def child_results(proc: subprocess.Popen, timeout: float = 60.0) -> dict:

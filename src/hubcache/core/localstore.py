@@ -34,9 +34,14 @@ WRITER_TAG = f"Writer: hubcache {__version__}"
 
 def _atomic_write(path: str, data: bytes) -> None:
     part = f"{path}.{uuid.uuid4().hex[:8]}.part"
-    with open(part, "wb") as f:
-        f.write(data)
-    os.replace(part, path)
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not keep our half-written part
+            os.unlink(part)
+        raise
 
 
 def _cache_error(error: OSError, what: str) -> CacheError:
@@ -467,13 +472,16 @@ class LocalWriter(EntryWriter):
     def commit(self, manifest: Manifest) -> str:
         store, key = self.store, self.key
         entry = store.entry_path(key)
+        wrote_descriptor = renamed = False
         try:
             descriptor = (f"Module: {self.handle}\nDownload Time: {time.ctime()}\n"
                           f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
             _atomic_write(store.descriptor_path(key), descriptor.encode())
+            wrote_descriptor = True
             for _ in range(5):
                 try:
                     os.rename(self.tmp, entry)
+                    renamed = True
                     break
                 except OSError as error:
                     if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
@@ -489,6 +497,13 @@ class LocalWriter(EntryWriter):
             _atomic_write(store.manifest_path(key), manifest.to_json())
         except OSError as error:
             self.abort()
+            # Not committed (no manifest): take back what became visible, so a full disk gets
+            # its space back and tensorflow_hub never picks up an entry hubcache disowned.
+            if renamed:
+                store.discard(key)
+            if wrote_descriptor:
+                with contextlib.suppress(OSError):
+                    os.unlink(store.descriptor_path(key))
             raise _cache_error(error, f"committing {entry}") from None
         usage.touch(store.use_path(key))  # last use: when it became usable, not when the download began
         return entry

@@ -13,6 +13,7 @@ from .backend import Backend
 from .config import Config, config_fingerprint, load_config
 from .errors import ConfigError, HubcacheError
 from .handles import parse_handle
+from .pins import apply_pins
 from .plugins import get_registry
 
 DEFAULT_BACKEND = "tmp"
@@ -98,8 +99,8 @@ def resolve(handle: str) -> str:
             return path
         _memo.pop(memo_key, None)
     try:
-        parsed = parse_handle(handle)
         config, backend = current_backend()
+        parsed = apply_pins(parse_handle(handle), config)  # HUBCACHE_PINS, for every backend
         load_format = "UNCOMPRESSED" if config["load_format"] == "UNCOMPRESSED" else "COMPRESSED"
         location = get_registry().hook.hubcache_locate(handle=parsed, load_format=load_format)
         path, still_valid = backend.resolve_checked(parsed, location)
