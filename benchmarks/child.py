@@ -9,6 +9,7 @@ tensorflow_hub needs is measured separately, by the fresh-process row).
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 
@@ -33,10 +34,13 @@ def main() -> None:
         if "--wait" in sys.argv:
             print("ready", flush=True)
             sys.stdin.readline()
+        before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic()
         path = hub.resolve(handle)
         ended = time.monotonic()
-        print(json.dumps({"seconds": ended - started, "started": started, "ended": ended, "path": path,
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # all threads
+        print(json.dumps({"seconds": ended - started, "started": started, "ended": ended, "path": path, "cpu": cpu,
                           "peak_rss": _status_bytes("VmHWM"), "rss_before": rss_before}), flush=True)
     elif mode == "warm":
         calls, batches = int(sys.argv[4]), int(sys.argv[5])

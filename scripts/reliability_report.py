@@ -102,7 +102,7 @@ def group(records: dict) -> "OrderedDict[str, OrderedDict[str, list[dict]]]":
     def order(item):
         scenario = scenario_of(*item)
         number = re.match(r"(\d+)\.", scenario)
-        return (int(number.group(1)) if number else 99, scenario, item[0])
+        return (int(number.group(1)) if number else 99, scenario, item[1].get("order", 0), item[0])
 
     for nodeid, record in sorted(records.items(), key=order):
         scenario = scenario_of(nodeid, record)

@@ -35,6 +35,7 @@ settings (environment beats absl flags, which beat defaults):
   TFHUB_MODEL_LOAD_FORMAT  COMPRESSED | UNCOMPRESSED | AUTO (--tfhub_model_load_format)
   HUBCACHE_OFFLINE=1       use only what is cached; never the network
   HUBCACHE_NO_PROGRESS=1   no progress bar (TFHUB_DOWNLOAD_PROGRESS=1 forces one)
+  HUBCACHE_PINS=FILE       pinned archive digests, `HANDLE sha256=HEX` a line (also `URL#sha256=HEX`)
   see `hubcache config` for every setting and where its value came from.
 """
 

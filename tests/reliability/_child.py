@@ -39,7 +39,9 @@ STOP_POINTS = {
 
 
 def _stop() -> None:
-    os.kill(os.getpid(), signal.SIGSTOP)
+    # Directed at this thread: a process-directed SIGSTOP sent from a worker thread lets that
+    # thread run on (here: through the rest of the commit) until the group stop catches it.
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def install_stop(point: str) -> None:
@@ -102,9 +104,19 @@ def become(uid: int) -> None:
     import filelock
 
     filelock.FileLock  # resolve the package's lazy attributes while files can still be read
+    import ctypes
+
+    libc = ctypes.CDLL(None)
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
+    libc.prctl(4, 1)  # PR_SET_DUMPABLE: keep /proc/self/io readable after setuid
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() and friends (``rchar`` of /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 def main() -> None:
@@ -141,7 +153,7 @@ def main() -> None:
         results[i]["seconds"] = time.perf_counter() - began
         results[i]["finished"] = time.time()
 
-    threads = [threading.Thread(target=work, args=(i, h)) for i, h in enumerate(handles)]
+    threads = [threading.Thread(target=work, args=(i, h), daemon=True) for i, h in enumerate(handles)]
     for t in threads:
         t.start()
     barrier = config.get("barrier")
@@ -152,11 +164,12 @@ def main() -> None:
         while not os.path.exists(go):
             time.sleep(0.0005)
     released = time.time()
+    read_before = _bytes_read()
     start.set()
     for t in threads:
         t.join()
-    print(json.dumps({"pid": os.getpid(), "released": released, "results": results, "waits": len(waits)}),
-          flush=True)
+    print(json.dumps({"pid": os.getpid(), "released": released, "results": results, "waits": len(waits),
+                      "bytes_read": _bytes_read() - read_before}), flush=True)
     if config.get("hold"):  # stay alive (locks, open files) until the parent closes stdin
         sys.stdin.read()
 

@@ -19,7 +19,8 @@ _records: dict[str, dict] = {}
 
 
 def _record(nodeid: str) -> dict:
-    return _records.setdefault(nodeid, {"outcome": "not run", "duration": 0.0, "figures": {}})
+    return _records.setdefault(nodeid, {"outcome": "not run", "duration": 0.0, "figures": {},
+                                        "order": len(_records)})
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def figures(request) -> dict:
     """What this test ran and measured; keys become columns of the reliability table."""
     record = _record(request.node.nodeid)
     record["scenario"] = getattr(request.module, "SCENARIO", request.module.__name__)
-    record["doc"] = (request.function.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    record["doc"] = " ".join((request.function.__doc__ or "").strip().split("\n\n")[0].split())
     return record["figures"]
 
 

@@ -13,7 +13,7 @@ import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import hubcache
 from hubcache.core.events import Event
@@ -189,8 +189,3 @@ class EventLog:
     @property
     def _name(self) -> str:
         return f"reliability-events-{id(self)}"
-
-
-def iter_lines(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        yield from (line.rstrip("\n") for line in f)

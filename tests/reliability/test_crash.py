@@ -11,6 +11,7 @@ disk in that state and SIGKILLs it.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import random
@@ -60,6 +61,31 @@ def served():
         yield origin, url, dict(files), len(archive)
 
 
+#: What is on disk right after the kill, per kill point: (temp dir, descriptor .part, descriptor,
+#: entry dir, manifest .part, manifest). Proves each kill landed where it says.
+EXPECTED_AT = {
+    "request-sent": (True, False, False, False, False, False),
+    "downloading": (True, False, False, False, False, False),
+    "lock-held": (False, False, False, False, False, False),
+    "download-done": (True, False, False, False, False, False),
+    "descriptor-part": (True, True, False, False, False, False),
+    "descriptor-written": (True, False, True, False, False, False),
+    "renamed": (False, False, True, True, False, False),
+    "manifest-part": (False, False, True, True, True, False),
+    "manifest-written": (False, False, True, True, False, True),
+}
+
+
+def disk_facts(root: str, key: str) -> tuple[bool, ...]:
+    names = os.listdir(root)
+
+    def has(pattern: str) -> bool:
+        return any(fnmatch.fnmatch(n, pattern) for n in names)
+
+    return (has(f"{key}.hc*.tmp"), has(f"{key}.descriptor.txt.*.part"), f"{key}.descriptor.txt" in names,
+            key in names, has(f"{key}.manifest.json.*.part"), f"{key}.manifest.json" in names)
+
+
 def check_not_partially_committed(root: str, key: str, expected: dict[str, bytes]) -> str:
     """Assert what readers could see after the kill is all or nothing; returns the state seen."""
     store = LocalStore(root)
@@ -81,7 +107,8 @@ def check_not_partially_committed(root: str, key: str, expected: dict[str, bytes
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_sigkill_never_commits_a_partial_entry(point, served, cache_root, figures):
-    """SIGKILL at one point of download, extraction or commit; then resolve again at once."""
+    """A child process resolving a 12 MiB archive is SIGKILLed at one point of the download,
+    the extraction or the commit; then the parent resolves the handle at once."""
     origin, url, expected, archive_bytes = served
     key = cache_key(url)
     path = "/crash/model.tar.gz"
@@ -116,6 +143,8 @@ def test_sigkill_never_commits_a_partial_entry(point, served, cache_root, figure
         origin.throttle(path, None)
         origin.routes[path].faults.clear()
     assert child.returncode == -signal.SIGKILL
+    assert disk_facts(cache_root, key) == EXPECTED_AT.get(point, EXPECTED_AT["downloading"]), \
+        "the child was not killed where the kill point says"
     left = leftovers(cache_root)
     in_temp = temp_files()
     state = check_not_partially_committed(cache_root, key, expected)

@@ -14,7 +14,7 @@ import pytest
 
 import hubcache
 from hubcache.core.handles import cache_key
-from hubcache.testing import OriginServer, build_model_dir, tree_of
+from hubcache.testing import OriginServer, tree_of
 
 from .helpers import child_results, leftovers, start_child, tree
 

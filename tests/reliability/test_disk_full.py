@@ -19,6 +19,7 @@ import pytest
 
 import hubcache
 from hubcache import CacheError
+from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.core.localstore import LocalStore
 from hubcache.testing import OriginServer
@@ -81,7 +82,7 @@ def test_enospc_while_extracting(small_fs, monkeypatch, figures):
         small = origin.add("/full/small.tar.gz", make_archive(files_of(1, 100_000)))
         big_files = files_of(2, 3 << 20)
         big = origin.add("/full/big.tar.gz", make_archive(big_files))
-        small_path = hubcache.resolve(small)
+        hubcache.resolve(small)
         before, free_before = snapshot(root), free_bytes(root)
         with pytest.raises(CacheError) as info:
             hubcache.resolve(big)
@@ -115,7 +116,7 @@ def test_enospc_at_every_allocation(small_fs, monkeypatch, figures):
         hubcache.resolve(url)
         need_pages = (free0 - free_bytes(root)) // PAGE
         store.remove(key)
-        hubcache.core.resolver.clear_memo()
+        resolver.clear_memo()
         outcomes: dict[int, str] = {}
         stages: set[str] = set()
         filler = os.path.join(root, "filler")
@@ -124,7 +125,7 @@ def test_enospc_at_every_allocation(small_fs, monkeypatch, figures):
                 f.write(bytes(free_bytes(root) - pages * PAGE))
             assert free_bytes(root) == pages * PAGE
             before = snapshot(root)
-            hubcache.core.resolver.clear_memo()
+            resolver.clear_memo()
             try:
                 path = hubcache.resolve(url)
             except CacheError as error:

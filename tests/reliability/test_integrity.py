@@ -13,7 +13,7 @@ import pytest
 import hubcache
 from hubcache import ConfigError, IntegrityError
 from hubcache.core.handles import cache_key
-from hubcache.testing import OriginServer, archive_of, tree_of
+from hubcache.testing import SUFFIX, OriginServer, archive_of, tree_of
 
 from .helpers import EventLog, leftovers, snapshot
 
@@ -80,7 +80,7 @@ def test_wrong_pin_raises_and_commits_nothing(fmt, model, cache_root, tmp_path, 
     left, and the next resolve with the right pin works."""
     with OriginServer() as origin:
         archive = archive_of(model, fmt)
-        url = origin.add(f"/pinned/model.{fmt}.tar", archive)
+        url = origin.add(f"/pinned/model-{fmt}{SUFFIX[fmt]}", archive)
         wrong = hashlib.sha256(archive + b"x").hexdigest()
         before = snapshot(str(tmp_path / "tmp"))
         with pytest.raises(IntegrityError) as info:

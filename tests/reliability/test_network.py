@@ -4,6 +4,7 @@ the URL and the attempts."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -148,7 +149,6 @@ def test_persistent_failure_names_url_and_attempts(model, cache_root, monkeypatc
     assert requests == 3 and error.attempts == 3
     assert url in str(error) and "3 attempts" in str(error) and "\n" not in str(error)
     assert error.status == 502
-    assert leftovers(cache_root) == [] and not [n for n in __import__("os").listdir(cache_root)
-                                                if n.endswith(".manifest.json")]
+    assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
     figures.update(run="503, reset, 502 with HUBCACHE_RETRIES=2", attempts=error.attempts,
                    fail_after_s=round(seconds, 3), message=str(error)[:160])

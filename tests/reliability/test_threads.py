@@ -7,8 +7,6 @@ import random
 import threading
 import time
 
-import pytest
-
 import hubcache
 from hubcache.core import plugins, resolver
 from hubcache.core.handles import cache_key

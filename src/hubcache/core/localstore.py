@@ -197,11 +197,15 @@ class LocalStore(Store):
         path = self.entry_path(key)
         if not os.path.isdir(path) or not self._is_foreign(key) or describe_model_dir(path):
             return None
-        manifest = scan_files(path)
+        # Digests mean reading every byte: worth it only when the manifest can be kept. A
+        # read-only (shared) cache gets a sizes-only manifest in memory and writes nothing.
+        writable = os.access(self.root, os.W_OK)
+        manifest = scan_files(path, digests=writable)
         manifest.handle = handle
         manifest.creator = "adopted from tensorflow_hub"
-        with contextlib.suppress(OSError):  # a read-only cache still gets the hit
-            _atomic_write(self.manifest_path(key), manifest.to_json())
+        if writable:
+            with contextlib.suppress(OSError):  # e.g. a full disk: still a hit
+                _atomic_write(self.manifest_path(key), manifest.to_json())
         return path, manifest
 
     def validator(self, path: str, manifest: Manifest) -> Callable[[], bool]:
