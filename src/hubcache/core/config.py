@@ -197,7 +197,9 @@ def load_config() -> Config:
     s["max_archive_bytes"] = _env("HUBCACHE_MAX_EXTRACT_SIZE", 256 << 30, "max_archive_bytes",
                                   "refuse archives that unpack to more than this",
                                   lambda t: parse_size(t, name="HUBCACHE_MAX_EXTRACT_SIZE"))
-    s["max_members"] = _env("HUBCACHE_MAX_MEMBERS", 200_000, "max_members",
+    # A SavedModel has tens to thousands of files; each member costs a file creation (~200 µs
+    # here), so a member flood is refused in seconds, not minutes.
+    s["max_members"] = _env("HUBCACHE_MAX_MEMBERS", 50_000, "max_members",
                             "refuse archives with more members than this",
                             lambda t: _parse_int(t, "HUBCACHE_MAX_MEMBERS"))
     s["timeout"] = _env("HUBCACHE_TIMEOUT", 60.0, "timeout",

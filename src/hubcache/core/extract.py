@@ -37,7 +37,7 @@ class Limits:
     """
 
     max_bytes: int = 256 << 30
-    max_members: int = 200_000
+    max_members: int = 50_000
 
 
 class Meter:
