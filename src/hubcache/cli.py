@@ -27,10 +27,16 @@ examples:
   hubcache resolve --json model-a.tar.zst model-b.tar.gz
   HUBCACHE_BACKEND=home hubcache resolve https://example.com/m.tar.gz
   TFHUB_CACHE_DIR=gs://bucket/cache hubcache resolve https://tfhub.dev/google/spice/2
-  hubcache config
+  hubcache prefetch -f models.txt       # warm the cache, then run with HUBCACHE_OFFLINE=1
+  hubcache ls                           # what is cached, how big, last used
+  hubcache prune --max-size 20G         # free space (never what a process is using)
+  hubcache verify --full                # check entries against their manifests
+  hubcache config                       # every setting and where it came from
+  hubcache COMMAND --help               # each command's own options and examples
 
 settings (environment beats absl flags, which beat defaults):
-  HUBCACHE_BACKEND         backend name: tmp (default), home, gcs, remote, or a plugin's
+  HUBCACHE_BACKEND         tmp (default), home, gcs, remote, a plugin's, or a chain: home,gcs
+  HUBCACHE_MAX_SIZE=20G    size budget of the home cache (least recently used go first)
   TFHUB_CACHE_DIR          cache root (--tfhub_cache_dir); gs://bucket/prefix selects gcs
   TFHUB_MODEL_LOAD_FORMAT  COMPRESSED | UNCOMPRESSED | AUTO (--tfhub_model_load_format)
   HUBCACHE_OFFLINE=1       use only what is cached; never the network
