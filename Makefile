@@ -1,11 +1,12 @@
 # Two entry points; each creates or refreshes the virtual environment it needs in .venv:
 #   make demo   - the 30-second demo (core install only, no TensorFlow)
 #   make test   - the whole test suite (installs the test extras: emulators, TensorFlow, ...)
+#   make bench  - the benchmark harness against tensorflow_hub and tar (1 GiB, ~6 minutes)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(VENV)/.test: pyproject.toml examples/hubcache-s3/setup.cfg | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]' -e examples/hubcache-s3
 	touch $@ $(VENV)/.core
 
+$(VENV)/.bench: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
 venv: $(VENV)/.test
 
 demo: $(VENV)/.core
@@ -27,6 +32,9 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(PY) -m pytest
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/run.py --publish
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
