@@ -85,9 +85,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     details = backend.describe()
     rows = [{"name": "backend (selected)", "value": name, "source": why}]
     for key, value in details.items():
-        if key not in ("name", "description"):
+        if key == "tiers" and isinstance(value, list):  # a chain: one line per tier, in order
+            for i, tier in enumerate(value, 1):
+                where = tier.get("root") or tier.get("description", "")
+                rows.append({"name": f"backend.tier{i}", "value": f"{tier.get('name')}  {where}",
+                             "source": "backend"})
+        elif key not in ("name", "description"):
             rows.append({"name": f"backend.{key}", "value": value, "source": "backend"})
     for setting in config.settings.values():
+        if setting.name == "backend":  # already shown, with the reason, as "backend (selected)"
+            continue
         source = setting.source + (f" ({setting.origin})" if setting.origin else "")
         rows.append({"name": setting.name, "value": setting.value, "source": source, "help": setting.help})
     if args.json:
