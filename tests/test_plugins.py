@@ -33,6 +33,7 @@ from hubcache.core.locate import Location
 class EchoBackend(Backend):
     name = "echo"
     description = "returns where the handle was located"
+    settings = {"ECHO_ROOT": "where echo:// handles point"}
 
     def resolve(self, handle, location):
         return "echo:" + location.url
@@ -161,3 +162,23 @@ def test_every_hook_is_typed_documented_and_tested(hook):
     assert re.search(rf"^#+ `{hook}\(", contributing, re.M), f"CONTRIBUTING.md must document {hook}"
     here = Path(__file__).read_text()
     assert f"def {hook}(" in here, f"a test plugin must implement {hook}"
+
+
+def test_backend_declared_settings_are_shown_and_invalidate_the_memo(site, tmp_path):
+    (tmp_path / "a" / "bert").mkdir(parents=True)
+    (tmp_path / "b" / "bert").mkdir(parents=True)
+    config = run(site, "config", "--json", HUBCACHE_BACKEND="echo", ECHO_ROOT=str(tmp_path / "a"))
+    declared = json.loads(config.stdout)["backend_settings"]
+    assert declared == {"ECHO_ROOT": {"value": str(tmp_path / "a"), "source": "env",
+                                      "help": "where echo:// handles point"}}
+    # In one process: a declared variable changing must not return the memoised old path.
+    script = (
+        "import os, hubcache\n"
+        f"os.environ['ECHO_ROOT'] = {str(tmp_path / 'a')!r}\n"
+        "print(hubcache.resolve('echo://bert'))\n"
+        f"os.environ['ECHO_ROOT'] = {str(tmp_path / 'b')!r}\n"
+        "print(hubcache.resolve('echo://bert'))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=str(site), HUBCACHE_BACKEND="echo"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["echo:" + str(tmp_path / "a" / "bert"), "echo:" + str(tmp_path / "b" / "bert")]

@@ -90,6 +90,11 @@ class S3Backend(CacheBackend):
     name = "s3"
     protocols = ("s3",)
     description = "cache in an s3:// bucket shared by many hosts (TFHUB_CACHE_DIR=s3://bucket/prefix)"
+    # Shown by `hubcache config`; changing one in a running process builds a new backend.
+    settings = {
+        ENV_ENDPOINT: "S3 endpoint URL (e.g. MinIO, moto); else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
+        ENV_PROFILE: "AWS credentials profile (default: botocore's credential chain)",
+    }
 
     def default_root(self) -> str:
         cache_dir = self.config.get("cache_dir")

@@ -74,7 +74,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .core.config import load_config
+    from .core.config import env_settings, load_config
     from .core.plugins import get_registry
     from .core.resolver import make_backend, select_backend_name
 
@@ -92,6 +92,14 @@ def cmd_config(args: argparse.Namespace) -> int:
                              "source": "backend"})
         elif key not in ("name", "description"):
             rows.append({"name": f"backend.{key}", "value": value, "source": "backend"})
+    # Variables the selected backend(s) read themselves (Backend.settings), e.g. a plugin's endpoint.
+    declared: dict[str, str] = {}
+    for part in name.split(","):
+        declared.update(getattr(registry.backends.get(part.strip()), "settings", None) or {})
+    backend_settings = env_settings(declared)
+    for setting in backend_settings:
+        rows.append({"name": setting.name, "value": setting.value,
+                     "source": setting.source + (f" ({setting.origin})" if setting.origin else "")})
     for setting in config.settings.values():
         if setting.name == "backend":  # already shown, with the reason, as "backend (selected)"
             continue
@@ -99,6 +107,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         rows.append({"name": setting.name, "value": setting.value, "source": source, "help": setting.help})
     if args.json:
         _print_json({"backend": name, "reason": why, "backend_details": details,
+                     "backend_settings": {b.name: {"value": b.value, "source": b.source, "help": b.help}
+                                          for b in backend_settings},
                      "settings": {s.name: {"value": s.value, "source": s.source, "origin": s.origin}
                                   for s in config.settings.values()},
                      "installed_backends": sorted(registry.backends)})

@@ -52,6 +52,10 @@ class GcsBackend(CacheBackend):
     name = "gcs"
     protocols = ("gs", "gcs")
     description = "cache in a gs:// bucket shared by many hosts (TFHUB_CACHE_DIR=gs://bucket/prefix)"
+    settings = {
+        ENV_TOKEN: "gcsfs token: anon, google_default, cloud, or a service-account JSON file",
+        "STORAGE_EMULATOR_HOST": "a GCS emulator's URL (tests), as for every Google client",
+    }
 
     def default_root(self) -> str:
         cache_dir = self.config.get("cache_dir")

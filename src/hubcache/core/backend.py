@@ -26,11 +26,15 @@ class Backend(ABC):
         protocols: cache-dir URL schemes this backend owns: a ``TFHUB_CACHE_DIR`` with one of them
             selects this backend (``""`` stands for a plain local path).
         description: one line for ``hubcache config`` and ``hubcache plugins``.
+        settings: environment variables the backend reads itself (name -> one line of help):
+            ``hubcache config`` shows their values and sources, and changing one in a running
+            process builds a new backend instance instead of reusing the old one.
     """
 
     name: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    settings: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Config):
         self.config = config

@@ -61,6 +61,8 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.backends: dict[str, type] = {}
         self.backend_plugin: dict[str, str] = {}
+        #: every environment variable a registered backend declared (Backend.settings)
+        self.setting_names: tuple[str, ...] = ()
 
     @property
     def hook(self):
@@ -106,6 +108,8 @@ class Registry:
             self.backends[backend_name] = cls
             self.backend_plugin[backend_name] = name
             info.backends.append(backend_name)
+            declared = tuple(getattr(cls, "settings", None) or ())
+            self.setting_names += tuple(n for n in declared if n not in self.setting_names)
 
         impl(register=register_backend)
 

@@ -52,7 +52,7 @@ def select_backend_name(config: Config) -> tuple[str, str]:
 
 def current_backend() -> tuple[Config, Backend]:
     """The configured backend instance (cached per distinct settings)."""
-    fingerprint = config_fingerprint()
+    fingerprint = config_fingerprint(get_registry().setting_names)
     cached = _backends.get(fingerprint)
     if cached is not None:
         return cached
@@ -91,7 +91,7 @@ def resolve(handle: str) -> str:
     """
     if not isinstance(handle, str):
         parse_handle(handle)  # raises HandleError (a list would otherwise fail as unhashable)
-    memo_key = (handle, config_fingerprint())
+    memo_key = (handle, config_fingerprint(get_registry().setting_names))
     hit = _memo.get(memo_key)
     if hit is not None:
         path, still_valid = hit
