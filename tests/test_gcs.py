@@ -272,6 +272,28 @@ def test_racing_writers_one_manifest_same_objects(origin, model, gcs_root):
     assert store.verify(handle.key, full=True) == []
 
 
+def test_a_writer_whose_lease_was_taken_over_deletes_nothing_on_abort(origin, model, gcs_root):
+    """A holder that stalled past the TTL lost its lease to another host, which now uploads the
+    same keys: when the stale holder then fails, its abort must not delete those objects."""
+    url = origin.add("/stale.tar.gz", archive_of(model))
+    handle = parse_handle(url)
+    store = ObjectStore(gcs_root, gcs(), lease_ttl=0.6)
+    lease_object = f"{strip(gcs_root)}/{handle.key}.lock"
+    with store.lock(handle.key, on_wait=lambda holder: None):
+        writer = store.writer(handle.key, url)
+        download_into(writer, handle, locate(handle, "COMPRESSED"), load_config())
+        writer._flush()
+        writer._wait()
+        uploaded = sorted(writer._uploaded)
+        assert uploaded
+        # Another host takes the lease over (as after a stall); the heartbeat notices.
+        gcs().pipe_file(lease_object, json.dumps({"owner": "other-host pid 1", "lease": "other",
+                                                  "beat": 1, "time": time.time(), "ttl": 0.6}).encode())
+        wait_for(lambda: store.lease_lost(handle.key), 5.0, "the heartbeat to notice the takeover")
+        writer.abort()
+    assert all(gcs().exists(path) for path in uploaded), "the new holder's objects must survive"
+
+
 def test_spooled_large_files_and_small_batches(origin, model, gcs_root):
     """Files above the in-memory threshold are spooled and streamed; small ones go in batches."""
     url = origin.add("/spool.tar.zst", archive_of(model, "zst"))

@@ -147,6 +147,7 @@ class ObjectStore(Store):
         self.small_file = int(small_file)
         self.batch_bytes = int(batch_bytes)
         self.batch_files = int(batch_files)
+        self._leases: dict[str, _Lease] = {}  # leases this process holds, by key
 
     # -- the primitives a store for another service may override ------------------------------
 
@@ -295,11 +296,19 @@ class ObjectStore(Store):
     def lock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
         with self._io(f"taking the download lease in {self.root}"):
             lease = self._acquire(key, on_wait)
+        if lease is not None:
+            self._leases[key] = lease
         try:
             yield
         finally:
             if lease is not None:
+                self._leases.pop(key, None)
                 lease.release()
+
+    def lease_lost(self, key: str) -> bool:
+        """True if this process's lease on ``key`` was taken over by another host meanwhile."""
+        lease = self._leases.get(key)
+        return lease is not None and lease.lost
 
     def _lease_path(self, key: str) -> str:
         return self.object_path(f"{key}.lock")
@@ -702,6 +711,11 @@ class ObjectWriter(EntryWriter):
         """Stop the uploads and delete what this writer uploaded, unless the entry got committed."""
         self._close()
         if self._committed or not self._uploaded:
+            return
+        if self.store.lease_lost(self.key):
+            # Another host took the lease over and writes the same keys now: deleting "ours"
+            # would delete its objects. Leftovers are removed by the next holder's cleanup.
+            self._uploaded = set()
             return
         with contextlib.suppress(Exception):
             if self.store.read_object(self.store.object_path(f"{self.key}.manifest.json")) is None:
