@@ -23,7 +23,7 @@ import pytest
 
 import hubcache
 from hubcache.core.handles import cache_key
-from hubcache.testing import OriginServer, archive_of, build_model_dir, tree_of
+from hubcache.testing import archive_of, build_model_dir, tree_of
 
 from .helpers import held_locks, open_files, snapshot, start_child
 
@@ -187,12 +187,6 @@ def test_miss_falls_through_to_a_writable_tier(origin, model, readonly_view, mon
     figures.update(run=f"{how.split(',')[0]} as the first tier of HUBCACHE_BACKEND=home,tmp "
                        "(resolved in-process): one hit, one miss",
                    origin_requests=origin.count(), miss_went_to="tmp tier")
-
-
-@pytest.fixture
-def origin():
-    with OriginServer() as server:
-        yield server
 
 
 @pytest.fixture
