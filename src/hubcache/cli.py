@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ._version import __version__
 from .core.errors import HubcacheError
@@ -408,9 +408,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
               + ("" if args.repair or not bad else "; `hubcache verify --repair` fixes them"),
               file=sys.stderr)
     return 0 if all(r.good for r in results) else 1
-
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:

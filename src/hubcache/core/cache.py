@@ -14,7 +14,6 @@ from .fetch import open_source
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest
-from .pins import apply_pins
 from .store import Store
 
 
@@ -45,7 +44,6 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
         DownloadError, ArchiveError, IntegrityError, CacheError: as the steps fail; nothing is
             committed then.
     """
-    handle = apply_pins(handle, config)  # a pin from HUBCACHE_PINS, if the handle has none
     key = handle.key
     store.mark_used(key)
     found = store.lookup(key, handle.url)

@@ -134,12 +134,6 @@ def release(path: str) -> None:
         os.close(fd)
 
 
-def held(path: str) -> bool:
-    """True if this process holds the entry's shared lock."""
-    with _lock:
-        return path in _held
-
-
 def last_used(path: str) -> float | None:
     """The Unix time of the entry's last recorded use, or ``None`` if it has none."""
     try:
