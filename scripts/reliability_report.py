@@ -153,6 +153,9 @@ def render(records: dict, status: int, seconds: float, pytest_args: list[str]) -
               "One row per case; `run` says what that case did, the other columns what it measured.", ""]
     for scenario, tests in scenarios.items():
         lines += [f"### {scenario}", ""]
+        intro = next((c.get("scenario_doc") for cases in tests.values() for c in cases if c.get("scenario_doc")), "")
+        if intro:
+            lines += [intro, ""]
         for name, cases in tests.items():
             doc = cases[0].get("doc", "")
             lines += [f"**`{name}`** — {doc}" if doc else f"**`{name}`**", ""]

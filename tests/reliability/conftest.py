@@ -29,6 +29,8 @@ def figures(request) -> dict:
     record = _record(request.node.nodeid)
     record["scenario"] = getattr(request.module, "SCENARIO", request.module.__name__)
     record["doc"] = " ".join((request.function.__doc__ or "").strip().split("\n\n")[0].split())
+    # The module's first paragraph says what the scenario tries and why (the section's intro).
+    record["scenario_doc"] = " ".join((request.module.__doc__ or "").strip().split("\n\n")[0].split())
     return record["figures"]
 
 
