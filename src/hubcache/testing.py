@@ -26,6 +26,7 @@ import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -234,10 +235,25 @@ class Route:
     #: failures to inject, consumed in order, one per request: ("status", code),
     #: ("cut", after_bytes) (clean close), ("reset", after_bytes) (TCP RST),
     #: ("stall", after_bytes, seconds), ("delay", seconds): answer normally,
-    #: but only after ``seconds`` (keeps a download in flight, e.g. to race other processes)
+    #: but only after ``seconds`` (keeps a download in flight, e.g. to race other processes);
+    #: for resumes: ("change", new_body): the object is replaced (a new ETag and Last-Modified),
+    #: then this request is answered normally; ("ignore_range",): answer 200 with the whole
+    #: body even to a Range request; ("bad_range", start_delta, total_delta): answer a Range
+    #: request with a 206 whose Content-Range start (and the bytes sent) and total are off by
+    #: these; ("extra", n): send ``n`` bytes beyond the announced Content-Length;
+    #: ("unframed", n): no Content-Length, close-delimited, ``n`` bytes beyond the body (a 206
+    #: keeps its Content-Range, so the client knows where it should have ended)
     faults: list[tuple] = field(default_factory=list)
     #: send the body at this many bytes per second (``None``: as fast as possible)
     rate: float | None = None
+    #: bytes per write when ``rate`` is set (small values make a trickle)
+    step: int = 16 << 10
+    #: the validators sent: "etag" (strong), "weak" (W/ ETag), "last-modified", "none"
+    validator: str = "etag"
+    #: honour If-Range (False: a server that serves the range of whatever it now has)
+    if_range: bool = True
+    #: the object's version, bumped by the "change" fault (it moves Last-Modified by an hour)
+    version: int = 0
 
 
 @dataclass
@@ -295,10 +311,23 @@ class OriginServer:
         """Inject failures on the next requests of ``path`` (see :class:`Route`)."""
         self.routes[path].faults.extend(faults)
 
-    def throttle(self, path: str, rate: float | None) -> None:
+    def throttle(self, path: str, rate: float | None, *, step: int | None = None) -> None:
         """Send the body of ``path`` at ``rate`` bytes per second (``None``: full speed), so a
-        download lasts long enough to be observed, interrupted or killed."""
-        self.routes[path].rate = rate
+        download lasts long enough to be observed, interrupted or killed; ``step`` bytes per
+        write (default 16 KiB; a few bytes every few milliseconds is a trickle that never
+        trips a per-read timeout)."""
+        route = self.routes[path]
+        route.rate = rate
+        if step is not None:
+            route.step = step
+
+    def validators(self, path: str, kind: str = "etag", *, if_range: bool = True) -> None:
+        """Choose the validators ``path`` sends (``etag``, ``weak``, ``last-modified`` or
+        ``none``) and whether it honours ``If-Range`` (``False``: it serves a requested range
+        of whatever it now holds, as a buggy server or cache might)."""
+        assert kind in ("etag", "weak", "last-modified", "none"), kind
+        route = self.routes[path]
+        route.validator, route.if_range = kind, if_range
 
     def url(self, path: str) -> str:
         assert self._server is not None, "start the server first"
@@ -362,6 +391,11 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
             if fault and fault[0] == "delay":
                 time.sleep(fault[1])
                 fault = None
+            if fault and fault[0] == "change":
+                with origin._lock:
+                    route.body = fault[1]
+                    route.version += 1
+                fault = None
             if route.tfhub is not None:
                 fmt = parse_qs(parts.query).get("tf-hub-format", [""])[0]
                 if fmt == "compressed":
@@ -373,29 +407,48 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                                   {"Content-Type": "text/html"})
             body, status, headers = route.body, route.status, dict(route.headers)
             headers.setdefault("Content-Type", "application/octet-stream")
-            headers["ETag"] = f'"{len(body)}-{hash(body) & 0xFFFFFFFF:x}"'
+            etag = f'"{len(body)}-{hash(body) & 0xFFFFFFFF:x}"'
+            if route.validator == "etag":
+                headers["ETag"] = etag
+            elif route.validator == "weak":
+                headers["ETag"] = "W/" + etag
+            elif route.validator == "last-modified":
+                headers["Last-Modified"] = formatdate(1_700_000_000 + 3600 * route.version, usegmt=True)
             start = 0
             range_header = self.headers.get("Range")
-            if route.ranges and status == 200 and range_header and range_header.startswith("bytes="):
+            ignore = fault is not None and fault[0] == "ignore_range"
+            if (route.ranges and not ignore and status == 200 and range_header
+                    and range_header.startswith("bytes=")):
                 start = int(range_header[6:].split("-", 1)[0])
                 if_range = self.headers.get("If-Range")
-                if if_range is None or if_range == headers["ETag"]:
+                # A strong ETag or a Last-Modified date matches; a weak ETag never does (RFC 9110).
+                current = headers.get("ETag") if route.validator == "etag" else headers.get("Last-Modified")
+                if if_range is None or not route.if_range or if_range == current:
                     status = 206
-                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                    total = len(body)
+                    if fault and fault[0] == "bad_range":
+                        start, total = start + fault[1], total + fault[2]
+                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{total}"
                 else:
                     start = 0
             if route.ranges:
                 headers["Accept-Ranges"] = "bytes"
-            self._send(record, status, body[start:], headers, fault, route.rate)
+            self._send(record, status, body[start:], headers, fault, route.rate, route.step)
 
         def _send(self, record: Request, status: int, body: bytes, headers: dict[str, str],
-                  fault: tuple | None = None, rate: float | None = None) -> None:
+                  fault: tuple | None = None, rate: float | None = None, step: int = 16 << 10) -> None:
             record.status = status
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
+            if fault and fault[0] == "unframed":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if fault and fault[0] in ("extra", "unframed"):
+                body += random.Random(fault[1]).randbytes(fault[1])  # beyond what was announced
             if fault and fault[0] == "reset":
                 import socket
 
@@ -422,7 +475,7 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             view = memoryview(body)
-            step = 16 << 10 if rate else 1 << 20
+            step = step if rate else 1 << 20
             began = time.monotonic()
             try:
                 for i in range(0, len(body), step):
