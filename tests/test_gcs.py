@@ -23,7 +23,7 @@ from hubcache.core.config import load_config
 from hubcache.core.errors import ArchiveError, CacheError, ConfigError
 from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import locate
-from hubcache.core.objectstore import ObjectStore
+from hubcache.backends.gcs_store import GcsObjectStore
 from hubcache.core.resolver import select_backend_name
 from hubcache.testing import CacheBackendConformance, archive_of, build_model_dir, read_tree, tree_of
 
@@ -141,7 +141,7 @@ def test_gs_cache_dir_selects_gcs_cold_miss_then_hit(origin, model, gcs_root, mo
 def test_hit_costs_one_request(origin, model, gcs_root):
     """A hit in a new process reads the manifest object and nothing else."""
 
-    class Counting(ObjectStore):
+    class Counting(GcsObjectStore):
         calls: list[str] = []
 
         def read_object(self, path):
@@ -260,7 +260,7 @@ def test_racing_writers_one_manifest_same_objects(origin, model, gcs_root):
     handle = parse_handle(url)
     location = locate(handle, "COMPRESSED")
     config = load_config()
-    store = ObjectStore(gcs_root, gcs())
+    store = GcsObjectStore(gcs_root, gcs())
     first, second = store.writer(handle.key, url), store.writer(handle.key, url)
     manifests = [download_into(w, handle, location, config) for w in (first, second)]
     assert first.commit(manifests[0]) == store.entry_path(handle.key)
@@ -277,7 +277,7 @@ def test_a_writer_whose_lease_was_taken_over_deletes_nothing_on_abort(origin, mo
     same keys: when the stale holder then fails, its abort must not delete those objects."""
     url = origin.add("/stale.tar.gz", archive_of(model))
     handle = parse_handle(url)
-    store = ObjectStore(gcs_root, gcs(), lease_ttl=0.6)
+    store = GcsObjectStore(gcs_root, gcs(), lease_ttl=0.6)
     lease_object = f"{strip(gcs_root)}/{handle.key}.lock"
     with store.lock(handle.key, on_wait=lambda holder: None):
         writer = store.writer(handle.key, url)
@@ -298,7 +298,7 @@ def test_spooled_large_files_and_small_batches(origin, model, gcs_root):
     """Files above the in-memory threshold are spooled and streamed; small ones go in batches."""
     url = origin.add("/spool.tar.zst", archive_of(model, "zst"))
     handle = parse_handle(url)
-    store = ObjectStore(gcs_root, gcs(), workers=3, small_file=50_000, batch_bytes=10_000, batch_files=2)
+    store = GcsObjectStore(gcs_root, gcs(), workers=3, small_file=50_000, batch_bytes=10_000, batch_files=2)
     path, manifest = resolve_in_store(store, handle, locate(handle, "COMPRESSED"), load_config())
     assert max(f.size for f in manifest.files) > 50_000
     assert read_tree(path) == tree_of(model)

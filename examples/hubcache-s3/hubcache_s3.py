@@ -28,7 +28,7 @@ from typing import Any
 import hubcache
 from hubcache import ConfigError, MissingDependencyError
 from hubcache.core.backend import CacheBackend
-from hubcache.core.objectstore import ObjectStore
+from hubcache.core.objectstore import ObjectStore, PreconditionFailed
 
 __version__ = "0.1.0"
 
@@ -60,8 +60,28 @@ def s3_filesystem() -> Any:
                              use_listings_cache=False)
 
 
+def _refused(error: BaseException) -> bool:
+    """Whether an s3fs error is S3's answer to a failed precondition.
+
+    s3fs turns botocore's ``ClientError`` into an ``OSError`` (``412 PreconditionFailed`` on an
+    ``If-Match`` becomes ``OSError(EINVAL)``; on an ``If-None-Match``, ``FileExistsError``) and
+    keeps the original as ``__cause__``: the code is read from there. ``409
+    ConditionalRequestConflict`` is S3's answer when another conditional write of the key was in
+    flight at the same time: someone else wrote it, so it is refused as well.
+    """
+    if isinstance(error, FileExistsError):
+        return True
+    response = getattr(error.__cause__, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status == 412
+
+
 class S3ObjectStore(ObjectStore):
-    """hubcache's object-store protocol on S3: only the conditional create differs."""
+    """hubcache's object-store protocol on S3: the conditional create, and the lease's rewrites
+    conditional on the ETag (``If-Match``)."""
+
+    atomic_replace = True
 
     def create_object(self, path: str, data: bytes) -> None:
         """Create ``path`` only if no object is there (the commit and the lease rest on this).
@@ -82,6 +102,61 @@ class S3ObjectStore(ObjectStore):
             return
         with self.fs.open(path, "xb") as out:
             out.write(data)
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, from one ``GetObject``."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await response["Body"].read(), str(response["ETag"])
+            finally:
+                response["Body"].close()
+
+        try:
+            return sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None
+
+    def replace_object(self, path: str, data: bytes, version: str) -> str:
+        """``PutObject`` with ``If-Match: <ETag>`` (S3 since November 2024, MinIO, moto).
+
+        An ETag is the MD5 of the bytes here, so two writes of identical bytes would share one;
+        the lease's contents differ on every heartbeat (a beat counter and a time), so a version
+        never comes back. A store that ignores ``If-Match`` makes this an unconditional write.
+
+        Raises:
+            PreconditionFailed: if the object's ETag is another, or the object is gone.
+        """
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+        except FileNotFoundError:  # If-Match on a key that is gone: 404 NoSuchKey
+            raise PreconditionFailed(path) from None
+        except OSError as error:
+            if _refused(error):
+                raise PreconditionFailed(path) from None
+            raise
+        return str(out["ETag"])
+
+    def delete_versioned(self, path: str, version: str) -> None:
+        """``DeleteObject`` with ``If-Match: <ETag>`` (gone already is fine).
+
+        moto enforces it; a service that ignores the header deletes unconditionally (the lease's
+        release, which checked the lease was its own just before, only a heartbeat earlier).
+        """
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            if _refused(error):
+                raise PreconditionFailed(path) from None
+            raise
 
 
 class S3Backend(CacheBackend):

@@ -165,3 +165,175 @@ class CacheBackendConformance:
         assert entries[cache_key(url)].size == sum(len(v) for v in tree_of(model).values())
         assert backend.store.remove(cache_key(url))
         assert cache_key(url) not in self.committed_keys(self.fresh(backend))
+
+    # -- object stores: the lease ----------------------------------------------------------------
+
+    LEASE_TTL = 1.5
+
+    def object_store(self, backend):
+        """The backend's store if it keeps its cache in an object store, else skip the test."""
+        from hubcache.core.objectstore import ObjectStore
+
+        store = backend.store
+        if not isinstance(store, ObjectStore):
+            pytest.skip("not an object store")
+        return store
+
+    def test_stalled_holder_cannot_overwrite_a_new_lease(self, backend, tmp_path):
+        """Holder A (a real process) is stopped with SIGSTOP just before it rewrites its lease, stays
+        stopped past the TTL, and B takes the lease over; when A resumes, its rewrite must be refused:
+        B's lease object is never overwritten, B keeps it, and A notices it lost it.
+
+        The backend class must be importable by a child process (it is rebuilt there from its
+        module, its name and the pickled config); the child inherits this process's environment.
+        """
+        import base64
+        import json
+        import pickle
+        import signal
+        import subprocess
+        import sys
+        import threading
+        import time
+        import uuid
+
+        self.object_store(backend)
+        config = backend.config.replace(lease_ttl=self.LEASE_TTL)
+        cls = type(backend)
+        key = uuid.uuid4().hex + "0" * 8
+        stderr = open(tmp_path / "holder-stderr.txt", "w")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _STALLING_HOLDER, cls.__module__, cls.__qualname__,
+             base64.b64encode(pickle.dumps(config)).decode(), key],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, "TMPDIR": str(tmp_path)})
+        lines: list[dict] = []
+        reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in holder.stdout],
+                                  daemon=True)
+        reader.start()
+
+        def wait_for(event: str, timeout: float) -> dict:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                found = [line for line in lines if line["event"] == event]
+                if found:
+                    return found[0]
+                if holder.poll() is not None and not reader.is_alive():
+                    break
+                time.sleep(0.01)
+            stderr.flush()
+            raise AssertionError(f"the holder never said {event!r}: {lines}, "
+                                 f"{(tmp_path / 'holder-stderr.txt').read_text()[-2000:]}")
+
+        store_b = None
+        entered = None
+        try:
+            a_lease = wait_for("acquired", 60)["lease"]
+            stall = wait_for("stalling", 10 * self.LEASE_TTL)
+            _wait_stopped(holder.pid)
+            stopped_at = time.time()
+            # B: another host (this process), with its own store instance.
+            store_b = cls(config).store
+            waits: list[str] = []
+            entered = store_b.lock(key, waits.append)
+            entered.__enter__()
+            took_over = time.time() - stopped_at
+            b_lease = store_b._leases[key].id
+            assert waits and f"pid {holder.pid}" in waits[0], waits
+            lease_path = store_b.object_path(f"{key}.lock")
+            assert json.loads(store_b.read_object(lease_path))["lease"] == b_lease
+            os.kill(holder.pid, signal.SIGCONT)
+            resumed_at = time.time()
+            # Read B's lease object for two TTLs after A resumed: A's pending rewrite must never land.
+            seen = []
+            while time.time() < resumed_at + 2 * self.LEASE_TTL:
+                raw = store_b.read_object(lease_path)
+                seen.append(json.loads(raw) if raw is not None else None)
+                time.sleep(0.02)
+            overwritten = [s for s in seen if s is None or s["lease"] != b_lease]
+            assert not overwritten, f"B's lease object was overwritten or removed: {overwritten[:3]}"
+            noticed = wait_for("lost", 5 * self.LEASE_TTL)["time"] - resumed_at
+            holder.stdin.write("done\n")
+            holder.stdin.flush()
+            done = wait_for("done", 30)
+            assert holder.wait(30) == 0
+            after_a_exit = store_b.read_object(lease_path)
+            b_lost = store_b.lease_lost(key)
+        finally:
+            if entered is not None:
+                entered.__exit__(None, None, None)
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+            stderr.close()
+        beats = [s["beat"] for s in seen]
+        assert beats == sorted(beats) and beats[-1] > beats[0], "B's heartbeat went on"
+        assert not b_lost, "B still holds the lease"
+        assert done["lost"] is True, "A noticed that it lost the lease"
+        assert after_a_exit is not None and json.loads(after_a_exit)["lease"] == b_lease, \
+            "A's release left B's lease alone"
+        assert a_lease != b_lease and stall["beat_pending"] >= 1
+        assert store_b.read_object(lease_path) is None, "B's release deleted its own lease"
+        print(f"\n{cls.name}: lease TTL {self.LEASE_TTL:g} s; B took over {took_over:.2f} s after A stopped; "
+              f"A noticed the loss {noticed:.2f} s after SIGCONT; {len(seen)} reads of B's lease, "
+              f"beats {beats[0]}..{beats[-1]}, none overwritten")
+
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until the process is in the stopped state (``T`` in /proc/PID/stat)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+# A lease holder that stops itself with a real SIGSTOP at the worst moment: its heartbeat has
+# decided to rewrite the lease and is about to send the request. Only the moment is chosen by
+# wrapping the store's write calls; the stop, the wait past the TTL and the resume are real.
+_STALLING_HOLDER = r"""
+import base64, importlib, json, os, pickle, signal, sys, threading, time
+
+module, qualname, config, key = sys.argv[1:5]
+cls = importlib.import_module(module)
+for part in qualname.split("."):
+    cls = getattr(cls, part)
+store = cls(pickle.loads(base64.b64decode(config))).store
+lease_path = store.object_path(f"{key}.lock")
+stalled = []
+
+def say(event, **data):
+    print(json.dumps({"event": event, "time": time.time(), **data}), flush=True)
+
+def stalling(name):
+    original = getattr(store, name)
+
+    def call(path, *args, **kwargs):
+        if path == lease_path and not stalled:
+            stalled.append(True)
+            say("stalling", beat_pending=len(stalled))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return original(path, *args, **kwargs)
+
+    setattr(store, name, call)
+
+for name in ("write_object", "replace_object"):  # the heartbeat's rewrite, whichever it uses
+    if hasattr(store, name):
+        stalling(name)
+
+with store.lock(key, lambda holder: None):
+    say("acquired", lease=store._leases[key].id)
+
+    def watch():
+        while not store.lease_lost(key):
+            time.sleep(0.01)
+        say("lost")
+
+    threading.Thread(target=watch, daemon=True).start()
+    sys.stdin.readline()
+    say("done", lost=store.lease_lost(key))
+"""

@@ -3,7 +3,8 @@
 Selected by ``TFHUB_CACHE_DIR=gs://bucket/prefix`` (or ``HUBCACHE_BACKEND=gcs`` with the root in
 ``TFHUB_CACHE_DIR``). This is the Colab TPU workaround: the TPU worker cannot read the notebook
 host's disk, but it can read the bucket. The commit protocol and the lease are those of
-:mod:`hubcache.core.objectstore`; this module only builds the gcsfs filesystem.
+:mod:`hubcache.core.objectstore`; this module builds the gcsfs filesystem and spells the lease's
+conditional rewrite in GCS terms (:mod:`hubcache.backends.gcs_store`: ``ifGenerationMatch``).
 
 Settings: ``HUBCACHE_GCS_TOKEN`` (gcsfs ``token``: ``anon``, ``google_default``, ``cloud``, or a
 service-account JSON file; default: gcsfs's own credential chain), ``HUBCACHE_LEASE_TTL``.
@@ -64,12 +65,12 @@ class GcsBackend(CacheBackend):
                           hint="set TFHUB_CACHE_DIR=gs://bucket/prefix (or --tfhub_cache_dir)")
 
     def make_store(self, root: str) -> Store:
-        from hubcache.core.objectstore import ObjectStore
+        from hubcache.backends.gcs_store import GcsObjectStore  # lazily: plugins load on every command
 
         if not root.split("://", 1)[-1].strip("/"):
             raise ConfigError(f"cache dir {root!r} names no bucket", hint="set TFHUB_CACHE_DIR=gs://bucket/prefix")
-        return ObjectStore(root, gcs_filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
-                           lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+        return GcsObjectStore(root, gcs_filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
+                              lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
 
     def describe(self) -> dict[str, object]:
         facts = super().describe()

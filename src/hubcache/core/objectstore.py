@@ -18,12 +18,15 @@ archive gives the same bytes); one manifest creation wins and the other returns 
 path.
 
 **Lease.** ``<key>.lock`` is created with the same precondition and holds its owner, a lease id
-and a heartbeat that a thread refreshes every ``lease_ttl / 3`` seconds. Waiters poll for the
-manifest; when the lease's contents have not changed for ``lease_ttl`` seconds (as timed by the
-waiter's own clock, so hosts' clocks need not agree), or its heartbeat time is older than
-``lease_ttl`` plus a minute of allowed clock skew, one waiter takes it over: it first creates a
-claim object ``<key>.lock.<lease id>.takeover`` with the precondition, so only one waiter replaces
-a given dead lease.
+and a heartbeat that a thread refreshes every ``lease_ttl / 3`` seconds. Every heartbeat is a
+*conditional* rewrite (:meth:`ObjectStore.replace_object`): it succeeds only if the lease object is
+still the version its holder last wrote (gcs: ``ifGenerationMatch``; S3: ``If-Match`` on the ETag).
+A holder that stalled (paused, swapped out, suspended) past the TTL therefore cannot overwrite the
+lease of the host that took it over: its rewrite is refused, and it marks its lease lost and stops.
+Waiters poll for the manifest; when the lease's contents have not changed for ``lease_ttl`` seconds
+(as timed by the waiter's own clock, so hosts' clocks need not agree), or its heartbeat time is
+older than ``lease_ttl`` plus a minute of allowed clock skew, a waiter takes it over with the same
+conditional rewrite against the version it saw, so exactly one waiter replaces a given dead lease.
 
 **What an object store cannot hold.** Empty directories (there are none; the manifest still lists
 them). The executable bit. Symbolic and hard links: each is stored as a *copy of the target
@@ -38,6 +41,7 @@ temp cleaners remove local files; ``hubcache verify`` checks an entry against it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -76,20 +80,30 @@ class LeaseState:
         lease: the holder's lease id (``""`` if unreadable).
         owner: who holds it (host and pid).
         time: the holder's wall-clock time of its last heartbeat.
+        version: the object's version when read (see :meth:`ObjectStore.read_versioned`).
     """
 
     raw: bytes
     lease: str
     owner: str
     time: float
+    version: str = ""
 
     @classmethod
-    def parse(cls, raw: bytes) -> LeaseState:
+    def parse(cls, raw: bytes, version: str = "") -> LeaseState:
         try:
             data = json.loads(raw)
-            return cls(raw, str(data["lease"]), str(data["owner"]), float(data["time"]))
+            return cls(raw, str(data["lease"]), str(data["owner"]), float(data["time"]), version)
         except (ValueError, KeyError, TypeError):
-            return cls(raw, "", "unknown", 0.0)  # unreadable: treated as long dead
+            return cls(raw, "", "unknown", 0.0, version)  # unreadable: treated as long dead
+
+
+class PreconditionFailed(Exception):
+    """A conditional rewrite or delete found the object changed, or gone, since the version given.
+
+    Raised by :meth:`ObjectStore.replace_object` and :meth:`ObjectStore.delete_versioned`. For a
+    lease it means another host took the lease over.
+    """
 
 
 def model_dir_problems(files: dict[str, int]) -> list[str]:
@@ -208,6 +222,47 @@ class ObjectStore(Store):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
 
+    # The lease's heartbeat and takeover rest on these three. fsspec has no spelling of a
+    # conditional overwrite, so the defaults below only emulate one (a version is the SHA-256 of
+    # the bytes, compared just before writing): a store whose service has a server-side
+    # precondition overrides all three, as gcs (ifGenerationMatch) and hubcache-s3 (If-Match) do.
+    #: True when :meth:`replace_object` is enforced by the service itself (shown by ``describe``).
+    atomic_replace: bool = False
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and its version, from one read, or ``None`` if there is none.
+
+        A version is an opaque string that changes whenever the object is written (GCS: the
+        generation; S3: the ETag); :meth:`replace_object` takes it back.
+        """
+        data = self.read_object(path)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def replace_object(self, path: str, data: bytes, version: str) -> str:
+        """Overwrite ``path`` only if it is still at ``version``; return the new version.
+
+        Raises:
+            PreconditionFailed: if the object was written or deleted since (by anyone).
+        """
+        found = self.read_versioned(path)
+        if found is None or found[1] != version:
+            raise PreconditionFailed(path)
+        self.write_object(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_versioned(self, path: str, version: str) -> None:
+        """Delete ``path`` only if it is still at ``version`` (gone already is fine).
+
+        Raises:
+            PreconditionFailed: if the object was written since.
+        """
+        found = self.read_versioned(path)
+        if found is None:
+            return
+        if found[1] != version:
+            raise PreconditionFailed(path)
+        self.delete_objects([path])
+
     # -- paths ----------------------------------------------------------------------------------
 
     def object_path(self, name: str) -> str:
@@ -315,16 +370,23 @@ class ObjectStore(Store):
 
     def _try_create_lease(self, key: str) -> _Lease | None:
         lease = _Lease(self, self._lease_path(key))
+        payload = lease.payload()
         try:
-            self.create_object(lease.path, lease.payload())
+            self.create_object(lease.path, payload)
         except FileExistsError:
             return None
+        # The version the first heartbeat is conditional on: read back, and ours only if the
+        # bytes are ours (create_object does not return one; this costs one read per lease).
+        found = self.read_versioned(lease.path)
+        if found is None or found[0] != payload:
+            return None  # taken over or released within a round trip: not ours to hold
+        lease.version = found[1]
         lease.start()
         return lease
 
     def _read_lease(self, key: str) -> LeaseState | None:
-        raw = self.read_object(self._lease_path(key))
-        return None if raw is None else LeaseState.parse(raw)
+        found = self.read_versioned(self._lease_path(key))
+        return None if found is None else LeaseState.parse(*found)
 
     def _acquire(self, key: str, on_wait: Callable[[str], None]) -> _Lease | None:
         """Take the lease of ``key``; ``None`` when the entry got committed while we waited."""
@@ -336,7 +398,6 @@ class ObjectStore(Store):
         manifest_path = self.object_path(f"{key}.manifest.json")
         seen: bytes | None = None
         seen_at = time.monotonic()
-        claims: dict[str, float] = {}
         waited = False
         while True:
             if self.read_object(manifest_path) is not None:
@@ -355,7 +416,7 @@ class ObjectStore(Store):
                 seen, seen_at = state.raw, now
             silent = now - seen_at
             if silent > self.lease_ttl or time.time() - state.time > self.lease_ttl + CLOCK_SKEW:
-                lease = self._take_over(key, state, claims)
+                lease = self._take_over(key, state)
                 if lease is not None:
                     logger.info("took over the lease of %s from %s (no heartbeat for %.1f s)",
                                 self.entry_path(key), state.owner, silent)
@@ -366,27 +427,16 @@ class ObjectStore(Store):
                                  hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
             time.sleep(poll)
 
-    def _take_over(self, key: str, stale: LeaseState, claims: dict[str, float]) -> _Lease | None:
-        """Replace a dead lease; only the waiter that creates its claim object may."""
-        claim = self.object_path(f"{key}.lock.{stale.lease or 'unreadable'}.takeover")
+    def _take_over(self, key: str, stale: LeaseState) -> _Lease | None:
+        """Replace a dead lease with ours, on the condition that it is still the version we saw
+        die: of several waiters, exactly one succeeds; a holder that came back meanwhile wins."""
+        lease = _Lease(self, self._lease_path(key))
         try:
-            self.create_object(claim, json.dumps({"owner": _owner(), "time": time.time()}).encode())
-        except FileExistsError:
-            # Another waiter is taking it over. If it died doing so, its claim goes stale too.
-            first = claims.setdefault(claim, time.monotonic())
-            if time.monotonic() - first > self.lease_ttl:
-                self.delete_objects([claim])
-                claims.pop(claim, None)
-            return None
-        try:
-            current = self._read_lease(key)
-            if current is not None and current.lease != stale.lease:
-                return None  # replaced meanwhile: that one is alive
-            if current is not None:
-                self.delete_objects([self._lease_path(key)])
-            return self._try_create_lease(key)
-        finally:
-            self.delete_objects([claim])
+            lease.version = self.replace_object(lease.path, lease.payload(), stale.version)
+        except (PreconditionFailed, FileNotFoundError):
+            return None  # rewritten (alive after all, or another waiter took it) or released
+        lease.start()
+        return lease
 
     def _lease_alive(self, key: str) -> bool:
         """True unless the lease's own heartbeat time says it was abandoned (clock skew allowed)."""
@@ -495,6 +545,7 @@ class _Lease:
         self.owner = _owner()
         self.beat = 0
         self.lost = False
+        self.version = ""  # the version of the lease object this holder last wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -510,25 +561,36 @@ class _Lease:
     def _run(self) -> None:
         interval = self.store.lease_ttl / 3
         while not self._stop.wait(interval):
+            payload = self.payload()
             try:
-                current = self.store.read_object(self.path)
-                if current is None or LeaseState.parse(current).lease != self.id:
+                self.version = self.store.replace_object(self.path, payload, self.version)
+            except PreconditionFailed:
+                if not self._wrote(payload):
                     # Taken over: the download goes on (correctness does not need the lease).
                     self.lost = True
                     logger.warning("the download lease %s was taken over", self.path)
                     return
-                self.store.write_object(self.path, self.payload())
             except Exception:  # a transient store error: the next beat tries again
                 logger.debug("heartbeat of %s failed", self.path, exc_info=True)
+
+    def _wrote(self, payload: bytes) -> bool:
+        """After a refused rewrite: whether the object holds ``payload`` after all (a retried
+        request whose first attempt landed); if so, its version becomes ours."""
+        with contextlib.suppress(Exception):
+            found = self.store.read_versioned(self.path)
+            if found is not None and found[0] == payload:
+                self.version = found[1]
+                return True
+        return False
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, self.store.lease_ttl))
-        with contextlib.suppress(Exception):
-            current = self.store.read_object(self.path)
-            if current is not None and LeaseState.parse(current).lease == self.id:
-                self.store.delete_objects([self.path])
+        if self.lost:
+            return
+        with contextlib.suppress(Exception):  # PreconditionFailed: another host's lease now
+            self.store.delete_versioned(self.path, self.version)
 
 
 class ObjectWriter(EntryWriter):
