@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import resource
+import shutil
 import stat
+import subprocess
+import sys
+import time
+import zlib
 
 import pytest
 
-from hubcache.core import treewalk
+from hubcache.core import resolver, treewalk
+from hubcache.core.handles import cache_key
+from hubcache.core.manifest import FileRecord, Manifest, crc_hex
+from hubcache.testing import SETTINGS, archive_of, tree_of
 
 DEPTH = 3000
 
@@ -30,18 +39,19 @@ def _remove_deep_trees(tmp_path):
 
 
 def make_deep(root: str, depth: int = DEPTH, *, name: str = "d", payload: bytes = b"0123456789",
-              bottom: dict[str, str] | None = None) -> list[str]:
+              bottom: dict[str, str] | None = None, every: int = 1) -> list[str]:
     """A chain of ``depth`` directories ``name`` under ``root``, a file ``f`` holding ``payload``
-    at every level, and at the bottom the symlinks in ``bottom`` (name -> target). Returns the
-    relative paths of the files."""
+    every ``every`` levels, and at the bottom the symlinks in ``bottom`` (name -> target).
+    Returns the relative paths of the files."""
     os.makedirs(root, exist_ok=True)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     files = []
     try:
         for level in range(depth):
-            with open(os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd), "wb") as f:
-                f.write(payload)
-            files.append("/".join([name] * level + ["f"]))
+            if level % every == 0:
+                with open(os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd), "wb") as f:
+                    f.write(payload)
+                files.append("/".join([name] * level + ["f"]))
             os.mkdir(name, dir_fd=fd)
             child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
@@ -70,17 +80,17 @@ def test_a_tree_3000_deep_is_walked_measured_and_removed_with_few_fds(tmp_path):
     outside.mkdir()
     (outside / "keep.txt").write_text("precious")
     root = str(tmp_path / "deep")
-    files = make_deep(root, bottom={"out": str(outside), "keep": str(outside / "keep.txt")})
+    files = make_deep(root, every=10, bottom={"out": str(outside), "keep": str(outside / "keep.txt")})
     os.mkfifo("fifo", dir_fd=(fd := treewalk.open_beneath(root, "/".join(["d"] * DEPTH), os.O_RDONLY | os.O_DIRECTORY)))
     os.close(fd)
     assert len("/".join(["d"] * DEPTH)) > 4096 * 1.4
     with few_fds():
         walked = list(treewalk.walk(root))
         assert [d.path for d in walked] == ["/".join(["d"] * i) for i in range(DEPTH + 1)]
-        assert sum(len(d.files) for d in walked) == DEPTH
+        assert sum(len(d.files) for d in walked) == len(files) == DEPTH // 10
         bottom = walked[-1]
         assert sorted(bottom.symlinks) == ["keep", "out"] and bottom.other == ["fifo"] and bottom.dirs == []
-        assert treewalk.disk_usage(root) == 10 * DEPTH  # the link to the outside file is not counted
+        assert treewalk.disk_usage(root) == 10 * len(files)  # the link to the outside file is not counted
         treewalk.rmtree(root)
     assert not os.path.lexists(root)
     assert (outside / "keep.txt").read_text() == "precious", "rmtree followed a link out"
@@ -191,10 +201,148 @@ def test_open_beneath_refuses_every_link_on_the_way(tmp_path):
 
 def test_beneath_reads_a_3000_deep_tree_in_one_pass(tmp_path):
     root = str(tmp_path / "deep")
-    files = make_deep(root)
+    files = make_deep(root, every=10)
     with few_fds(), treewalk.Beneath(root) as tree:
         for rel in sorted(files) + files:  # deepest first, then shallowest first: both orders
             fd = tree.open_file(rel)
             assert os.read(fd, 100) == b"0123456789"
             os.close(fd)
             assert tree.lstat(rel).st_size == 10
+
+
+# -- every maintenance command, as a real process, on entries 3000 directories deep --------------
+
+HUBCACHE = [sys.executable, "-m", "hubcache"]
+HANDLES = {state: f"https://models.invalid/deep-{state}.tar.gz"
+           for state in ("committed", "damaged", "foreign", "leftover")}
+
+
+def _plant(root: str, handle: str, state: str, outside: str) -> str:
+    """A 3000-deep entry for ``handle`` in the cache at ``root``, in ``state`` (``damaged``: one
+    byte flipped deep down, same size, which only ``--full`` sees), with a link to ``outside``
+    at the bottom; returns its path."""
+    key = cache_key(handle)
+    path = os.path.join(root, key if state != "leftover" else f"{key}.hc99999-0badc0de.tmp")
+    files = make_deep(path, every=100, bottom={"out": outside})
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(b"pb")
+    writer = "Writer: hubcache 0.0\n" if state != "foreign" else ""
+    with open(os.path.join(root, f"{key}.descriptor.txt"), "w") as f:
+        f.write(f"Module: {handle}\n{writer}")
+    if state in ("committed", "damaged"):
+        manifest = Manifest(handle=handle, source=handle, creator="test")
+        manifest.files = sorted([FileRecord(rel, 10, crc_hex(zlib.crc32(b"0123456789"))) for rel in files]
+                                + [FileRecord("saved_model.pb", 2, crc_hex(zlib.crc32(b"pb")))],
+                                key=lambda r: r.path)
+        manifest.dirs = ["/".join(["d"] * i) for i in range(1, DEPTH + 1)]
+        manifest.symlinks = {"/".join(["d"] * DEPTH + ["out"]): outside}  # as found; never followed
+        with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
+            f.write(manifest.to_json())
+    if state == "damaged":
+        fd = treewalk.open_beneath(path, files[-1], os.O_WRONLY)
+        os.write(fd, b"X")
+        os.close(fd)
+    return path
+
+
+def _env(base: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    os.makedirs(os.path.join(base, "tmp"), exist_ok=True)
+    env.update(TMPDIR=os.path.join(base, "tmp"), XDG_CACHE_HOME=os.path.join(base, "home-cache"),
+               HUBCACHE_BACKEND="home", HUBCACHE_NO_PROGRESS="1")
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[int, str, str, float]:
+    """Run ``hubcache *args`` as a real process; no traceback allowed."""
+    started = time.perf_counter()
+    done = subprocess.run([*HUBCACHE, *args], capture_output=True, text=True, timeout=300, env=env)
+    seconds = time.perf_counter() - started
+    assert "Traceback" not in done.stderr and "RecursionError" not in done.stderr, done.stderr[-3000:]
+    return done.returncode, done.stdout, done.stderr, seconds
+
+
+def _world(base: str) -> tuple[dict[str, str], str, dict[str, str], str]:
+    env = _env(base)
+    root = json.loads(cli(env, "config", "--json")[1])["backend_details"]["root"]
+    os.makedirs(root)
+    outside = os.path.join(base, "outside.txt")
+    with open(outside, "w") as f:
+        f.write("not the cache's")
+    paths = {state: _plant(root, handle, state, outside) for state, handle in HANDLES.items()}
+    return env, root, paths, outside
+
+
+@pytest.fixture(scope="module")
+def deep_world(tmp_path_factory):
+    """A home cache with one 3000-deep entry in each state, shared by the read-only tests.
+    Yields (environment, cache root, {state: entry path}, a file outside every entry)."""
+    base = str(tmp_path_factory.mktemp("deep-world"))
+    yield _world(base)
+    treewalk.rmtree(base, ignore_errors=True)
+
+
+def test_ls_lists_deep_entries_in_every_state(deep_world):
+    env = deep_world[0]
+    code, out, err, _ = cli(env, "ls", "--json")
+    assert code == 0, err
+    listed = {e["key"]: e for e in json.loads(out)["entries"]}
+    assert {state: listed[cache_key(h)]["state"] for state, h in HANDLES.items()} == {
+        "committed": "committed", "damaged": "committed",  # the sizes are right
+        "foreign": "foreign", "leftover": "in progress"}
+    # A foreign entry's size is measured on disk: 30 files of 10 bytes and saved_model.pb.
+    assert listed[cache_key(HANDLES["foreign"])]["bytes"] == 30 * 10 + 2
+    assert listed[cache_key(HANDLES["committed"])]["files"] == 31
+    code, out, err, _ = cli(env, "ls")
+    assert code == 0 and "home: 4 entries" in out, out + err
+
+
+def test_verify_and_verify_full_check_deep_entries(deep_world):
+    env = deep_world[0]
+    code, out, err, _ = cli(env, "verify", "--json")
+    by_key = {r["key"]: r for r in json.loads(out)}
+    assert {state: by_key[cache_key(h)]["status"] for state, h in HANDLES.items()} == {
+        "committed": "ok", "damaged": "ok", "foreign": "foreign", "leftover": "leftover"}
+    assert code == 1  # the leftover
+    code, out, err, _ = cli(env, "verify", "--full", "--json", HANDLES["committed"], HANDLES["damaged"])
+    by_key = {r["key"]: r for r in json.loads(out)}
+    damaged = by_key[cache_key(HANDLES["damaged"])]
+    assert by_key[cache_key(HANDLES["committed"])]["status"] == "ok" and damaged["status"] == "damaged"
+    assert len(damaged["problems"]) == 1 and "has CRC-32" in damaged["problems"][0]
+    assert damaged["problems"][0].startswith("/".join(["d"] * 2900) + "/f ")
+    assert code == 1
+
+
+def test_info_describes_deep_entries(deep_world):
+    env = deep_world[0]
+    code, out, err, _ = cli(env, "info", HANDLES["committed"])
+    assert code == 0 and "committed, 302 B in 31 files" in out, out + err
+    code, out, err, _ = cli(env, "info", HANDLES["foreign"], "--json")
+    assert code == 0 and json.loads(out)["tiers"][0]["state"] == "foreign"
+
+
+def test_repair_prune_and_rm_deep_entries(tmp_path, origin, model):
+    env, root, paths, outside = _world(str(tmp_path / "w"))
+    url = origin.add("/deep-damaged.tar.gz", archive_of(model))
+    bad = _plant(root, url, "damaged", outside)
+    # verify --repair: the damaged deep entry is replaced by a fresh download, the leftover goes.
+    code, out, err, _ = cli(env, "verify", "--full", "--repair", url, cache_key(HANDLES["leftover"]))
+    assert code == 0, out + err
+    assert f"repaired      {url}" in out and "cleaned" in out
+    assert tree_of(bad) == tree_of(model) and origin.count() == 1
+    assert not os.path.lexists(paths["leftover"])
+    # prune: a deep entry damaged by size (a file gone) is debris; the others are kept.
+    os.unlink(os.path.join(paths["damaged"], "saved_model.pb"))
+    code, out, err, _ = cli(env, "prune")
+    assert code == 0, out + err
+    assert not os.path.lexists(paths["damaged"])
+    assert os.path.isdir(paths["committed"]) and os.path.isdir(paths["foreign"])
+    # rm: committed and foreign deep entries.
+    code, out, err, _ = cli(env, "rm", HANDLES["committed"], HANDLES["foreign"])
+    assert code == 0, out + err
+    assert not os.path.lexists(paths["committed"]) and not os.path.lexists(paths["foreign"])
+    left = [n for n in os.listdir(root) if n.startswith((cache_key(HANDLES["committed"]), cache_key(HANDLES["foreign"])))]
+    assert not [n for n in left if not n.endswith((".hubcache.lock", ".hubcache.use"))], left
+    assert not [n for n in os.listdir(root) if ".hc" in n], "no temp or trash dir left"
+    with open(outside) as f:
+        assert f.read() == "not the cache's"
