@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from .errors import ArchiveError, UnsafeArchiveError
 from .formats import CHUNK, Readable, read_head, sniff
 from .manifest import FileRecord, Manifest, crc_hex
+from .paths import Limits
 from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
 from .store import EntryWriter
 
@@ -25,19 +26,6 @@ _NOT_ARCHIVES = {
     "html": "the server sent an HTML page, not an archive",
     "unknown": "the bytes are not a tar archive (nor gzip, zstd, bzip2 or xz compressed)",
 }
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one archive may unpack to.
-
-    Attributes:
-        max_bytes: total bytes of all files.
-        max_members: number of tar members.
-    """
-
-    max_bytes: int = 256 << 30
-    max_members: int = 50_000
 
 
 class Meter:
