@@ -7,10 +7,10 @@ from typing import Callable
 
 from .._version import __version__
 from .config import Config
-from .errors import ArchiveError, IntegrityError, OfflineError
+from .errors import ArchiveError, IntegrityError, OfflineError, SourceChangedError
 from .events import emit
 from .extract import Limits, Meter, extract
-from .fetch import open_source
+from .fetch import Deadline, open_source
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest
@@ -63,29 +63,62 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
             check_pin(handle, found[1])
             return found
         store.cleanup(key)
-        writer = store.writer(key, handle.url)
-        try:
-            manifest = download_into(writer, handle, location, config, backend)
-            path = writer.commit(manifest)
-        except BaseException:
-            writer.abort()
-            raise
+        path, manifest = _download_and_commit(store, key, handle, location, config, backend)
     emit("committed", handle.raw, backend, path=path)
     if on_commit is not None:
         on_commit(handle, path, manifest)
     return path, manifest
 
 
-def download_into(writer, handle: Handle, location: Location, config: Config, backend: str = "") -> Manifest:
-    """Stream ``location`` into ``writer`` and return the manifest to commit (not yet committed)."""
+#: Downloads from byte 0 again after the file changed on the origin during a download (or a
+#: resume could not be shown to continue the same file); one more change fails the resolve.
+MAX_RESTARTS = 2
+
+
+def _download_and_commit(store: Store, key: str, handle: Handle, location: Location, config: Config,
+                         backend: str) -> tuple[str, Manifest]:
+    """Download into a fresh writer and commit; start again from byte 0 (a new writer, digest
+    and decoder) when the source raises :class:`SourceChangedError`, at most :data:`MAX_RESTARTS`
+    times. One :class:`Deadline` bounds all of it."""
+    deadline = Deadline(float(config.get("download_deadline", 6 * 3600.0)))
+    restarts = 0
+    while True:
+        writer = store.writer(key, handle.url)
+        try:
+            manifest = download_into(writer, handle, location, config, backend, deadline=deadline)
+            return writer.commit(manifest), manifest
+        except SourceChangedError as error:
+            writer.abort()
+            if restarts >= MAX_RESTARTS:
+                raise SourceChangedError(
+                    f"{error.message}; it happened again after {restarts} downloads from the start, so nothing "
+                    "was cached", url=error.url, attempts=error.attempts,
+                    hint="try again once the file on the server stops changing") from None
+            restarts += 1
+            emit("download_retry", handle.raw, backend, url=location.url, attempt=restarts,
+                 error=f"{error.message}; downloading it again from the start", offset=0)
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def download_into(writer, handle: Handle, location: Location, config: Config, backend: str = "", *,
+                  deadline: Deadline | None = None) -> Manifest:
+    """Stream ``location`` into ``writer`` and return the manifest to commit (not yet committed).
+
+    Raises:
+        SourceChangedError: the file changed during the download; ``writer`` holds a mix and
+            must be aborted (the caller may start again with a fresh one).
+    """
     url = location.url
     algorithms = ("sha256",) if handle.pin is None or handle.pin[0] == "sha256" else ("sha256", handle.pin[0])
 
     def on_retry(attempt: int, error: str, offset: int) -> None:
         emit("download_retry", handle.raw, backend, url=url, attempt=attempt, error=error, offset=offset)
 
-    source = open_source(url, timeout=float(config.get("timeout", 60.0)), retries=int(config.get("retries", 4)),
-                         on_retry=on_retry)
+    # The handle's credentials go only to its own host (``url`` shows them as ***).
+    source = open_source(handle.reveal(url), timeout=float(config.get("timeout", 60.0)),
+                         retries=int(config.get("retries", 4)), on_retry=on_retry, deadline=deadline)
     try:
         emit("download_started", handle.raw, backend, url=source.final_url, total=source.total)
 

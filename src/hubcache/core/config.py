@@ -20,6 +20,10 @@ ENV_LOAD_FORMAT = "TFHUB_MODEL_LOAD_FORMAT"
 ENV_BACKEND = "HUBCACHE_BACKEND"
 FLAG_CACHE_DIR = "tfhub_cache_dir"
 FLAG_LOAD_FORMAT = "tfhub_model_load_format"
+ENV_DOWNLOAD_DEADLINE = "HUBCACHE_DOWNLOAD_DEADLINE"
+#: Seconds one download may take in all (6 h: about 50 GB at 20 Mbit/s). HUBCACHE_TIMEOUT bounds
+#: each wait for bytes; this bounds an origin that keeps sending a few bytes at a time forever.
+DEFAULT_DOWNLOAD_DEADLINE = 6 * 3600.0
 
 LOAD_FORMATS = ("COMPRESSED", "UNCOMPRESSED", "AUTO")
 
@@ -91,6 +95,13 @@ def _parse_float(text: str, name: str) -> float:
         raise ConfigError(f"{name}={text!r} is not a number") from None
     if value < 0:
         raise ConfigError(f"{name}={text!r} must not be negative")
+    return value
+
+
+def _parse_positive(text: str, name: str) -> float:
+    value = _parse_float(text, name)
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name}={text!r} must be a positive number of seconds")
     return value
 
 
@@ -181,6 +192,12 @@ def load_config() -> Config:
                         "backend name, or a comma-separated chain of tiers (default: implied)")
     s["cache_dir"] = _env_or_flag(ENV_CACHE_DIR, FLAG_CACHE_DIR, None, "cache_dir",
                                   "cache root; a gs:// (or other fsspec) URL selects that store")
+    cache_dir = s["cache_dir"]
+    # An empty value means unset, as for tensorflow_hub; spaces alone would make a cache in a
+    # directory named "  " under whatever the working directory is: surely a mistake.
+    if isinstance(cache_dir.value, str) and not cache_dir.value.strip():
+        raise ConfigError(f"{cache_dir.origin}={cache_dir.value!r} is blank",
+                          hint=f"unset {cache_dir.origin} for the default cache, or name a directory")
     fmt = _env_or_flag(ENV_LOAD_FORMAT, FLAG_LOAD_FORMAT, "AUTO", "load_format",
                        "COMPRESSED (download + cache), UNCOMPRESSED (read remote), AUTO (= COMPRESSED)")
     value = str(fmt.value).strip().upper()
@@ -205,6 +222,9 @@ def load_config() -> Config:
     s["timeout"] = _env("HUBCACHE_TIMEOUT", 60.0, "timeout",
                         "seconds to wait for a connection or for the next bytes",
                         lambda t: _parse_float(t, "HUBCACHE_TIMEOUT"))
+    s["download_deadline"] = _env(ENV_DOWNLOAD_DEADLINE, DEFAULT_DOWNLOAD_DEADLINE, "download_deadline",
+                                  "seconds one whole download may take, however steadily bytes arrive",
+                                  lambda t: _parse_positive(t, ENV_DOWNLOAD_DEADLINE))
     s["retries"] = _env("HUBCACHE_RETRIES", 4, "retries",
                         "retries of a failed or interrupted download",
                         lambda t: _parse_int(t, "HUBCACHE_RETRIES"))

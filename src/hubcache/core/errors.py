@@ -2,10 +2,13 @@
 
 Every error carries the handle it concerns (filled in by the resolver when the raising code did
 not know it) and, where there is one, a hint saying what to do. ``str(error)`` is one line a user
-can act on; the CLI prints exactly that.
+can act on; the CLI prints exactly that. It never shows the credentials of a URL (``user:password@``
+reads ``***@``), wherever in the handle, message or hint they appear.
 """
 
 from __future__ import annotations
+
+from .redact import redact
 
 
 class HubcacheError(Exception):
@@ -29,7 +32,7 @@ class HubcacheError(Exception):
             text = f"{self.handle!r}: {text}"
         if self.hint:
             text = f"{text} ({self.hint})"
-        return text
+        return redact(text)
 
 
 class HandleError(HubcacheError, ValueError):
@@ -67,6 +70,16 @@ class DownloadError(HubcacheError):
         self.url = url
         self.status = status
         self.attempts = attempts
+
+
+class SourceChangedError(DownloadError):
+    """The bytes being downloaded stopped being one version of one file: the file changed on the
+    origin during the download, or a resume could not be shown to continue the same file (no
+    validator, a 200 to a range request, a 206 that does not match).
+
+    The bytes already read went downstream (digest, decoder, files), so the download must start
+    again from byte 0 with a fresh writer; the cache does that a bounded number of times.
+    """
 
 
 class ArchiveError(HubcacheError):

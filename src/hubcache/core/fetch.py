@@ -1,24 +1,41 @@
 """Fetch: open a stream of an archive's bytes, wherever it lives.
 
 http(s) goes through urllib3 directly (fsspec's HTTP filesystem is asynchronous and heavier than
-a plain streaming GET needs): redirects are followed, transient failures (connection errors,
-429/5xx, a stall, a reset mid-body) are retried with backoff, and a body cut short resumes with a
-``Range`` request where the server supports it, so the decompressor downstream just sees one
-continuous stream. Local paths use ``open``; any other URL goes through ``fsspec``.
+a plain streaming GET needs): redirects are followed (to http and https URLs only), transient
+failures (connection errors, 429/5xx, a stall, a reset mid-body) are retried with backoff, and a
+body cut short resumes with a ``Range`` request where that provably continues the same file, so
+the decompressor downstream just sees one continuous stream. Local paths use ``open``; any other
+URL goes through ``fsspec``. Every source stops at an overall deadline
+(``HUBCACHE_DOWNLOAD_DEADLINE``), however steadily bytes arrive.
+
+Resuming never splices two versions of a file. The first response's strong ``ETag`` (else its
+``Last-Modified``) goes into ``If-Range``; the answer must be a 206 whose ``Content-Range`` starts
+at the byte asked for and announces the same total, with the same validator, or a 200 with the same
+strong ``ETag`` (the same file, sent from its start: the bytes already read are skipped). Anything
+else, a file without a validator included, raises :class:`SourceChangedError`: the bytes already
+read went downstream, so the whole download starts again from byte 0 (``core/cache.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
+import sys
 import threading
 import time
 from typing import Any, Callable
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from .errors import DownloadError, HandleError, MissingDependencyError
+from .errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
+from .redact import split_credentials
 
 USER_AGENT = "hubcache"
 RETRY_STATUS = (408, 425, 429, 500, 502, 503, 504)
+REDIRECT_STATUS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10
+#: The setting that bounds a whole download (named in the error).
+DEADLINE_SETTING = "HUBCACHE_DOWNLOAD_DEADLINE"
 
 _pool = None
 _pool_lock = threading.Lock()
@@ -35,12 +52,36 @@ def _pool_manager():
     return _pool
 
 
+class Deadline:
+    """The moment a whole download must be over, shared by its retries and restarts.
+
+    Args:
+        seconds: how long the download may take, from now (``HUBCACHE_DOWNLOAD_DEADLINE``).
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.at = time.monotonic() + self.seconds
+
+    def left(self) -> float:
+        """Seconds left (negative once passed)."""
+        return self.at - time.monotonic()
+
+    def error(self, url: str, attempts: int = 1) -> DownloadError:
+        """The error of a download still running at the deadline."""
+        return DownloadError(f"the download was still running after {self.seconds:g} s, the limit for one "
+                             f"download (GET {url})", url=url, attempts=attempts,
+                             hint=f"raise {DEADLINE_SETTING} (seconds) if the origin is just slow")
+
+
 class Source(io.RawIOBase):
     """A readable stream of an archive's bytes.
 
     Attributes:
-        url: the URL asked for.
-        final_url: the URL the bytes came from, after redirects.
+        url: the URL asked for (credentials shown as ``***``).
+        final_url: the URL the bytes came from, after redirects, as it may be shown and stored:
+            credentials shown as ``***``, and without the query of a redirect target (signed
+            URLs carry their signature there).
         total: the byte count announced by the origin, or ``None``.
         position: bytes read so far.
     """
@@ -57,12 +98,17 @@ class Source(io.RawIOBase):
 class FileSource(Source):
     """A local file or any fsspec URL."""
 
-    def __init__(self, url: str, fileobj: Any, total: int | None):
-        self.url = self.final_url = url
+    def __init__(self, url: str, fileobj: Any, total: int | None, deadline: Deadline | None = None):
+        self.url = self.final_url = split_credentials(url)[0]
         self._f = fileobj
         self.total = total
+        self._deadline = deadline
 
     def readinto(self, buffer) -> int:
+        # A slow filesystem (FUSE, NFS, a FIFO fed slowly) can trickle too; one clock read per
+        # chunk is nothing next to the read itself.
+        if self._deadline is not None and self._deadline.left() < 0:
+            raise self._deadline.error(self.url)
         n = self._f.readinto(buffer) if hasattr(self._f, "readinto") else _readinto(self._f, buffer)
         self.position += n
         return n
@@ -80,93 +126,238 @@ def _readinto(f, buffer) -> int:
 
 
 class HttpSource(Source):
-    """A streaming HTTP GET that retries and resumes.
+    """A streaming HTTP GET that retries, resumes the same file only, and stops at a deadline.
 
     Args:
-        url: the URL.
+        url: the URL. Credentials in it (``https://user:password@host/...``) are sent as HTTP basic
+            auth to that host only (not across a redirect to another host), and never shown.
         timeout: seconds for connecting and for each read.
         retries: how many retries after the first attempt, for the whole download.
         backoff: first retry delay in seconds (doubles each time, at most 10 s).
         on_retry: called with ``(attempt, error, offset)`` before each retry.
+        deadline: when the whole download must be over; at that moment the connection is shut
+            down and reading raises :class:`DownloadError` naming ``HUBCACHE_DOWNLOAD_DEADLINE``.
+
+    Raises:
+        SourceChangedError: (from reading) the file changed, or the rest of it cannot be shown to
+            come from the same file: start again from byte 0.
     """
 
     def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 4, backoff: float = 0.25,
-                 on_retry: Callable[[int, str, int], None] | None = None):
-        self.url = self.final_url = url
+                 on_retry: Callable[[int, str, int], None] | None = None, deadline: Deadline | None = None):
+        shown, userinfo = split_credentials(url)
+        self.url = self.final_url = shown
+        self._target = url  # what is requested: the URL without its credentials
+        self._headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if userinfo:
+            import urllib3
+
+            self._target = _without_userinfo(url)
+            user, _, password = userinfo.partition(":")
+            self._headers.update(urllib3.util.make_headers(basic_auth=f"{unquote(user)}:{unquote(password)}"))
         self._timeout = timeout
         self._retries = retries
         self._backoff = backoff
         self._on_retry = on_retry
         self._attempts = 0
-        self._validator: str | None = None
-        self._response = self._request(0)
+        self._etag: str | None = None  # the first response's strong ETag
+        self._modified: str | None = None  # its Last-Modified
+        self._validator: str | None = None  # what If-Range carries: the ETag, else the date
+        self._limit = sys.maxsize  # bytes beyond this are more than the origin announced
+        self._deadline = deadline
+        self._expired = False
+        self._guard = threading.Lock()
+        self._live = None  # the response being read, for the watchdog
+        self._watchdog: threading.Timer | None = None
+        if deadline is not None:
+            self._watchdog = threading.Timer(max(0.0, deadline.left()), self._expire)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        try:
+            self._response = self._request(0)
+        except BaseException:
+            self._stop_watchdog()
+            raise
 
-    # -- connection -------------------------------------------------------------------------
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"GET {self.url}, {self._attempts} attempt{'s' if self._attempts != 1 else ''}"
 
     def _fail(self, message: str, status: int | None = None) -> DownloadError:
-        return DownloadError(f"{message} (GET {self.url}, {self._attempts} attempt"
-                             f"{'s' if self._attempts != 1 else ''})",
-                             url=self.url, status=status, attempts=self._attempts)
+        return DownloadError(f"{message} ({self._where()})", url=self.url, status=status, attempts=self._attempts)
+
+    def _changed(self, message: str, response=None) -> SourceChangedError:
+        if response is not None:
+            _discard_response(response)
+        return SourceChangedError(f"{message} ({self._where()})", url=self.url, attempts=self._attempts)
+
+    def _deadline_error(self) -> DownloadError:
+        assert self._deadline is not None
+        return self._deadline.error(self.url, self._attempts)
+
+    # -- the deadline -------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        """The watchdog: at the deadline, shut the connection down so a blocked read returns."""
+        with self._guard:
+            self._expired = True
+            response = self._live
+        if response is not None:
+            _shutdown(response)
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and (self._expired or self._deadline.left() <= 0):
+            raise self._deadline_error()
+
+    # -- connection -------------------------------------------------------------------------
 
     def _wait_before_retry(self, error: str, offset: int, status: int | None = None) -> None:
         if self._attempts > self._retries:
             raise self._fail(error, status)
         if self._on_retry is not None:
             self._on_retry(self._attempts, error, offset)
-        time.sleep(min(10.0, self._backoff * 2 ** (self._attempts - 1)))
+        delay = min(10.0, self._backoff * 2 ** (self._attempts - 1))
+        if self._deadline is not None:
+            delay = min(delay, max(0.0, self._deadline.left()))
+        time.sleep(delay)
+
+    def _get(self, headers: dict[str, str]):
+        """One GET of the URL, following redirects by hand: only to http(s) URLs, without the
+        credentials once the host changes, and without urllib3 logging each redirect target
+        (signed URLs)."""
+        import urllib3
+
+        url, hops = self._target, 0
+        timeout = self._timeout
+        if self._deadline is not None:
+            timeout = max(0.001, min(timeout, self._deadline.left()))
+        while True:
+            response = _pool_manager().request(
+                "GET", url, headers=headers, preload_content=False, decode_content=False,
+                redirect=False, retries=False,
+                timeout=urllib3.Timeout(connect=timeout, read=self._timeout))
+            location = response.headers.get("Location") if response.status in REDIRECT_STATUS else None
+            if not location:
+                return response, url, hops
+            _discard_response(response)
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise self._fail("too many redirects")
+            target = urljoin(url, location)
+            scheme = urlsplit(target).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise self._fail(f"the server redirected to a {scheme or 'relative'}:// URL; only http and https "
+                                 "redirects are followed", status=response.status)
+            if "Authorization" in headers and _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+            url = target
 
     def _request(self, offset: int):
         import urllib3
 
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        headers = dict(self._headers)
         if offset:
             headers["Range"] = f"bytes={offset}-"
-            if self._validator:
-                headers["If-Range"] = self._validator
+            headers["If-Range"] = self._validator or ""
         while True:
+            self._check_deadline()
             self._attempts += 1
             try:
-                response = _pool_manager().request(
-                    "GET", self.url, headers=headers, preload_content=False, decode_content=False,
-                    redirect=True, retries=urllib3.Retry(total=None, connect=0, read=0, redirect=10, status=0,
-                                                         raise_on_redirect=True),
-                    timeout=urllib3.Timeout(connect=self._timeout, read=self._timeout))
-            except urllib3.exceptions.MaxRetryError as error:
-                reason = error.reason
-                if isinstance(reason, urllib3.exceptions.ResponseError) and "redirect" in str(reason):
-                    raise self._fail("too many redirects") from None
-                self._wait_before_retry(f"cannot connect: {reason}", offset)
-                continue
+                response, url, hops = self._get(headers)
             except (urllib3.exceptions.HTTPError, OSError) as error:
-                self._wait_before_retry(f"cannot connect: {error}", offset)
+                self._check_deadline()
+                reason = getattr(error, "reason", None) or error
+                self._wait_before_retry(f"cannot connect: {reason}", offset)
                 continue
             status = response.status
             if status in RETRY_STATUS:
-                response.drain_conn()
-                response.release_conn()
+                _discard_response(response)
                 self._wait_before_retry(f"HTTP {status} {response.reason or ''}".rstrip(), offset, status)
                 continue
-            if status >= 400:
-                response.drain_conn()
-                response.release_conn()
+            if offset and status == 416:  # the range starts past the end: the file got shorter
+                raise self._changed("the file changed on the server during the download (HTTP 416 to a resume)",
+                                    response)
+            if status >= 300:
+                _discard_response(response)
                 raise self._fail(f"HTTP {status} {response.reason or ''}".rstrip(), status)
-            # urllib3 gives only the path when there was no redirect: make it absolute.
-            self.final_url = urljoin(self.url, response.geturl() or self.url)
+            with self._guard:
+                if self._expired:
+                    _discard_response(response)
+                    raise self._deadline_error()
+                self._live = response
+            # Shown and stored: no credentials, nor the query of a redirect target (a signature).
+            self.final_url = urlunsplit(urlsplit(_without_userinfo(url))._replace(query="", fragment="")) \
+                if hops else self.url
             if offset == 0:
-                length = response.headers.get("Content-Length")
-                self.total = int(length) if length and length.isdigit() else None
+                self.total = _length(response)
+                self._limit = self.total if self.total is not None else sys.maxsize
                 etag = response.headers.get("ETag")
-                self._validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+                self._etag = etag if etag and not etag.startswith("W/") else None
+                self._modified = response.headers.get("Last-Modified")
+                self._validator = self._etag or self._modified
                 return response
-            if status == 206:
-                return response
-            # The server ignored the range (or the resource changed): skip what we already have.
-            length = response.headers.get("Content-Length")
-            if self.total is not None and length and length.isdigit() and int(length) != self.total:
-                response.release_conn()
-                raise self._fail("the file changed on the server during the download")
-            _discard(response, offset)
+            self._check_resume(response, offset)
             return response
+
+    def _check_resume(self, response, offset: int) -> None:
+        """Accept the answer to a resume only if it continues the same file from ``offset``."""
+        headers = response.headers
+        etag, modified = headers.get("ETag"), headers.get("Last-Modified")
+        # The answer must name the validator of the first one (RFC 9110 requires a 206 to carry
+        # what a 200 would): a server that ignored If-Range and sent another version says so here.
+        if self._etag is not None and etag != self._etag:
+            raise self._changed(f"the file changed on the server during the download (ETag {self._etag} "
+                                f"became {etag or 'none'})", response)
+        if self._etag is None and modified != self._modified:
+            raise self._changed(f"the file changed on the server during the download (Last-Modified "
+                                f"{self._modified} became {modified or 'none'})", response)
+        if response.status == 206:
+            announced = headers.get("Content-Range")
+            parsed = _content_range(announced)
+            length = _length(response)
+            problem = None
+            if parsed is None:
+                problem = f"its Content-Range is {announced!r}"
+            elif parsed[0] != offset:
+                problem = f"it starts at byte {parsed[0]}, not {offset}"
+            elif self.total is not None and parsed[2] != self.total:
+                problem = f"it announces {parsed[2]} bytes in all, the first answer {self.total}"
+            elif parsed[2] is not None and parsed[1] != parsed[2] - 1:
+                problem = f"it ends at byte {parsed[1]}, not at the end ({parsed[2] - 1})"
+            elif length is not None and length != parsed[1] - parsed[0] + 1:
+                problem = f"its Content-Length {length} does not match its Content-Range {announced!r}"
+            if problem is not None:
+                raise self._changed(f"the server's answer to a resume from byte {offset} does not continue "
+                                    f"the download: {problem}", response)
+            if self.total is None and parsed is not None and parsed[2] is not None:
+                self.total = parsed[2]
+            self._limit = self.total if self.total is not None else sys.maxsize
+            return
+        if response.status == 200 and self._etag is not None and etag == self._etag and (
+                self.total is None or _length(response) in (None, self.total)):
+            # The same file (the same strong ETag), sent whole: skip what was already read.
+            self._skip(response, offset)
+            return
+        raise self._changed(f"the server answered a resume from byte {offset} with HTTP {response.status} "
+                            "and nothing that shows it is the same file", response)
+
+    def _skip(self, response, count: int) -> None:
+        import urllib3
+
+        try:
+            while count:
+                chunk = response.read(min(count, 1 << 20))
+                if not chunk:
+                    raise urllib3.exceptions.ProtocolError("the connection closed")
+                count -= len(chunk)
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            self._check_deadline()
+            raise self._fail(f"interrupted while skipping the bytes already read: {_describe(error)}") from None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -187,25 +378,81 @@ class HttpSource(Source):
             try:
                 data = self._response.read(size)
                 n = len(data)
-                if n == 0 and size and self.total is not None and self.position < self.total:
-                    raise urllib3.exceptions.ProtocolError(
-                        f"connection closed after {self.position} of {self.total} bytes")
+                if n == 0 and size:
+                    if self._expired:
+                        raise self._deadline_error()
+                    if self.total is not None and self.position < self.total:
+                        raise urllib3.exceptions.ProtocolError(
+                            f"connection closed after {self.position} of {self.total} bytes")
                 self.position += n
+                if self.position > self._limit:  # only a body without Content-Length can overrun
+                    raise self._fail(f"the server sent more bytes than the {self.total} it announced")
                 return data
             except (urllib3.exceptions.HTTPError, OSError) as error:
-                if isinstance(error, DownloadError):
-                    raise
+                if self._expired:
+                    raise self._deadline_error() from None
                 self._response.release_conn()
                 self._wait_before_retry(f"interrupted after {self.position} bytes: {_describe(error)}",
                                         self.position)
+                if self._validator is None:
+                    raise self._changed("the download was interrupted, and the server sent no ETag or "
+                                        "Last-Modified by which a resume could be shown to continue the same file")
                 self._response = self._request(self.position)
 
     def close(self) -> None:
         if not self.closed:
+            self._stop_watchdog()
             response = getattr(self, "_response", None)
             if response is not None:
                 response.release_conn()
         super().close()
+
+
+def _length(response) -> int | None:
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes START-END/TOTAL`` as ``(start, end, total)`` (``total`` None for ``*``)."""
+    if not value or not value.startswith("bytes "):
+        return None
+    span, _, total = value[6:].strip().partition("/")
+    start, _, end = span.partition("-")
+    if not (start.isdigit() and end.isdigit()) or not (total.isdigit() or total == "*"):
+        return None
+    return int(start), int(end), int(total) if total.isdigit() else None
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, parts.hostname, port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _shutdown(response) -> None:
+    """Shut down a response's socket so a read blocked on it returns (from another thread)."""
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            # socket.socket's own shutdown: SSLSocket's would drop its SSL object under the reader.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _discard_response(response) -> None:
+    """Let go of a response whose body is not wanted: a small one is drained so its connection
+    can be reused; a large or unannounced one (perhaps a whole other version) closes it."""
+    length = _length(response)
+    if length is not None and length <= 64 << 10:
+        with contextlib.suppress(Exception):
+            response.drain_conn()
+    else:
+        response.close()
+    response.release_conn()
 
 
 def _describe(error: BaseException) -> str:
@@ -215,33 +462,39 @@ def _describe(error: BaseException) -> str:
     return text.split(": IncompleteRead")[0].split("(\'")[0] or type(error).__name__
 
 
-def _discard(response, count: int) -> None:
-    while count:
-        chunk = response.read(min(count, 1 << 20))
-        if not chunk:
-            raise DownloadError("connection closed while skipping already-read bytes", url=response.geturl() or "")
-        count -= len(chunk)
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
-                on_retry: Callable[[int, str, int], None] | None = None) -> Source:
+                on_retry: Callable[[int, str, int], None] | None = None,
+                deadline: Deadline | None = None) -> Source:
     """Open a byte stream of ``url``.
+
+    Args:
+        url: what to read; credentials in it are used, never shown.
+        timeout: seconds for connecting and for each read (HTTP).
+        retries: retries of transient failures (HTTP).
+        on_retry: called with ``(attempt, error, offset)`` before each retry (HTTP).
+        deadline: when the whole download must be over.
 
     Raises:
         DownloadError: if it cannot be fetched (after retries, for HTTP).
         MissingDependencyError: if the URL's scheme needs a package that is not installed.
     """
     lower = url.lower()
+    shown = split_credentials(url)[0]
     if lower.startswith(("http://", "https://")):
-        return HttpSource(url, timeout=timeout, retries=retries, on_retry=on_retry)
+        return HttpSource(url, timeout=timeout, retries=retries, on_retry=on_retry, deadline=deadline)
     if "://" not in url or lower.startswith("file://"):
         path = url[7:] if lower.startswith("file://") else url
         try:
             f = open(path, "rb", buffering=0)
             size = _fstat_size(f)
         except OSError as error:
-            raise DownloadError(f"cannot read {path}: {error.strerror or error}", url=url) from None
-        return FileSource(url, f, size)
+            raise DownloadError(f"cannot read {path}: {error.strerror or error}", url=shown) from None
+        return FileSource(url, f, size, deadline)
     import fsspec
 
     try:
@@ -258,10 +511,10 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
         f = fs.open(path, "rb", block_size=1 << 22)
         size = getattr(f, "size", None)
     except FileNotFoundError:
-        raise DownloadError(f"no such file: {url}", url=url) from None
+        raise DownloadError(f"no such file: {shown}", url=shown) from None
     except Exception as error:
-        raise DownloadError(f"cannot read {url}: {error}", url=url) from None
-    return FileSource(url, f, size)
+        raise DownloadError(f"cannot read {shown}: {error}", url=shown) from None
+    return FileSource(url, f, size, deadline)
 
 
 def _fstat_size(f) -> int | None:

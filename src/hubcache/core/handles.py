@@ -4,6 +4,11 @@ A handle is the string user code passes to :func:`hubcache.resolve`. The cache k
 ``sha1(handle)`` exactly as tensorflow_hub computes it, so cache directories are shared with it.
 A handle may end in a pin, ``#sha256=<hex>``; the pin is not part of the key (pinning an existing
 handle keeps its cache entry) but the archive bytes must match it.
+
+A URL handle may carry credentials (``https://user:password@host/m.tar.gz``). They are part of the
+key, as for tensorflow_hub, and are sent to that host as HTTP basic auth; everything else sees the
+handle with ``***`` in their place (:attr:`Handle.raw` and :attr:`Handle.url`), so they never reach
+a descriptor, manifest, event, log line or error message.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import HandleError
+from .redact import HIDDEN, redact, split_credentials
 
 #: Suffixes that mark a URL as an archive, longest first.
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tzst", ".tbz2", ".txz", ".tar")
@@ -28,21 +34,38 @@ class Handle:
     """A parsed model handle.
 
     Attributes:
-        raw: the string as the user wrote it (pin included).
-        url: the handle without its pin; what is fetched and what the key is computed from.
+        raw: the string as the user wrote it (pin included), credentials shown as ``***``.
+        url: the handle without its pin, credentials shown as ``***``: what is located, shown
+            and stored.
         scheme: ``""`` for a plain local path, else the URL scheme (``https``, ``gs``, ``file``...).
         pin: ``(algorithm, hexdigest)`` when the handle pins its archive's digest.
+        userinfo: the URL's credentials (``user:password``, as written), or ``""``. Never shown;
+            :meth:`reveal` puts them back into a URL on the handle's own host, for fetching.
     """
 
     raw: str
     url: str
     scheme: str
     pin: tuple[str, str] | None = None
+    userinfo: str = field(default="", repr=False, compare=False)
 
     @property
     def key(self) -> str:
-        """The cache key: sha1 of the unpinned handle, as tensorflow_hub computes it."""
-        return cache_key(self.url)
+        """The cache key: sha1 of the unpinned handle (credentials included), as tensorflow_hub
+        computes it."""
+        return cache_key(self.reveal(self.url) if self.userinfo else self.url)
+
+    def reveal(self, url: str) -> str:
+        """``url`` with this handle's credentials in place of ``***`` when ``url`` is on the
+        handle's own host (same scheme, host and port); any other URL is returned unchanged, so
+        credentials never go to a host they were not given for."""
+        if not self.userinfo:
+            return url
+        shown, hidden = split_credentials(url)
+        if hidden != HIDDEN or _origin(shown) != _origin(self.url):
+            return url
+        scheme, rest = shown.split("://", 1)
+        return f"{scheme}://{self.userinfo}{rest[len(HIDDEN):]}"
 
     @property
     def is_local(self) -> bool:
@@ -63,6 +86,15 @@ class Handle:
         return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), parts.hostname, port
+
+
 def cache_key(handle: str) -> str:
     """Return the cache key of a handle: ``sha1(handle.encode("utf-8")).hexdigest()``."""
     return hashlib.sha1(handle.encode("utf-8")).hexdigest()
@@ -78,7 +110,8 @@ def parse_handle(handle: object) -> Handle:
         The parsed :class:`Handle`.
 
     Raises:
-        HandleError: if ``handle`` is not a non-empty string or carries a malformed pin.
+        HandleError: if ``handle`` is not a non-empty string of valid UTF-8 text, carries a
+            malformed pin, or hides its credentials (``***``).
     """
     if not isinstance(handle, str):
         raise HandleError(
@@ -88,6 +121,17 @@ def parse_handle(handle: object) -> Handle:
     text = handle.strip()
     if not text:
         raise HandleError("the handle is empty", hint="pass a URL or a path")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # Python hands a command-line argument or file name that is not UTF-8 over with each bad
+        # byte as a lone surrogate (U+DC80..U+DCFF): the cache key (sha1 of the UTF-8 text) and
+        # every place the handle is written down need real text.
+        char = ord(text[error.start])
+        what = f"the byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise HandleError(
+            f"the handle is not valid UTF-8 text ({what} at position {error.start})",
+            handle=handle, hint="rename the file (or link to it) with a UTF-8 name") from None
     pin = None
     match = _PIN.search(text)
     if match:
@@ -100,7 +144,15 @@ def parse_handle(handle: object) -> Handle:
         pin = (algorithm, digest)
         text = text[: match.start()]
     scheme = _scheme_of(text)
-    return Handle(raw=handle, url=text, scheme=scheme, pin=pin)
+    userinfo = ""
+    if scheme:
+        text, userinfo = split_credentials(text)
+        if userinfo == HIDDEN:
+            raise HandleError(
+                "the handle's credentials are hidden (***), as hubcache shows them",
+                handle=handle, hint="give the handle with its real user and password, or the entry's cache key")
+    return Handle(raw=redact(handle) if userinfo else handle, url=text, scheme=scheme, pin=pin,
+                  userinfo=userinfo)
 
 
 def _scheme_of(text: str) -> str:
