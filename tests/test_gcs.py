@@ -451,3 +451,24 @@ def test_lease_takeover_after_holder_is_killed(origin, model, gcs_root, tmp_path
     assert result["path"] == f"{gcs_root}/{key}"
     assert read_tree(result["path"]) == tree_of(model)
     assert origin.count("/slow.tar.gz") == 2
+
+
+def test_an_emulator_is_never_sent_real_credentials(tmp_path, monkeypatch):
+    """With STORAGE_EMULATOR_HOST set and no HUBCACHE_GCS_TOKEN, the credentials gcsfs would find
+    (here: application-default credentials of a user) must not go to the emulator's host."""
+    from hubcache.backends.gcs import gcs_filesystem
+
+    gcs()  # the emulator runs; STORAGE_EMULATOR_HOST names it
+    # A user's application-default credentials; its token endpoint is a closed loopback port, so
+    # nothing leaves the machine even if something tried to refresh it.
+    adc = tmp_path / "adc.json"
+    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "id.apps.googleusercontent.com",
+                               "client_secret": "secret", "refresh_token": "real-refresh-token",
+                               "token_uri": "http://127.0.0.1:9/token"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+    monkeypatch.delenv("HUBCACHE_GCS_TOKEN", raising=False)
+    fs = gcs_filesystem()
+    assert fs.credentials.credentials is None and fs.credentials.method == "anon"
+    assert GcsBackend(load_config().replace(cache_dir=fresh_root())).describe()["token"].startswith("anon")
+    monkeypatch.setenv("HUBCACHE_GCS_TOKEN", "google_default")  # an explicit choice is kept
+    assert gcs_filesystem().credentials.method == "google_default"

@@ -7,8 +7,9 @@ host's disk, but it can read the bucket. The commit protocol and the lease are t
 conditional rewrite in GCS terms (:mod:`hubcache.backends.gcs_store`: ``ifGenerationMatch``).
 
 Settings: ``HUBCACHE_GCS_TOKEN`` (gcsfs ``token``: ``anon``, ``google_default``, ``cloud``, or a
-service-account JSON file; default: gcsfs's own credential chain), ``HUBCACHE_LEASE_TTL``.
-``STORAGE_EMULATOR_HOST`` points gcsfs at an emulator (fake-gcs-server), as for every Google client.
+service-account JSON file; default: gcsfs's own credential chain, or ``anon`` when an emulator is
+set), ``HUBCACHE_LEASE_TTL``. ``STORAGE_EMULATOR_HOST`` points gcsfs at an emulator
+(fake-gcs-server), as for every Google client.
 
 gcsfs is the optional extra ``hubcache[gcs]``, imported only when a gs:// path is used.
 """
@@ -27,13 +28,19 @@ from hubcache.core.store import Store
 ENV_TOKEN = "HUBCACHE_GCS_TOKEN"
 
 
+def emulator() -> str | None:
+    """The GCS emulator ``STORAGE_EMULATOR_HOST`` names, if any (``default`` means none)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    return host if host and host != "default" else None
+
+
 def gcs_filesystem() -> Any:
     """A gcsfs filesystem configured from the environment.
 
     Raises:
         MissingDependencyError: if gcsfs is not installed.
     """
-    if os.environ.get("STORAGE_EMULATOR_HOST") and "gcsfs" not in sys.modules:
+    if emulator() and "gcsfs" not in sys.modules:
         # gcsfs's experimental zonal/HNS support probes each bucket with a call an emulator does
         # not answer, costing 60 s per bucket; emulators have no such buckets anyway.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -43,6 +50,10 @@ def gcs_filesystem() -> Any:
         raise MissingDependencyError("gs:// paths need gcsfs, which is not installed",
                                      hint="pip install 'hubcache[gcs]'") from None
     token = os.environ.get(ENV_TOKEN) or None
+    if token is None and emulator():
+        # An emulator takes no credentials, and must not be sent real ones; and gcsfs releases
+        # before 2025 try the GCE metadata server first (15 s per process where there is none).
+        token = "anon"
     # Listings are re-read on every use anyway (other hosts write the same bucket).
     return gcsfs.GCSFileSystem(token=token, use_listings_cache=False)
 
@@ -75,9 +86,10 @@ class GcsBackend(CacheBackend):
     def describe(self) -> dict[str, object]:
         facts = super().describe()
         facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
-        facts["token"] = os.environ.get(ENV_TOKEN) or "gcsfs default credentials"
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            facts["emulator"] = os.environ["STORAGE_EMULATOR_HOST"]
+        default = "anon (an emulator takes none)" if emulator() else "gcsfs default credentials"
+        facts["token"] = os.environ.get(ENV_TOKEN) or default
+        if emulator():
+            facts["emulator"] = emulator()
         return facts
 
 
