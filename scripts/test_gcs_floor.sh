@@ -10,8 +10,9 @@
 # digest); hubcache itself is reinstalled from a copy of the checkout on every run (the checkout
 # is left untouched: no build/ or egg-info written into it).
 #
-# Usage: scripts/test_gcs_floor.sh [pytest args...]     (default: tests/test_gcs.py)
-# Environment: PYTHON (python3), FLOOR_VENV (/tmp/venv-gcs-floor), GCSFS_FLOOR (2024.12.0).
+# Usage: scripts/test_gcs_floor.sh [pytest options...]    e.g. -k lease, -x
+# Environment: PYTHON (python3), FLOOR_VENV (/tmp/venv-gcs-floor), GCSFS_FLOOR (2024.12.0),
+#              FLOOR_TESTS (tests/test_gcs.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,6 +58,7 @@ cd "$ROOT"
 # closed loopback port, should anything in the floor's stack try it.
 export GCE_METADATA_HOST=127.0.0.1:9 GCE_METADATA_IP=127.0.0.1:9
 status=0
-"$VENV/bin/python" -m pytest -p no:cacheprovider -q "${@:-tests/test_gcs.py}" || status=$?
+# shellcheck disable=SC2086 # FLOOR_TESTS is a list of paths
+"$VENV/bin/python" -m pytest -p no:cacheprovider -q ${FLOOR_TESTS:-tests/test_gcs.py} "$@" || status=$?
 echo "gcs floor: venv ready in $((ready - started)) s, tests in $(( $(date +%s) - ready )) s"
 exit $status

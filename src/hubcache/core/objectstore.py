@@ -208,7 +208,11 @@ class ObjectStore(Store):
             found = self.fs.find(path, detail=True)
         except FileNotFoundError:
             return {}
-        return {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type") != "directory"}
+        # Only what is under "path/": gcsfs 2024.12's find("x/key"), when nothing is under it,
+        # returns the siblings "x/key.lock", "x/key.descriptor.txt"... that share its prefix.
+        prefix = path.rstrip("/") + "/"
+        return {p: int(info.get("size") or 0) for p, info in found.items()
+                if info.get("type") != "directory" and p.startswith(prefix)}
 
     def delete_objects(self, paths: Iterable[str]) -> None:
         """Delete objects; those already gone are fine."""
