@@ -124,6 +124,9 @@ def test_load_format_is_case_insensitive(origin, model, monkeypatch, value):
 @pytest.mark.parametrize("name, value", [
     ("HUBCACHE_RETRIES", "many"), ("HUBCACHE_RETRIES", "-1"), ("HUBCACHE_TIMEOUT", "soon"),
     ("HUBCACHE_MAX_EXTRACT_SIZE", "big"), ("HUBCACHE_MAX_MEMBERS", "1.5"),
+    ("HUBCACHE_DOWNLOAD_DEADLINE", "later"), ("HUBCACHE_DOWNLOAD_DEADLINE", "0"),
+    ("HUBCACHE_DOWNLOAD_DEADLINE", "-5"), ("HUBCACHE_DOWNLOAD_DEADLINE", "inf"),
+    ("HUBCACHE_DOWNLOAD_DEADLINE", "nan"),
 ])
 def test_invalid_numeric_settings_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -268,6 +271,16 @@ def test_hubcache_config_shows_values_and_sources(tmp_path):
     assert row("load_format").split()[1:] == ["AUTO", "[default]"]
     assert row("backend.root").split()[1] == str(tmp_path / "c")
     assert "home" in row("installed backends") and "tmp" in row("installed backends")
+
+
+def test_hubcache_config_shows_the_download_deadline():
+    """The overall limit on one download: 6 h unless HUBCACHE_DOWNLOAD_DEADLINE says otherwise."""
+    out = run_cli("config")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("download_deadline "))
+    assert row.split()[1:] == ["21600.0", "[default]"]
+    out = run_cli("config", "--json", env={"HUBCACHE_DOWNLOAD_DEADLINE": "90"})
+    assert json.loads(out.stdout)["settings"]["download_deadline"] == {
+        "value": 90.0, "source": "env", "origin": "HUBCACHE_DOWNLOAD_DEADLINE"}
 
 
 def test_hubcache_config_json(tmp_path):

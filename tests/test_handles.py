@@ -99,3 +99,38 @@ def test_a_missing_local_path_is_a_handle_error_naming_it(tmp_path):
     with pytest.raises(HandleError, match="no such file or directory") as info:
         hubcache.resolve(missing)
     assert missing in str(info.value)
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+def test_credentials_are_in_the_key_and_nowhere_else():
+    written = "https://reader:hunter2@models.example:8443/m.tar.gz#sha256=" + "0" * 64
+    handle = parse_handle(written)
+    assert handle.key == cache_key("https://reader:hunter2@models.example:8443/m.tar.gz")
+    assert handle.url == "https://***@models.example:8443/m.tar.gz"
+    assert handle.raw == "https://***@models.example:8443/m.tar.gz#sha256=" + "0" * 64
+    assert "hunter2" not in repr(handle) and "reader" not in repr(handle)
+    assert handle.pin == ("sha256", "0" * 64) and handle.is_archive_url
+
+
+@pytest.mark.parametrize("url, revealed", [
+    ("https://***@models.example:8443/m.tar.gz?tf-hub-format=compressed", True),
+    ("https://***@models.example:8443/other/path", True),
+    ("https://***@models.example/m.tar.gz", False),      # another port
+    ("http://***@models.example:8443/m.tar.gz", False),  # another scheme
+    ("https://***@mirror.example:8443/m.tar.gz", False),  # another host
+    ("https://models.example:8443/m.tar.gz", False),      # no placeholder: nothing to put back
+])
+def test_credentials_are_revealed_only_for_the_handles_own_host(url, revealed):
+    handle = parse_handle("https://reader:hunter2@models.example:8443/m.tar.gz")
+    assert handle.reveal(url) == (url.replace("***", "reader:hunter2", 1) if revealed else url)
+
+
+def test_errors_never_show_credentials_wherever_they_appear():
+    error = HandleError("cannot read https://u:pw@h/x and ftp://a:b@c@d/y", handle="https://u:pw@h/x",
+                        hint="try https://u:pw@h/x again")
+    text = str(error)
+    assert "pw" not in text and "a:b" not in text and text.count("***@") == 4
+    assert str(HandleError("mail me@example.com about https://h/a@b", handle="/tmp/x@y")) == \
+        "'/tmp/x@y': mail me@example.com about https://h/a@b"

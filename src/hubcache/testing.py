@@ -254,6 +254,8 @@ class Route:
     if_range: bool = True
     #: the object's version, bumped by the "change" fault (it moves Last-Modified by an hour)
     version: int = 0
+    #: the ``Authorization`` header a request must carry (else 401), or ``None``
+    auth: str | None = None
 
 
 @dataclass
@@ -329,6 +331,13 @@ class OriginServer:
         route = self.routes[path]
         route.validator, route.if_range = kind, if_range
 
+    def require_auth(self, path: str, user: str, password: str) -> None:
+        """Answer ``path`` only to requests with HTTP basic auth ``user:password`` (else 401)."""
+        import base64
+
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.routes[path].auth = f"Basic {token}"
+
     def url(self, path: str) -> str:
         assert self._server is not None, "start the server first"
         return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
@@ -382,6 +391,9 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
             route = origin.routes.get(parts.path)
             if route is None:
                 return self._send(record, 404, b"not found", {"Content-Type": "text/plain"})
+            if route.auth is not None and self.headers.get("Authorization") != route.auth:
+                return self._send(record, 401, b"sign in", {"Content-Type": "text/plain",
+                                                           "WWW-Authenticate": 'Basic realm="models"'})
             fault = None
             with origin._lock:
                 if route.faults:

@@ -4,6 +4,7 @@ the URL and the attempts."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import time
@@ -152,3 +153,97 @@ def test_persistent_failure_names_url_and_attempts(model, cache_root, monkeypatc
     assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
     figures.update(run="503, reset, 502 with HUBCACHE_RETRIES=2", attempts=error.attempts,
                    fail_after_s=round(seconds, 3), message=str(error)[:160])
+
+
+# -- the overall download deadline -----------------------------------------------------------------
+
+
+def test_a_trickling_origin_hits_the_overall_deadline(model, cache_root, monkeypatch, figures):
+    """The origin sends 64 bytes every 20 ms, forever as far as the client can tell: no read ever
+    waits HUBCACHE_TIMEOUT (2 s), so only HUBCACHE_DOWNLOAD_DEADLINE (1.5 s here) ends it, with an
+    error that names the setting; nothing is committed and nothing is retried."""
+    monkeypatch.setenv("HUBCACHE_TIMEOUT", "2")
+    monkeypatch.setenv("HUBCACHE_DOWNLOAD_DEADLINE", "1.5")
+    archive = archive_of(model, "gz")
+    with OriginServer() as origin:
+        url = origin.add("/net/trickle.tar.gz", archive)
+        origin.throttle("/net/trickle.tar.gz", 3200, step=64)
+        began = time.perf_counter()
+        with pytest.raises(DownloadError) as info:
+            hubcache.resolve(url)
+        seconds = time.perf_counter() - began
+        requests = origin.count()
+        sent = origin.requests[0].sent
+    message = str(info.value)
+    assert "HUBCACHE_DOWNLOAD_DEADLINE" in message and url in message and "\n" not in message
+    assert 1.5 <= seconds < 3.0, "the deadline, not the trickle's end, stops the download"
+    assert requests == 1 and 0 < sent < len(archive)
+    assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
+    figures.update(run=f"64 B every 20 ms of a {len(archive) >> 10} KiB archive; HUBCACHE_TIMEOUT=2, "
+                       "HUBCACHE_DOWNLOAD_DEADLINE=1.5", requests=requests, fail_after_s=round(seconds, 3),
+                   bytes_received=sent, message=message[:200])
+
+
+def test_the_deadline_covers_retries(model, cache_root, monkeypatch, figures):
+    """Every attempt stalls until HUBCACHE_TIMEOUT and is retried: the retries and their backoff
+    stop at the deadline too, not after HUBCACHE_RETRIES times the timeout."""
+    monkeypatch.setenv("HUBCACHE_TIMEOUT", "0.4")
+    monkeypatch.setenv("HUBCACHE_RETRIES", "50")
+    monkeypatch.setenv("HUBCACHE_DOWNLOAD_DEADLINE", "2")
+    archive = archive_of(model, "gz")
+    with OriginServer() as origin:
+        url = origin.add("/net/stalls.tar.gz", archive)
+        origin.fail("/net/stalls.tar.gz", *[("stall", 1000 * (i + 1), 30.0) for i in range(50)])
+        began = time.perf_counter()
+        with pytest.raises(DownloadError, match="HUBCACHE_DOWNLOAD_DEADLINE"):
+            hubcache.resolve(url)
+        seconds = time.perf_counter() - began
+        requests = origin.count()
+    assert 2.0 <= seconds < 3.5 and 1 < requests < 10
+    figures.update(run="every attempt stalls; HUBCACHE_TIMEOUT=0.4, HUBCACHE_RETRIES=50, deadline 2 s",
+                   requests=requests, fail_after_s=round(seconds, 3))
+
+
+class _TrickleFile(io.RawIOBase):
+    """A file of an fsspec filesystem that hands out a few bytes at a time, slowly."""
+
+    def __init__(self, data: bytes):
+        self._data, self._pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        time.sleep(0.02)
+        chunk = self._data[self._pos:self._pos + 64]
+        buffer[:len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+
+def test_the_deadline_applies_to_fsspec_sources(model, cache_root, monkeypatch, figures):
+    """An fsspec filesystem that trickles (as a slow FUSE or network filesystem can) stops at the
+    deadline too. The filesystem is a real fsspec implementation registered for this test: no
+    slow network filesystem can be had on this machine."""
+    import fsspec
+    from fsspec.spec import AbstractFileSystem
+
+    archive = archive_of(model, "gz")
+
+    class TrickleFS(AbstractFileSystem):
+        protocol = "hubcache-trickle"
+
+        def _open(self, path, mode="rb", **kwargs):
+            return _TrickleFile(archive)
+
+    fsspec.register_implementation("hubcache-trickle", TrickleFS, clobber=True)
+    monkeypatch.setenv("HUBCACHE_DOWNLOAD_DEADLINE", "1")
+    url = "hubcache-trickle://models/m.tar.gz"
+    began = time.perf_counter()
+    with pytest.raises(DownloadError, match="HUBCACHE_DOWNLOAD_DEADLINE") as info:
+        hubcache.resolve(url)
+    seconds = time.perf_counter() - began
+    assert 1.0 <= seconds < 2.5 and url in str(info.value)
+    assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
+    figures.update(run="an fsspec source sending 64 B every 20 ms; HUBCACHE_DOWNLOAD_DEADLINE=1",
+                   fail_after_s=round(seconds, 3))

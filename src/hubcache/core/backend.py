@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
@@ -133,4 +134,22 @@ class LocalCacheBackend(CacheBackend):
     def make_store(self, root: str) -> Store:
         from .localstore import LocalStore
 
+        self._check_root(root)
         return LocalStore(root, lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+
+    def _check_root(self, root: str) -> None:
+        """Refuse a root that is, or lies under, something other than a directory (a
+        ``TFHUB_CACHE_DIR`` naming a file): a setting to fix, said in one line."""
+        probe = os.path.abspath(root)
+        while not os.path.isdir(probe):
+            if os.path.lexists(probe):  # a file, a FIFO, a dangling link...
+                setting = self.config.settings.get("cache_dir")
+                if setting is not None and setting.value:
+                    raise ConfigError(f"{setting.origin}={setting.value!r} cannot hold a cache: {probe} is not a "
+                                      "directory", hint=f"point {setting.origin} at a directory, or move {probe} away")
+                raise ConfigError(f"the cache root {root} cannot be made: {probe} is not a directory",
+                                  hint="move it away, or set TFHUB_CACHE_DIR to a directory")
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return
+            probe = parent

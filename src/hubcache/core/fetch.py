@@ -18,6 +18,7 @@ read went downstream, so the whole download starts again from byte 0 (``core/cac
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import socket
@@ -149,12 +150,11 @@ class HttpSource(Source):
         self.url = self.final_url = shown
         self._target = url  # what is requested: the URL without its credentials
         self._headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        if userinfo:
-            import urllib3
-
+        if userinfo:  # as urllib and requests do: percent-decoded, UTF-8, base64
             self._target = _without_userinfo(url)
             user, _, password = userinfo.partition(":")
-            self._headers.update(urllib3.util.make_headers(basic_auth=f"{unquote(user)}:{unquote(password)}"))
+            token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+            self._headers["Authorization"] = f"Basic {token}"
         self._timeout = timeout
         self._retries = retries
         self._backoff = backoff
@@ -251,8 +251,14 @@ class HttpSource(Source):
             target = urljoin(url, location)
             scheme = urlsplit(target).scheme.lower()
             if scheme not in ("http", "https"):
-                raise self._fail(f"the server redirected to a {scheme or 'relative'}:// URL; only http and https "
-                                 "redirects are followed", status=response.status)
+                shown = f"{scheme}://" if "://" in target else f"{scheme}:"
+                raise self._fail(f"the server redirected to a {shown} URL; only http and https redirects are "
+                                 "followed", status=response.status)
+            try:
+                urllib3.util.parse_url(target)
+            except urllib3.exceptions.LocationValueError:
+                raise self._fail(f"the server redirected to an invalid URL ({_describe_location(location)})",
+                                 status=response.status) from None
             if "Authorization" in headers and _origin(target) != _origin(url):
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
             url = target
@@ -269,6 +275,8 @@ class HttpSource(Source):
             self._attempts += 1
             try:
                 response, url, hops = self._get(headers)
+            except urllib3.exceptions.LocationValueError as error:  # a malformed URL is not transient
+                raise self._fail(f"not a valid URL: {error}") from None
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 self._check_deadline()
                 reason = getattr(error, "reason", None) or error
@@ -460,6 +468,13 @@ def _describe(error: BaseException) -> str:
     first = error.args[0] if error.args else error
     text = first if isinstance(first, str) else str(error)
     return text.split(": IncompleteRead")[0].split("(\'")[0] or type(error).__name__
+
+
+def _describe_location(location: str) -> str:
+    """A redirect target fit for a message: its scheme and host at most (no path or query,
+    which may carry a signature)."""
+    parts = urlsplit(location)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..." if parts.scheme else "a malformed Location"
 
 
 def _without_userinfo(url: str) -> str:

@@ -86,6 +86,11 @@ class Handle:
         return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def has_pin(text: str) -> bool:
+    """True if ``text`` (a handle as written) ends in a pin such as ``#sha256=<hex>``."""
+    return _PIN.search(text.strip()) is not None
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     try:
