@@ -383,6 +383,12 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:  # keep test output clean
             pass
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the client hung up (e.g. it gave up on a body it does not want): not news
+
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             record = Request(parts.path, parts.query, dict(self.headers))

@@ -91,9 +91,8 @@ def _download_and_commit(store: Store, key: str, handle: Handle, location: Locat
             writer.abort()
             if restarts >= MAX_RESTARTS:
                 raise SourceChangedError(
-                    f"{error.message}; it happened again after {restarts} downloads from the start, so nothing "
-                    "was cached", url=error.url, attempts=error.attempts,
-                    hint="try again once the file on the server stops changing") from None
+                    f"{error.message}; the same on each of {restarts + 1} downloads from byte 0, so nothing "
+                    "was cached", url=error.url, attempts=error.attempts, hint=error.hint) from None
             restarts += 1
             emit("download_retry", handle.raw, backend, url=location.url, attempt=restarts,
                  error=f"{error.message}; downloading it again from the start", offset=0)

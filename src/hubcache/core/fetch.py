@@ -37,6 +37,7 @@ REDIRECT_STATUS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10
 #: The setting that bounds a whole download (named in the error).
 DEADLINE_SETTING = "HUBCACHE_DOWNLOAD_DEADLINE"
+CHANGED_HINT = "try again once the file on the server stops changing"
 
 _pool = None
 _pool_lock = threading.Lock()
@@ -187,10 +188,11 @@ class HttpSource(Source):
     def _fail(self, message: str, status: int | None = None) -> DownloadError:
         return DownloadError(f"{message} ({self._where()})", url=self.url, status=status, attempts=self._attempts)
 
-    def _changed(self, message: str, response=None) -> SourceChangedError:
+    def _changed(self, message: str, response=None, hint: str = CHANGED_HINT) -> SourceChangedError:
         if response is not None:
             _discard_response(response)
-        return SourceChangedError(f"{message} ({self._where()})", url=self.url, attempts=self._attempts)
+        return SourceChangedError(f"{message} ({self._where()})", url=self.url, attempts=self._attempts,
+                                  hint=hint)
 
     def _deadline_error(self) -> DownloadError:
         assert self._deadline is not None
@@ -341,7 +343,9 @@ class HttpSource(Source):
                 problem = f"its Content-Length {length} does not match its Content-Range {announced!r}"
             if problem is not None:
                 raise self._changed(f"the server's answer to a resume from byte {offset} does not continue "
-                                    f"the download: {problem}", response)
+                                    f"the download: {problem}", response,
+                                    hint="the server answers range requests wrongly; try again on a steadier "
+                                         "connection, so that no resume is needed")
             if self.total is None and parsed is not None and parsed[2] is not None:
                 self.total = parsed[2]
             self._limit = self.total if self.total is not None else sys.maxsize
@@ -352,7 +356,8 @@ class HttpSource(Source):
             self._skip(response, offset)
             return
         raise self._changed(f"the server answered a resume from byte {offset} with HTTP {response.status} "
-                            "and nothing that shows it is the same file", response)
+                            "and nothing that shows it is the same file", response,
+                            hint="the file may have changed, or the server ignores range requests; try again")
 
     def _skip(self, response, count: int) -> None:
         import urllib3
@@ -404,7 +409,9 @@ class HttpSource(Source):
                                         self.position)
                 if self._validator is None:
                     raise self._changed("the download was interrupted, and the server sent no ETag or "
-                                        "Last-Modified by which a resume could be shown to continue the same file")
+                                        "Last-Modified by which a resume could be shown to continue the same file",
+                                        hint="such a download starts over when cut; try again on a steadier "
+                                             "connection")
                 self._response = self._request(self.position)
 
     def close(self) -> None:
