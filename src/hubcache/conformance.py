@@ -166,6 +166,58 @@ class CacheBackendConformance:
         assert backend.store.remove(cache_key(url))
         assert cache_key(url) not in self.committed_keys(self.fresh(backend))
 
+    # -- what another writer of the cache left: untrusted --------------------------------------
+
+    POISONS = {
+        # a file "of the entry" outside it: verify --full would read it, a tier copy would copy it
+        "dotdot_file": lambda m: m["files"].append(["../../outside", 1, "00000000"]),
+        "absolute_file": lambda m: m["files"].append(["/etc/hostname", 1, "00000000"]),
+        # a link leaving the entry: a tier copy or a repair would recreate it
+        "escaping_symlink": lambda m: m["symlinks"].update({"leak": "../../../etc/passwd"}),
+        # a name that is not in normal form
+        "unnormal_dir": lambda m: m["dirs"].append("variables//x"),
+    }
+
+    @pytest.mark.parametrize("poison", sorted(POISONS))
+    def test_an_unsafe_manifest_is_a_miss_and_is_replaced(self, backend, origin, model, poison):
+        """A manifest someone else wrote into the cache is checked as an archive's members are: an
+        unsafe one makes the entry damaged (a miss, downloaded again, its manifest replaced), and
+        every other entry still lists, verifies and resolves; the damaged one can be removed."""
+        import json
+
+        from hubcache.core.handles import cache_key
+
+        url = origin.add(f"/poisoned-{poison}.tar.gz", archive_of(model))
+        other = origin.add(f"/other-{poison}.tar.zst", archive_of(model, "zst"))
+        path = self.resolve(backend, url)
+        other_path = self.resolve(backend, other)
+        key = cache_key(url)
+        fs, root = self.filesystem(backend, path)
+        manifest_path = root.rstrip("/")[: -len(key)] + key + ".manifest.json"
+        data = json.loads(fs.cat_file(manifest_path))
+        self.POISONS[poison](data)
+        fs.pipe_file(manifest_path, json.dumps(data).encode())
+
+        fresh = self.fresh(backend)
+        assert fresh.store.lookup(key, url) is None, "an unsafe manifest must not be trusted"
+        listed = {e.key: e for e in fresh.entries()}
+        assert listed[key].state != "committed" and listed[cache_key(other)].state == "committed"
+        assert fresh.store.verify(key), "verify reports the damaged entry"
+        assert fresh.store.verify(cache_key(other)) == []
+        assert self.resolve(self.fresh(backend), other) == other_path
+        assert origin.count(f"/other-{poison}.tar.zst") == 1
+
+        assert self.resolve(self.fresh(backend), url) == path
+        assert origin.count(f"/poisoned-{poison}.tar.gz") == 2, "the damaged entry is downloaded again"
+        assert self.read(backend, path) == tree_of(model)
+        replaced = json.loads(fs.cat_file(manifest_path))
+        assert replaced != data and key in self.committed_keys(self.fresh(backend))
+
+        fs.pipe_file(manifest_path, json.dumps(data).encode())  # damaged again: rm still removes it
+        assert self.fresh(backend).store.remove(key)
+        assert key not in {e.key for e in self.fresh(backend).entries()}
+        assert cache_key(other) in self.committed_keys(self.fresh(backend))
+
     # -- object stores: the lease ----------------------------------------------------------------
 
     LEASE_TTL = 1.5
@@ -178,6 +230,31 @@ class CacheBackendConformance:
         if not isinstance(store, ObjectStore):
             pytest.skip("not an object store")
         return store
+
+    def test_conditional_replace_refuses_a_stale_version(self, backend):
+        """The primitive the lease rests on: a rewrite against a version that is no longer the
+        object's (or of an object that is gone) is refused, and changes nothing."""
+        import uuid
+
+        from hubcache.core.objectstore import PreconditionFailed
+
+        store = self.object_store(backend)
+        path = store.object_path(f"probe-{uuid.uuid4().hex}.lock")
+        assert store.read_versioned(path) is None
+        store.create_object(path, b"holder A, beat 1")
+        data, first = store.read_versioned(path)
+        second = store.replace_object(path, b"holder A, beat 2", first)
+        assert data == b"holder A, beat 1" and second != first
+        with pytest.raises(PreconditionFailed):
+            store.replace_object(path, b"holder A, stale", first)
+        assert store.read_versioned(path) == (b"holder A, beat 2", second)
+        with pytest.raises(PreconditionFailed):
+            store.delete_versioned(path, first)
+        store.delete_versioned(path, second)
+        assert store.read_versioned(path) is None
+        with pytest.raises(PreconditionFailed):
+            store.replace_object(path, b"gone", second)
+        assert store.read_versioned(path) is None
 
     def test_stalled_holder_cannot_overwrite_a_new_lease(self, backend, tmp_path):
         """Holder A (a real process) is stopped with SIGSTOP just before it rewrites its lease, stays

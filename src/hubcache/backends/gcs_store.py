@@ -55,11 +55,18 @@ class GcsObjectStore(ObjectStore):
         return str(out["generation"])
 
     def delete_versioned(self, path: str, version: str) -> None:
-        """Delete with ``ifGenerationMatch=version`` (GCS enforces it; fake-gcs-server does not)."""
+        """Delete with ``ifGenerationMatch=version``.
+
+        GCS enforces that precondition; fake-gcs-server ignores it on deletes, so the generation
+        is read first as well (a refusal there costs one request, and a lease is released once).
+        """
         bucket, key = self._split(path)
         try:
+            current = self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True).get("generation")
+            if str(current) != str(version):
+                raise PreconditionFailed(path)
             self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(version))
         except FileNotFoundError:
             return
-        except FileExistsError:
+        except FileExistsError:  # a 412 from GCS
             raise PreconditionFailed(path) from None

@@ -28,6 +28,15 @@ Waiters poll for the manifest; when the lease's contents have not changed for ``
 older than ``lease_ttl`` plus a minute of allowed clock skew, a waiter takes it over with the same
 conditional rewrite against the version it saw, so exactly one waiter replaces a given dead lease.
 
+**What others wrote is untrusted.** A bucket is shared: a manifest read from it passes
+:func:`hubcache.core.paths.validate_manifest` (names in normal form inside the entry, link targets
+inside it and not through other links) or the entry is damaged: a miss, downloaded again, its
+manifest replaced, while ``ls``, ``verify`` and ``rm`` go on working for it and every other entry.
+The listing of an entry tensorflow_hub wrote is checked the same way before it is adopted. The
+writer itself refuses any name that is not ``a/b/c`` inside the entry, whoever calls it, so no
+object lands at ``<key>/../x`` (an emulator cleans that to ``x``; a reader that maps object names
+to paths would write outside the entry).
+
 **What an object store cannot hold.** Empty directories (there are none; the manifest still lists
 them). The executable bit. Symbolic and hard links: each is stored as a *copy of the target
 file's bytes* (a server-side copy at commit time); a link to a directory, a link loop, or a link
@@ -45,7 +54,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import re
 import shutil
 import socket
@@ -58,7 +66,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from .errors import ArchiveError, CacheError, HubcacheError
+from . import paths
+from .errors import ArchiveError, CacheError, HubcacheError, UnsafeArchiveError
 from .localstore import WRITER_TAG
 from .manifest import FileRecord, Manifest, crc_hex
 from .store import EntryInfo, EntryWriter, Store
@@ -69,6 +78,9 @@ _KEY = re.compile(r"^[0-9a-f]{40}$")
 #: Seconds by which hosts' clocks may disagree before a lease's own heartbeat time is trusted.
 CLOCK_SKEW = 60.0
 _MARKERS = ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb")
+#: Checking a manifest read from the bucket: only its shape (names, targets, kinds) matters here;
+#: the size and member limits were applied when the entry was written.
+_NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
 
 
 @dataclass(frozen=True)
@@ -299,14 +311,29 @@ class ObjectStore(Store):
     # -- reading --------------------------------------------------------------------------------
 
     def read_manifest(self, key: str) -> Manifest | None:
-        """The entry's manifest, or ``None`` if it has no readable one."""
+        """The entry's manifest, or ``None`` if it has none, or one that is unreadable or unsafe."""
+        return self._load_manifest(key)[0]
+
+    def _load_manifest(self, key: str) -> tuple[Manifest | None, str | None]:
+        """``(manifest, None)``; ``(None, None)`` if there is no manifest object; ``(None, why)``
+        if there is one that is not a manifest or not a safe one.
+
+        The bucket is written by others: a manifest read from it is checked as an archive's
+        members are (:func:`hubcache.core.paths.validate_manifest`): names in normal form and
+        inside the entry, link targets inside it and not through other links, no name twice.
+        """
         raw = self.read_object(self.object_path(f"{key}.manifest.json"))
         if raw is None:
-            return None
+            return None, None
         try:
-            return Manifest.from_json(raw)
-        except ValueError:
-            return None
+            manifest = Manifest.from_json(raw)
+        except ValueError as error:
+            return None, f"the manifest is unreadable ({error})"
+        try:
+            paths.validate_manifest(manifest, _NO_LIMITS)
+        except UnsafeArchiveError as error:
+            return None, f"the manifest is unsafe: {error.message}"
+        return manifest, None
 
     def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         with self._io(f"reading the cache at {self.root}"):
@@ -333,6 +360,11 @@ class ObjectStore(Store):
         # CRC-32s are left empty: computing them would download the whole model.
         manifest = Manifest(handle=handle, files=[FileRecord(p, s, "") for p, s in sorted(files.items())],
                             creator="adopted from tensorflow_hub")
+        try:  # object names are anyone's: "<key>/../x" or "<key>/a//b" make no entry of ours
+            paths.validate_manifest(manifest, _NO_LIMITS, what="object of the tensorflow_hub entry")
+        except UnsafeArchiveError as error:
+            logger.warning("not adopting %s: %s", self.entry_path(key), error.message)
+            return None
         with contextlib.suppress(Exception):  # read-only, or adopted by someone else meanwhile
             self.create_object(self.object_path(f"{key}.manifest.json"), manifest.to_json())
         return self.entry_path(key), manifest
@@ -485,16 +517,16 @@ class ObjectStore(Store):
         yield from (info for info in infos if info is not None)
 
     def _info(self, key: str, files: dict[str, int], names: set[str]) -> EntryInfo | None:
-        manifest = self.read_manifest(key) if ".manifest.json" in names else None
+        manifest, bad = self._load_manifest(key) if ".manifest.json" in names else (None, None)
         path = self.entry_path(key)
         handle = manifest.handle if manifest else None
         if manifest is not None and not self.check(files, manifest):
             state = "committed"
         elif manifest is None and ".lock" in names and self._lease_alive(key):
             state = "in progress"
-        elif manifest is None and files and self._is_foreign(key) and not model_dir_problems(files):
+        elif manifest is None and bad is None and files and self._is_foreign(key) and not model_dir_problems(files):
             state = "foreign"
-        elif files or manifest is not None:
+        elif files or manifest is not None or bad is not None:
             state = "damaged"
         else:
             return None  # only a descriptor or lease debris
@@ -517,9 +549,9 @@ class ObjectStore(Store):
 
     def verify(self, key: str, full: bool = False) -> list[str]:
         with self._io(f"verifying {self.entry_path(key)}"):
-            manifest = self.read_manifest(key)
+            manifest, bad = self._load_manifest(key)
             if manifest is None:
-                return ["no manifest (not committed)"]
+                return [bad or "no manifest (not committed)"]
             files = self._relative(key, self.list_objects(self.object_path(key)))
             problems = self.check(files, manifest)
             if full:
@@ -655,6 +687,19 @@ class ObjectWriter(EntryWriter):
         with spool:
             self.store.put_stream(path, spool)
 
+    def _checked(self, path: str) -> str:
+        """``path`` if it is a name inside the entry in normal form (``a/b/c``), else refused.
+
+        Whoever calls the writer (the extractor, a copy between tiers, a plugin), nothing is
+        uploaded under a name the store's readers could take for a path outside the entry:
+        ``<key>/../x``, ``<key>//x``, ``<key>/./x`` and ``<key>/a\\b`` are all legal object names.
+        """
+        if not isinstance(path, str) or paths.member_path(path, what="entry member") != path:
+            shown = repr(path) if len(repr(path)) < 200 else repr(path)[:200] + "..."
+            raise UnsafeArchiveError(f"entry member {shown} is not a path inside the entry in normal form",
+                                     member=str(path))
+        return path
+
     def _forget(self, path: str) -> None:
         if path in self._files or path in self._links:
             # A member that replaces an earlier one: let the earlier upload land first.
@@ -667,9 +712,10 @@ class ObjectWriter(EntryWriter):
 
     def add_dir(self, path: str) -> None:
         """Object stores have no directories: nothing to write (the manifest lists them)."""
+        self._checked(path)
 
     def add_file(self, path: str, chunks: Iterable[bytes], executable: bool = False) -> None:
-        self._forget(path)
+        self._forget(self._checked(path))
         buffer = bytearray()
         spool: IO[bytes] | None = None
         size = 0
@@ -703,12 +749,19 @@ class ObjectWriter(EntryWriter):
             self._flush()
 
     def add_symlink(self, path: str, target: str) -> None:
-        """Stored as a copy of the target file (see the module docstring)."""
+        """Stored as a copy of the target file (see the module docstring).
+
+        Raises:
+            UnsafeArchiveError: the target is absolute or leaves the entry (the copy's source is
+                then always an object of this entry: see :meth:`_link_source`).
+        """
+        resolved = paths.link_target(self._checked(path), target, what="entry member")
         self._forget(path)
-        self._links[path] = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        self._links[path] = resolved
 
     def add_hardlink(self, path: str, existing: str) -> None:
-        self._forget(path)
+        self._checked(existing)
+        self._forget(self._checked(path))
         self._links[path] = existing
 
     def _link_source(self, path: str) -> str:
@@ -722,7 +775,7 @@ class ObjectWriter(EntryWriter):
         if target in self._files:
             return target
         hint = "use a local cache backend for this archive (e.g. HUBCACHE_BACKEND=home)"
-        if target == "." or any(f.startswith(target + "/") for f in self._files):
+        if target in ("", ".") or any(f.startswith(target + "/") for f in self._files):
             raise ArchiveError(f"archive member {path!r} links to the directory {target!r}; an object "
                                "store has no links, and hubcache stores only links to files (as copies)",
                                hint=hint)
