@@ -8,6 +8,7 @@ lease) are in the conformance suite, which the gcs backend and the S3 example bo
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -137,4 +138,32 @@ def test_a_lease_rewrite_is_conditional_on_the_generation(gcs_root):
     assert store.read_versioned(path) == (b"A 2", second)
     store.delete_versioned(path, second)
     assert store.read_versioned(path) is None
-    assert json.dumps(store.atomic_replace) == "true"
+
+
+def test_a_heartbeat_whose_retry_meets_its_own_write_keeps_the_lease(gcs_root):
+    """gcsfs retries a request whose answer was lost; the retry of a conditional rewrite that did
+    land meets the generation it made itself and gets 412. The holder must then see its own bytes
+    and keep the lease, not think it was taken over. (The lost answer is the one thing simulated:
+    the write is real, then the store raises what the retry would.)"""
+
+    class AnswerLostOnce(GcsObjectStore):
+        lost_answers = 0
+
+        def replace_object(self, path, data, version):
+            new = super().replace_object(path, data, version)
+            if not self.lost_answers:
+                self.lost_answers += 1
+                raise PreconditionFailed(path)
+            return new
+
+    store = AnswerLostOnce(gcs_root, gcs(), lease_ttl=0.3)
+    with store.lock(KEY, on_wait=lambda holder: None):
+        lease = store._leases[KEY]
+        deadline = time.monotonic() + 10
+        while lease.beat < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.lost_answers == 1 and lease.beat >= 6
+        assert not store.lease_lost(KEY)
+        data, _ = store.read_versioned(store.object_path(f"{KEY}.lock"))
+        assert json.loads(data)["lease"] == lease.id
+    assert store.read_versioned(store.object_path(f"{KEY}.lock")) is None, "released"

@@ -81,7 +81,6 @@ class S3ObjectStore(ObjectStore):
     """hubcache's object-store protocol on S3: the conditional create, and the lease's rewrites
     conditional on the ETag (``If-Match``)."""
 
-    atomic_replace = True
 
     def create_object(self, path: str, data: bytes) -> None:
         """Create ``path`` only if no object is there (the commit and the lease rest on this).

@@ -20,7 +20,6 @@ class GcsObjectStore(ObjectStore):
     upload type whose preconditions fake-gcs-server enforces as well as GCS does.
     """
 
-    atomic_replace = True
 
     def _split(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)

@@ -240,10 +240,9 @@ class ObjectStore(Store):
 
     # The lease's heartbeat and takeover rest on these three. fsspec has no spelling of a
     # conditional overwrite, so the defaults below only emulate one (a version is the SHA-256 of
-    # the bytes, compared just before writing): a store whose service has a server-side
-    # precondition overrides all three, as gcs (ifGenerationMatch) and hubcache-s3 (If-Match) do.
-    #: True when :meth:`replace_object` is enforced by the service itself (shown by ``describe``).
-    atomic_replace: bool = False
+    # the bytes, compared just before writing: a window of one round trip): a store whose service
+    # has a server-side precondition overrides all three, as gcs (ifGenerationMatch) and
+    # hubcache-s3 (If-Match) do.
 
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:
         """The object's bytes and its version, from one read, or ``None`` if there is none.
@@ -411,9 +410,13 @@ class ObjectStore(Store):
             self.create_object(lease.path, payload)
         except FileExistsError:
             return None
+        lease.last = payload
         # The version the first heartbeat is conditional on: read back, and ours only if the
         # bytes are ours (create_object does not return one; this costs one read per lease).
-        found = self.read_versioned(lease.path)
+        try:
+            found = self.read_versioned(lease.path)
+        except Exception:  # a transient error: the heartbeat reads it again
+            found = (payload, "")
         if found is None or found[0] != payload:
             return None  # taken over or released within a round trip: not ours to hold
         lease.version = found[1]
@@ -467,8 +470,9 @@ class ObjectStore(Store):
         """Replace a dead lease with ours, on the condition that it is still the version we saw
         die: of several waiters, exactly one succeeds; a holder that came back meanwhile wins."""
         lease = _Lease(self, self._lease_path(key))
+        lease.last = lease.payload()
         try:
-            lease.version = self.replace_object(lease.path, lease.payload(), stale.version)
+            lease.version = self.replace_object(lease.path, lease.last, stale.version)
         except (PreconditionFailed, FileNotFoundError):
             return None  # rewritten (alive after all, or another waiter took it) or released
         lease.start()
@@ -581,7 +585,8 @@ class _Lease:
         self.owner = _owner()
         self.beat = 0
         self.lost = False
-        self.version = ""  # the version of the lease object this holder last wrote
+        self.version = ""  # the version of the lease object this holder last wrote ("": unknown)
+        self.last = b""  # the bytes it last wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -598,26 +603,36 @@ class _Lease:
         interval = self.store.lease_ttl / 3
         while not self._stop.wait(interval):
             payload = self.payload()
-            try:
-                self.version = self.store.replace_object(self.path, payload, self.version)
-            except PreconditionFailed:
-                if not self._wrote(payload):
-                    # Taken over: the download goes on (correctness does not need the lease).
-                    self.lost = True
-                    logger.warning("the download lease %s was taken over", self.path)
-                    return
-            except Exception:  # a transient store error: the next beat tries again
-                logger.debug("heartbeat of %s failed", self.path, exc_info=True)
+            if self.version:
+                try:
+                    self.version = self.store.replace_object(self.path, payload, self.version)
+                    self.last = payload
+                    continue
+                except PreconditionFailed:
+                    pass
+                except Exception:  # a transient store error: the next beat tries again
+                    logger.debug("heartbeat of %s failed", self.path, exc_info=True)
+                    continue
+            held = self._still_ours(payload, self.last)
+            if held is False:
+                # Taken over: the download goes on (correctness does not need the lease).
+                self.lost = True
+                logger.warning("the download lease %s was taken over", self.path)
+                return
 
-    def _wrote(self, payload: bytes) -> bool:
-        """After a refused rewrite: whether the object holds ``payload`` after all (a retried
-        request whose first attempt landed); if so, its version becomes ours."""
-        with contextlib.suppress(Exception):
+    def _still_ours(self, *written: bytes) -> bool | None:
+        """After a refused rewrite (or when the version of our creation is unknown): whether the
+        lease object holds bytes this holder wrote (a retried request whose first attempt landed);
+        if so, its version becomes ours. ``None`` if it could not be read (try again next beat)."""
+        try:
             found = self.store.read_versioned(self.path)
-            if found is not None and found[0] == payload:
-                self.version = found[1]
-                return True
-        return False
+        except Exception:
+            logger.debug("reading the lease %s failed", self.path, exc_info=True)
+            return None
+        if found is None or found[0] not in written:
+            return False
+        self.last, self.version = found
+        return True
 
     def release(self) -> None:
         self._stop.set()
