@@ -8,16 +8,20 @@ is checked before anything is written for it.
 from __future__ import annotations
 
 import hashlib
-import posixpath
+import lzma
+import struct
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .errors import ArchiveError, UnsafeArchiveError
+from .errors import ArchiveError, HubcacheError, UnsafeArchiveError
 from .formats import CHUNK, Readable, read_head, sniff
 from .manifest import FileRecord, Manifest, crc_hex
-from .paths import Limits
+from .paths import EntryTree, Limits, member_path
+
+__all__ = ["Contents", "Limits", "Meter", "extract", "member_path"]
 from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
 from .store import EntryWriter
 
@@ -57,10 +61,22 @@ class Meter:
                     self._on_progress(self.bytes)
         return data
 
-    def drain(self) -> None:
-        """Read to the end (trailing padding), so the digests cover every byte."""
-        while self.read(CHUNK):
-            pass
+    def drain(self, limit: int | None = None) -> None:
+        """Read to the end (trailing padding), so the digests cover every byte.
+
+        Raises:
+            UnsafeArchiveError: more than ``limit`` bytes are left (default: :data:`MAX_TRAILER`):
+                an endless trailer ends in an error, not an endless read holding the lock.
+        """
+        left = MAX_TRAILER if limit is None else limit
+        while True:
+            data = self.read(CHUNK)
+            if not data:
+                return
+            left -= len(data)
+            if left < 0:
+                raise UnsafeArchiveError(f"the archive goes on for more than {MAX_TRAILER if limit is None else limit} "
+                                         "bytes after its end (an endless trailer?)", member="")
 
 
 @dataclass
@@ -77,100 +93,157 @@ class Contents:
                         dirs=sorted(self.dirs), symlinks=dict(sorted(self.symlinks.items())), **fields)
 
 
-def member_path(name: str) -> str | None:
-    """Normalise a member name to a safe relative path; ``None`` for the archive root (``./``).
-
-    Raises:
-        UnsafeArchiveError: for absolute paths and ``..`` components.
-    """
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":" and name[0].isalpha()):
-        raise UnsafeArchiveError(f"archive member {name!r} has an absolute path", member=name)
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchiveError(f"archive member {name!r} leaves the entry with '..'", member=name)
-    return "/".join(parts) or None
-
-
 def extract(raw: Readable, writer: EntryWriter, limits: Limits) -> Contents:
     """Detect the format of ``raw``, decode it and unpack its tar stream into ``writer``.
 
     Raises:
-        ArchiveError: the bytes are not a readable archive.
+        ArchiveError: the bytes are not a readable, complete archive (whatever tarfile or a
+            decoder raised on them becomes one, with one line saying why).
         UnsafeArchiveError: a member would escape the entry or a limit is exceeded.
     """
     head = read_head(raw, 512)
     fmt = sniff(head)
     if fmt in _NOT_ARCHIVES:
         raise ArchiveError(_NOT_ARCHIVES[fmt])
+    gate = _TrailerGate(raw)
     # The digest and the decoder run in threads, overlapping the unpacking (see pipeline.py).
-    with background_digest(raw), decoding(fmt, head, raw) as decoded:
-        return _extract_decoded(fmt, decoded, writer, limits)
+    with background_digest(raw), decoding(fmt, head, gate) as decoded:
+        return _extract_decoded(fmt, decoded, gate, writer, limits)
 
 
-def _extract_decoded(fmt: str, decoded: Readable, writer: EntryWriter, limits: Limits) -> Contents:
+#: Bytes allowed after the tar end-of-archive marker, both decoded and raw (compressed). Writers
+#: pad to a record (10 KiB by default, 1 MiB with the largest blocking factors); more is refused
+#: at once, so a tiny download cannot make hubcache decode gigabytes of trailing zeros, and an
+#: endless trailer (zero padding, empty gzip members, zstd skippable frames) cannot hold the lock.
+MAX_TRAILER = 16 << 20
+
+#: What tarfile, the decoders and Python raise on hostile input besides ``TarError``: a damaged
+#: archive, never a crash (``HubcacheError`` subclasses are let through first).
+_DAMAGE = (ValueError, UnicodeError, OverflowError, RecursionError, struct.error, KeyError, IndexError,
+           TypeError, AttributeError, EOFError, zlib.error, lzma.LZMAError)
+
+
+class _TrailerGate:
+    """Counts the raw bytes read; once the tar has ended, refuses more than :data:`MAX_TRAILER`."""
+
+    def __init__(self, raw: Readable):
+        self._raw = raw
+        self.bytes = 0
+        self._stop_at: int | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.bytes += len(data)
+        if self._stop_at is not None and self.bytes > self._stop_at:
+            raise UnsafeArchiveError(f"the archive goes on for more than {MAX_TRAILER} compressed bytes after "
+                                     "its end (an endless trailer?)", member="")
+        return data
+
+    def tar_ended(self) -> None:
+        # The decoder reads ahead (a few chunks), so the count already includes some trailer.
+        self._stop_at = self.bytes + MAX_TRAILER
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _extract_decoded(fmt: str, decoded: Readable, gate: _TrailerGate, writer: EntryWriter,
+                     limits: Limits) -> Contents:
     contents = Contents(format=fmt)
+    reader = ForwardReader(decoded)
     try:
-        tar = tarfile.open(fileobj=ForwardReader(decoded), mode="r:")
-        _unpack(tar, writer, limits, contents)
+        try:
+            tar = tarfile.open(fileobj=reader, mode="r:")
+        except tarfile.ReadError as error:
+            if fmt != "tar" and "empty" in str(error).lower():
+                raise ArchiveError(f"the {fmt} stream holds no tar archive") from None
+            raise ArchiveError(f"not a tar archive: {_one_line(error)}") from None
+        _unpack(tar, reader, writer, limits, contents)
+        _check_end(reader)
+    except HubcacheError:
+        raise
     except tarfile.TarError as error:
-        if fmt != "tar" and "empty" in str(error).lower():
-            raise ArchiveError(f"the {fmt} stream holds no tar archive") from None
         kind = "not a tar archive" if not contents.files and not contents.dirs else "a damaged tar archive"
-        raise ArchiveError(f"{kind}: {error}") from None
-    except EOFError as error:
-        raise ArchiveError(f"the archive is truncated: {error}") from None
+        raise ArchiveError(f"{kind}: {_one_line(error)}") from None
+    except _DAMAGE as error:
+        raise ArchiveError(f"a damaged tar archive ({type(error).__name__}: {_one_line(error)})",
+                           hint="the file is damaged or was made to attack tar readers") from None
     # Decode to the end so compressed trailers (CRC, sizes, checksums) are checked too.
-    _drain(decoded, limits)
+    gate.tar_ended()
+    _drain(decoded, min(limits.max_bytes, MAX_TRAILER))
     return contents
 
 
-#: Decoded bytes allowed after the tar end-of-archive marker. Writers pad to a record (10 KiB by
-#: default, 1 MiB with the largest blocking factors); more is refused at once, so a tiny download
-#: cannot make hubcache decode gigabytes of trailing zeros before the size limit trips.
-MAX_TRAILER = 16 << 20
+def _check_end(reader: ForwardReader) -> None:
+    """tarfile stops quietly at a damaged header or at the end of the data; GNU tar calls both
+    errors. Tell them from the end-of-archive marker by the block tarfile stopped at."""
+    block = reader.last_read
+    if len(block) == 512 and not block.count(0) == 512:
+        raise ArchiveError(f"a damaged tar archive: the header at byte {reader.tell() - 512} is corrupt "
+                           "(bad checksum)", hint="the file is damaged; download it again")
+    if len(block) != 512:
+        where = "between two members" if not block else "inside a header"
+        raise ArchiveError(f"the tar archive is truncated: it ends {where}, without the end-of-archive "
+                           "marker", hint="the download was cut short or the file is incomplete")
 
 
-def _drain(decoded: Readable, limits: Limits) -> None:
-    left = min(limits.max_bytes, MAX_TRAILER)
+def _drain(decoded: Readable, limit: int) -> None:
+    left = limit
     while True:
         data = decoded.read(CHUNK)
         if not data:
             return
         left -= len(data)
         if left < 0:
-            raise UnsafeArchiveError(f"the archive has more than {min(limits.max_bytes, MAX_TRAILER)} bytes "
+            raise UnsafeArchiveError(f"the archive has more than {limit} bytes "
                                      "after its end (a decompression bomb?)", member="")
 
 
-def _unpack(tar: tarfile.TarFile, writer: EntryWriter, limits: Limits, contents: Contents) -> None:
+def _unpack(tar: tarfile.TarFile, reader: ForwardReader, writer: EntryWriter, limits: Limits,
+            contents: Contents) -> None:
     crc32 = crc32_function()
-    total = 0
+    tree = EntryTree(limits)
     count = 0
-    for member in tar:
+    while True:
+        member = tar.next()
+        if member is None:
+            break
+        tar.members.clear()  # tarfile keeps every member otherwise (pax headers and all)
+        reader.member_done()
+        if tar.pax_headers and (len(tar.pax_headers) > 64
+                                or sum(len(k) + len(v) for k, v in tar.pax_headers.items()) > 64 << 10):
+            raise UnsafeArchiveError("the archive's global extended headers hold more than 64 entries or "
+                                     "64 KiB (a header bomb?)", member=member.name)
         count += 1
         if count > limits.max_members:
             raise UnsafeArchiveError(
                 f"the archive has more than {limits.max_members} members",
                 member=member.name, hint="raise HUBCACHE_MAX_MEMBERS if this archive is trusted")
         path = member_path(member.name)
+        if member.sparse is not None or member.type == tarfile.GNUTYPE_SPARSE or any(
+                key.startswith("GNU.sparse.") for key in member.pax_headers):
+            raise UnsafeArchiveError(f"archive member {member.name!r} is a sparse file, which hubcache does not "
+                                     "unpack", member=member.name,
+                                     hint="make the archive without --sparse (-S)")
         if path is None:
-            continue
-        _check_not_through_link(path, member.name, contents)
+            if member.isdir():
+                continue
+            raise UnsafeArchiveError(f"archive member {member.name!r} is not a directory, but is named as the "
+                                     "entry's root", member=member.name)
         if member.isdir():
-            _add_parents(path, writer, contents, include_self=True)
+            created = tree.add_dir(path)
+            for sub in created:
+                writer.add_dir(sub)
+            contents.dirs.update(created)
         elif member.isreg():
-            total += member.size
-            if total > limits.max_bytes:
-                raise UnsafeArchiveError(
-                    f"the archive unpacks to more than {limits.max_bytes} bytes",
-                    member=member.name, hint="raise HUBCACHE_MAX_EXTRACT_SIZE if this archive is trusted")
-            _add_parents(path, writer, contents)
-            _forget(path, contents)
-            pieces = member_data(tar, member)
+            _made(tree.add_file(path, member.size), writer, contents)
+            contents.symlinks.pop(path, None)
             crc = [0]
             written = [0]
 
-            def chunks(pieces=pieces) -> Iterator[bytes]:
+            def chunks(pieces=member_data(tar, member)) -> Iterator[bytes]:
                 for data in pieces:
                     crc[0] = crc32(data, crc[0])
                     written[0] += len(data)
@@ -181,19 +254,18 @@ def _unpack(tar: tarfile.TarFile, writer: EntryWriter, limits: Limits, contents:
                 raise ArchiveError(f"archive member {member.name!r} is truncated")
             contents.files[path] = FileRecord(path, written[0], crc_hex(crc[0]))
         elif member.issym():
-            _check_link_target(path, member.linkname, member.name, contents)
-            _add_parents(path, writer, contents)
-            _forget(path, contents)
+            _made(tree.add_symlink(path, member.linkname), writer, contents)
+            contents.files.pop(path, None)
             writer.add_symlink(path, member.linkname)
             contents.symlinks[path] = member.linkname
         elif member.islnk():
             target = member_path(member.linkname)
-            if target is None or target not in contents.files:
-                raise UnsafeArchiveError(
-                    f"archive member {member.name!r} is a hard link to {member.linkname!r}, "
-                    "which is not a file earlier in the archive", member=member.name)
-            _add_parents(path, writer, contents)
-            _forget(path, contents)
+            if target is None:
+                raise UnsafeArchiveError(f"archive member {member.name!r} is a hard link to {member.linkname!r}, "
+                                         "the entry's root",
+                                         member=member.name)
+            _made(tree.add_hardlink(path, target), writer, contents)
+            contents.symlinks.pop(path, None)
             writer.add_hardlink(path, target)
             record = contents.files[target]
             contents.files[path] = FileRecord(path, record.size, record.crc32)
@@ -201,56 +273,11 @@ def _unpack(tar: tarfile.TarFile, writer: EntryWriter, limits: Limits, contents:
             kind = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
                     tarfile.FIFOTYPE: "fifo"}.get(member.type, f"special file (type {member.type!r})")
             raise UnsafeArchiveError(f"archive member {member.name!r} is a {kind}", member=member.name)
+    tree.finish()
 
 
-def _forget(path: str, contents: Contents) -> None:
-    # A later member replaces an earlier one of the same name, as tar does.
-    if path in contents.dirs:
-        raise UnsafeArchiveError(f"archive member {path!r} replaces a directory", member=path)
-    contents.files.pop(path, None)
-    contents.symlinks.pop(path, None)
-
-
-def _add_parents(path: str, writer: EntryWriter, contents: Contents, include_self: bool = False) -> None:
-    parts = path.split("/")
-    end = len(parts) if include_self else len(parts) - 1
-    for i in range(1, end + 1):
-        sub = "/".join(parts[:i])
-        if sub in contents.dirs:
-            continue
-        if sub in contents.files or sub in contents.symlinks:
-            raise UnsafeArchiveError(f"archive member {path!r} needs {sub!r} to be a directory, "
-                                     "but it is a file or link", member=path)
+def _made(created: list[str], writer: EntryWriter, contents: Contents) -> None:
+    """Create the directories an addition implied, parents first."""
+    for sub in created:
         writer.add_dir(sub)
-        contents.dirs.add(sub)
-
-
-def _check_not_through_link(path: str, name: str, contents: Contents) -> None:
-    parts = path.split("/")
-    for i in range(1, len(parts)):
-        if "/".join(parts[:i]) in contents.symlinks:
-            raise UnsafeArchiveError(
-                f"archive member {name!r} would be written through the symlink {'/'.join(parts[:i])!r}",
-                member=name)
-
-
-def _check_link_target(path: str, target: str, name: str, contents: Contents) -> None:
-    if not target or target.startswith("/") or (len(target) > 1 and target[1] == ":"):
-        raise UnsafeArchiveError(f"archive member {name!r} is a symlink to the absolute path {target!r}",
-                                 member=name)
-    stack = path.split("/")[:-1]
-    for part in target.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                raise UnsafeArchiveError(f"archive member {name!r} is a symlink to {target!r}, "
-                                         "outside the entry", member=name)
-            stack.pop()
-            continue
-        stack.append(part)
-        if "/".join(stack) in contents.symlinks:
-            raise UnsafeArchiveError(f"archive member {name!r} is a symlink through another symlink "
-                                     f"({'/'.join(stack)!r})", member=name)
-    if posixpath.normpath(posixpath.join(posixpath.dirname(path), target)).startswith(".."):
-        raise UnsafeArchiveError(f"archive member {name!r} is a symlink outside the entry", member=name)
+    contents.dirs.update(created)

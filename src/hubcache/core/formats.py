@@ -18,6 +18,15 @@ from .errors import ArchiveError
 
 CHUNK = 1 << 20
 
+#: Memory a decoder may use for its dictionary or window: what zstd allows by default (2**27), and
+#: twice what ``xz -9`` needs; bzip2 needs no limit (its blocks are at most 900 kB, so its decoder
+#: stays under 4 MiB whatever the input).
+DECODER_MEMORY = 128 << 20
+#: Compressed bytes a decoder may read in a row without producing output (zero padding, empty
+#: gzip or bzip2 members, zstd skippable frames). Real compressed data always yields output long
+#: before (deflate expands at most 1032:1, a bzip2 block is under 1 MiB, a zstd block 128 KiB).
+MAX_IDLE_INPUT = 16 << 20
+
 MAGIC = (
     (b"\x1f\x8b", "gz"),
     (b"\x28\xb5\x2f\xfd", "zst"),
@@ -93,11 +102,38 @@ def read_head(raw: Readable, size: int = 512) -> bytes:
     return b"".join(parts)
 
 
+class _Idle:
+    """The raw input of a decoder, counting the bytes read since the decoder last gave output."""
+
+    def __init__(self, raw: Readable, name: str):
+        self._raw = raw
+        self._name = name
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.count += len(data)
+        if self.count > MAX_IDLE_INPUT:
+            raise ArchiveError(f"the {self._name} stream has more than {MAX_IDLE_INPUT} bytes in a row that decode "
+                               "to nothing (zero padding, empty members or skippable frames)",
+                               hint="the file is damaged or made to keep hubcache reading")
+        return data
+
+
+def _memory_error(name: str, error: BaseException) -> ArchiveError | None:
+    text = str(error).lower()
+    if "memory" in text and ("limit" in text or "too much" in text):
+        return ArchiveError(f"the {name} stream needs more than {DECODER_MEMORY >> 20} MiB of memory to decode "
+                            "(its dictionary or window is too large)",
+                            hint="recompress it with a smaller dictionary, e.g. xz -9 or zstd without --long")
+    return None
+
+
 class _Decoder:
     """Bounded-output decoding of a multi-member stream with a stdlib-style decompressor."""
 
     def __init__(self, raw: Readable, new: Callable[[], object], name: str, trailing_zeros_ok: bool):
-        self._raw = raw
+        self._raw = _Idle(raw, name)
         self._new = new
         self._name = name
         self._trailing_zeros_ok = trailing_zeros_ok
@@ -137,8 +173,9 @@ class _Decoder:
             try:
                 out = self._decompress(dec, size)
             except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, *_inflate_errors()) as error:
-                raise ArchiveError(f"corrupt {self._name} data: {error}") from None
+                raise _memory_error(self._name, error) or ArchiveError(f"corrupt {self._name} data: {error}") from None
             if out:
+                self._raw.count = 0
                 return out
 
     def _needs_input(self, dec) -> bool:
@@ -247,8 +284,9 @@ class _ZstdDecoder:
         import zstandard
 
         self._walker = ZstdFrameWalker()
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
-            _Watched(raw, self._walker), read_size=CHUNK, read_across_frames=True)
+        self._idle = _Idle(raw, "zstd")
+        self._reader = zstandard.ZstdDecompressor(max_window_size=DECODER_MEMORY).stream_reader(
+            _Watched(self._idle, self._walker), read_size=CHUNK, read_across_frames=True)
 
     def read(self, size: int = -1) -> bytes:
         import zstandard
@@ -258,7 +296,9 @@ class _ZstdDecoder:
         try:
             out = self._reader.read(size)
         except zstandard.ZstdError as error:
-            raise ArchiveError(f"corrupt zstd data: {error}") from None
+            raise _memory_error("zstd", error) or ArchiveError(f"corrupt zstd data: {error}") from None
+        if out:
+            self._idle.count = 0
         if not out and not self._walker.complete:
             raise ArchiveError("the zstd stream is truncated (it ends inside a frame)",
                                hint="the download was cut short or the file is damaged")
@@ -307,7 +347,7 @@ def open_decoder(fmt: str, raw: Readable) -> Readable:
     if fmt == "bz2":
         return _Decoder(raw, bz2.BZ2Decompressor, "bzip2", trailing_zeros_ok=False)
     if fmt == "xz":
-        return _Decoder(raw, lzma.LZMADecompressor, "xz", trailing_zeros_ok=False)
+        return _Decoder(raw, lambda: lzma.LZMADecompressor(memlimit=DECODER_MEMORY), "xz", trailing_zeros_ok=False)
     if fmt == "zst":
         return _ZstdDecoder(raw)
     raise ValueError(fmt)

@@ -18,6 +18,7 @@ import zlib
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
+from .errors import UnsafeArchiveError
 from .formats import CHUNK, PrefixedReader, Readable, open_decoder
 
 #: Chunks each queue may hold (raw into the decoder, decoded out of it, raw into the digest).
@@ -224,6 +225,22 @@ def decoding(fmt: str, head: bytes, raw: Readable) -> Iterator[Readable]:
         decoder.close()
 
 
+#: Largest single header or metadata read (a pax header, a GNU long name or link): tarfile reads
+#: each in one piece, so without this a 32 KiB archive could declare a 4 GiB pax header.
+MAX_METADATA_READ = 1 << 20
+#: Reads tarfile may make between two members (headers, extended headers, sparse map blocks):
+#: a member needs a handful; chained extended headers would otherwise recurse without end.
+MAX_READS_PER_MEMBER = 32
+#: Decoded bytes that are not member data (headers, metadata, padding, skipped data) allowed:
+#: a base, and more per member. Legitimate archives need about 1.5 KiB per member.
+METADATA_BASE = 4 << 20
+METADATA_PER_MEMBER = 16 << 10
+#: Metadata records (newlines) tarfile may parse: parsing costs per record, about 1.4 µs each,
+#: so a pax header of tiny records is a CPU bomb long before it is a memory one.
+RECORDS_BASE = 1 << 16
+RECORDS_PER_MEMBER = 64
+
+
 class ForwardReader:
     """A forward-only stream that tarfile's ``r:`` mode can read (``tell``, forward ``seek``), and
     whose member data :meth:`chunks` hands out as the decoded chunks themselves.
@@ -231,6 +248,18 @@ class ForwardReader:
     tarfile's own stream mode (``r|``) joins and slices its buffer on every read and copies
     again through ``extractfile``'s buffered reader: two to four copies of every byte, a large
     share of a cold resolve's CPU once decompression runs in its own thread.
+
+    Everything tarfile reads itself (:meth:`read`, :meth:`seek`: headers, extended headers,
+    padding, skipped data) is metadata, and bounded: at most :data:`MAX_METADATA_READ` bytes at
+    once, :data:`MAX_READS_PER_MEMBER` reads between two members (call :meth:`member_done`
+    after each), and in all :data:`METADATA_BASE` plus :data:`METADATA_PER_MEMBER` a member
+    (bytes) and :data:`RECORDS_BASE` plus :data:`RECORDS_PER_MEMBER` a member (records). Member
+    data goes through :meth:`chunks` and is counted by the caller against the size limit.
+
+    Attributes:
+        last_read: what the latest :meth:`read` returned: when tarfile stops, the header block
+            it stopped at (512 zero bytes for the end-of-archive marker).
+        metadata: decoded bytes read or skipped that were not member data.
     """
 
     def __init__(self, raw: Readable):
@@ -238,6 +267,11 @@ class ForwardReader:
         self._buf = b""
         self._off = 0
         self._pos = 0
+        self.last_read = b""
+        self.metadata = 0
+        self._records = 0
+        self._reads = 0
+        self._members = 0
 
     def tell(self) -> int:
         return self._pos
@@ -248,20 +282,49 @@ class ForwardReader:
         self._buf, self._off = self._raw.read(CHUNK), 0
         return bool(self._buf)
 
+    def member_done(self) -> None:
+        """A member was handed out: the next one may read its own headers."""
+        self._reads = 0
+        self._members += 1
+
+    def _spend(self, size: int, what: str) -> None:
+        self.metadata += size
+        allowed = METADATA_BASE + METADATA_PER_MEMBER * self._members
+        if self.metadata > allowed:
+            raise UnsafeArchiveError(
+                f"the archive holds more than {allowed} bytes of headers and metadata for "
+                f"{self._members} members ({what}; a header bomb?)", member="")
+
     def read(self, size: int | None = -1) -> bytes:
-        parts, want = [], (1 << 62) if size is None or size < 0 else size
+        if size is None or size < 0 or size > MAX_METADATA_READ:
+            raise UnsafeArchiveError(f"the archive has a header or metadata member of {size} bytes "
+                                     f"(more than {MAX_METADATA_READ}; a header bomb?)", member="")
+        self._reads += 1
+        if self._reads > MAX_READS_PER_MEMBER:
+            raise UnsafeArchiveError(f"the archive has more than {MAX_READS_PER_MEMBER} header blocks before "
+                                     "one member (chained extended headers?)", member="")
+        self._spend(size, "headers")
+        parts, want = [], size
         while want and self._fill():
             take = min(want, len(self._buf) - self._off)
             parts.append(self._buf[self._off:self._off + take])
             self._off += take
             self._pos += take
             want -= take
-        return b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._records += data.count(b"\n")
+        if self._records > RECORDS_BASE + RECORDS_PER_MEMBER * self._members:
+            raise UnsafeArchiveError(f"the archive's extended headers hold more than "
+                                     f"{RECORDS_BASE + RECORDS_PER_MEMBER * self._members} records for "
+                                     f"{self._members} members (a header bomb?)", member="")
+        self.last_read = data
+        return data
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0 or pos < self._pos:
             raise tarfile.StreamError("seeking backwards is not allowed")
         skip = pos - self._pos
+        self._spend(skip, "skipped data")
         while skip and self._fill():
             take = min(skip, len(self._buf) - self._off)
             self._off += take
@@ -290,11 +353,7 @@ class ForwardReader:
 
 
 def member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
-    """The bytes of a regular member: from :meth:`ForwardReader.chunks` when ``tar`` reads one
-    (sparse members excepted), else through tarfile's ``extractfile``."""
+    """The bytes of a regular (not sparse) member, from :meth:`ForwardReader.chunks`."""
     stream = tar.fileobj
-    if member.sparse is None and isinstance(stream, ForwardReader):
-        stream.seek(member.offset_data)
-        return stream.chunks(member.size)
-    f = tar.extractfile(member)
-    return iter(lambda: f.read(CHUNK), b"")
+    stream.seek(member.offset_data)
+    return stream.chunks(member.size)
