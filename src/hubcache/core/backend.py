@@ -138,17 +138,17 @@ class LocalCacheBackend(CacheBackend):
         return LocalStore(root, lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
 
     def _check_root(self, root: str) -> None:
-        """Refuse a root that is, or lies under, something other than a directory (a
-        ``TFHUB_CACHE_DIR`` naming a file): a setting to fix, said in one line."""
+        """Refuse a ``TFHUB_CACHE_DIR`` that is, or lies under, something other than a directory
+        (a file): a setting to fix, said in one line. (A default root that cannot be made is
+        the store's ``CacheError``: a tier chain skips such a tier.)"""
+        setting = self.config.settings.get("cache_dir")
+        if setting is None or not setting.value:
+            return
         probe = os.path.abspath(root)
         while not os.path.isdir(probe):
             if os.path.lexists(probe):  # a file, a FIFO, a dangling link...
-                setting = self.config.settings.get("cache_dir")
-                if setting is not None and setting.value:
-                    raise ConfigError(f"{setting.origin}={setting.value!r} cannot hold a cache: {probe} is not a "
-                                      "directory", hint=f"point {setting.origin} at a directory, or move {probe} away")
-                raise ConfigError(f"the cache root {root} cannot be made: {probe} is not a directory",
-                                  hint="move it away, or set TFHUB_CACHE_DIR to a directory")
+                raise ConfigError(f"{setting.origin}={setting.value!r} cannot hold a cache: {probe} is not a "
+                                  "directory", hint=f"point {setting.origin} at a directory, or move {probe} away")
             parent = os.path.dirname(probe)
             if parent == probe:
                 return

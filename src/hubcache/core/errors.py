@@ -21,10 +21,12 @@ class HubcacheError(Exception):
     """
 
     def __init__(self, message: str, *, handle: str | None = None, hint: str | None = None):
+        # Callers log these attributes too (not only str(error)): no credentials in any of them.
+        message = redact(message)
         super().__init__(message)
         self.message = message
-        self.handle = handle
-        self.hint = hint
+        self.handle = redact(handle) if handle else handle
+        self.hint = redact(hint) if hint else hint
 
     def __str__(self) -> str:
         text = self.message

@@ -17,6 +17,7 @@ from .handles import Handle, has_pin, parse_handle
 from .locate import Location
 from .pins import apply_pins
 from .plugins import get_registry
+from .redact import redact
 
 DEFAULT_BACKEND = "tmp"
 UNCOMPRESSED_BACKEND = "remote"
@@ -109,7 +110,7 @@ def resolve(handle: str) -> str:
         path, still_valid = backend.resolve_checked(parsed, location)
     except HubcacheError as error:
         if error.handle is None:
-            error.handle = handle if isinstance(handle, str) else None
+            error.handle = redact(handle) if isinstance(handle, str) else None
         raise
     _memo[memo_key] = (path, still_valid)
     return path
