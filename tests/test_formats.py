@@ -335,3 +335,68 @@ def test_zstd_cut_exactly_at_a_frame_boundary_is_not_mistaken_for_truncation():
     assert decode_all("zst", first) == b"A" * 5000
     with pytest.raises(ArchiveError, match="truncated"):
         decode_all("zst", first + second[:-3])
+
+
+# -- bounded memory and bounded idle input (issue 11, class 5) ----------------------------------------
+
+
+def endless(prefix: bytes, unit: bytes, cap: int = 64 << 20):
+    """A source: ``prefix``, then ``unit`` over and over (``cap`` keeps a failing run finite);
+    returns (reader, bytes served so far)."""
+    import sys
+
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    from hostile_tar_builders import Endless
+
+    return Endless(prefix, unit, cap)
+
+
+@pytest.mark.parametrize("fmt, unit", [
+    ("gz", b"\x00" * 4096),  # zero padding after the last member
+    ("gz", gzip.compress(b"", mtime=0)),  # empty members
+    ("bz2", bz2.compress(b"")),  # empty streams
+    ("zst", struct.pack("<II", 0x184D2A50, 1024) + bytes(1024)),  # skippable frames
+])
+def test_input_that_decodes_to_nothing_is_bounded(fmt, unit):
+    """Before: zero padding was read to the end of the source (i.e. forever from an endless
+    one), and empty members or skippable frames likewise, with no output to trip a limit."""
+    from hubcache.core.formats import MAX_IDLE_INPUT
+
+    source = endless(compress(b"payload", fmt), unit)
+    decoder = open_decoder(fmt, source)
+    with pytest.raises(ArchiveError, match="decode to nothing"):
+        while decoder.read(1 << 20):
+            pass
+    assert source.served <= MAX_IDLE_INPUT + (2 << 20)
+
+
+@pytest.mark.parametrize("fmt", ["gz", "zst"])
+def test_idle_input_is_counted_from_the_last_output(fmt):
+    """More compressed input than the idle bound decodes fine when it yields output as it goes
+    (incompressible data, many members): the count restarts at every output."""
+    from hubcache.core.formats import MAX_IDLE_INPUT
+
+    piece = random.Random(9).randbytes(1 << 20)
+    stream = compress(piece, fmt) * (MAX_IDLE_INPUT // len(piece) + 4)
+    decoder, total = open_decoder(fmt, io.BytesIO(stream)), 0
+    while chunk := decoder.read(1 << 20):
+        total += len(chunk)
+    assert total == len(piece) * (MAX_IDLE_INPUT // len(piece) + 4) and len(stream) > MAX_IDLE_INPUT
+
+
+def test_xz_and_zstd_decode_within_128_mib():
+    """A dictionary or window over 128 MiB is refused before anything is decoded (xz before: no
+    limit; zstd: the same limit, now explicit, with a message that says what is wrong)."""
+    import sys
+
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    from hostile_tar_builders import xz_with_dictionary
+
+    with pytest.raises(ArchiveError, match="needs more than 128 MiB of memory"):
+        open_decoder("xz", io.BytesIO(xz_with_dictionary(b"model" * 100, 1 << 30))).read(100)
+    assert open_decoder("xz", io.BytesIO(xz_with_dictionary(b"model" * 100, 64 << 20))).read(5) == b"model"
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28, write_content_size=False)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    big_window = compressor.compress(b"model" * 100) + compressor.flush()
+    with pytest.raises(ArchiveError, match="needs more than 128 MiB of memory"):
+        open_decoder("zst", io.BytesIO(big_window)).read(100)
