@@ -6,7 +6,7 @@ import time
 from typing import Callable
 
 from .._version import __version__
-from .config import Config
+from .config import DEFAULT_DOWNLOAD_DEADLINE, Config
 from .errors import ArchiveError, IntegrityError, OfflineError, SourceChangedError
 from .events import emit
 from .extract import Limits, Meter, extract
@@ -80,7 +80,7 @@ def _download_and_commit(store: Store, key: str, handle: Handle, location: Locat
     """Download into a fresh writer and commit; start again from byte 0 (a new writer, digest
     and decoder) when the source raises :class:`SourceChangedError`, at most :data:`MAX_RESTARTS`
     times. One :class:`Deadline` bounds all of it."""
-    deadline = Deadline(float(config.get("download_deadline", 6 * 3600.0)))
+    deadline = Deadline(float(config.get("download_deadline", DEFAULT_DOWNLOAD_DEADLINE)))
     restarts = 0
     while True:
         writer = store.writer(key, handle.url)
