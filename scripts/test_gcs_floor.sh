@@ -12,7 +12,7 @@
 #
 # Usage: scripts/test_gcs_floor.sh [pytest options...]    e.g. -k lease, -x
 # Environment: PYTHON (python3), FLOOR_VENV (/tmp/venv-gcs-floor), GCSFS_FLOOR (2024.12.0),
-#              FLOOR_TESTS (tests/test_gcs.py).
+#              FLOOR_TESTS (tests/test_gcs.py tests/test_objectstore_hostile.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -59,6 +59,6 @@ cd "$ROOT"
 export GCE_METADATA_HOST=127.0.0.1:9 GCE_METADATA_IP=127.0.0.1:9
 status=0
 # shellcheck disable=SC2086 # FLOOR_TESTS is a list of paths
-"$VENV/bin/python" -m pytest -p no:cacheprovider -q ${FLOOR_TESTS:-tests/test_gcs.py} "$@" || status=$?
+"$VENV/bin/python" -m pytest -p no:cacheprovider -q ${FLOOR_TESTS:-tests/test_gcs.py tests/test_objectstore_hostile.py} "$@" || status=$?
 echo "gcs floor: venv ready in $((ready - started)) s, tests in $(( $(date +%s) - ready )) s"
 exit $status
