@@ -2,15 +2,78 @@
 
 The same place tensorflow_hub uses by default, so the two share entries. Fast, but the OS may
 clean it; hubcache detects entries a temp cleaner damaged and rebuilds them.
+
+The temp dir is shared by every user of the machine, and any of them can create
+``tfhub_modules`` first. hubcache uses it only when it is a real directory of this process's
+user that no one else can write; otherwise (another user's, a link, writable by others) it uses
+a per-user directory ``tfhub_modules-<uid>`` beside it, created ``0700``, and says why in an
+``INFO`` log line. If that one is unsafe too, resolving fails with a :class:`CacheError` saying
+how to fix it. ``hubcache config`` shows the root in effect.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import tempfile
 
 import hubcache
+from hubcache.core import safefs
 from hubcache.core.backend import LocalCacheBackend
+from hubcache.core.errors import CacheError
+
+logger = logging.getLogger("hubcache")
+_explained: set[tuple[str, str]] = set()
+
+
+def _unsafe(path: str) -> str | None:
+    """Why ``path`` cannot be this user's cache root (``None``: absent, or fine)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"cannot be examined ({error.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != safefs.euid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if safefs.writable_by_others(st):
+        return f"can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def per_user_root(tmp: str) -> str:
+    """The per-user fallback root in the temp dir ``tmp``."""
+    return os.path.join(tmp, f"tfhub_modules-{safefs.euid()}")
+
+
+def default_root(tmp: str) -> str:
+    """The cache root in the temp dir ``tmp``: the shared ``tfhub_modules`` when it is safe for
+    this user, else the per-user fallback (see the module doc).
+
+    Raises:
+        CacheError: the fallback is unsafe too.
+    """
+    shared = os.path.join(tmp, "tfhub_modules")
+    if not safefs.POSIX:  # pragma: no cover - Windows: per-user temp dirs, no POSIX owners
+        return shared
+    why = _unsafe(shared)
+    if why is None:
+        return shared
+    fallback = per_user_root(tmp)
+    problem = _unsafe(fallback)
+    if problem is not None:
+        raise CacheError(f"the shared cache {shared} {why}, and the per-user cache {fallback} {problem}",
+                         hint=f"remove {fallback} (hubcache did not make it), or set TFHUB_CACHE_DIR to a "
+                              "directory only you can write")
+    if (shared, why) not in _explained:
+        _explained.add((shared, why))
+        logger.info("not using %s: it %s; using %s instead", shared, why, fallback)
+    return fallback
 
 
 class TmpBackend(LocalCacheBackend):
@@ -20,7 +83,18 @@ class TmpBackend(LocalCacheBackend):
     description = "local cache in the temp dir (default; what tensorflow_hub uses)"
 
     def default_root(self) -> str:
-        return os.path.join(tempfile.gettempdir(), "tfhub_modules")
+        return default_root(tempfile.gettempdir())
+
+    def make_store(self, root: str):
+        store = super().make_store(root)
+        tmp = tempfile.gettempdir()
+        if store.root in (os.path.join(tmp, "tfhub_modules"), per_user_root(tmp)):
+            # In a directory every user can write: the root must be our own (checked again on
+            # every use, since another user may create it between this choice and our mkdir).
+            store.private = True
+            if store.root == per_user_root(tmp):
+                store.create_mode = 0o700
+        return store
 
 
 @hubcache.hookimpl

@@ -17,17 +17,45 @@ from .manifest import Manifest
 from .store import Store
 
 
-def check_pin(handle: Handle, manifest: Manifest) -> None:
-    """Raise :class:`IntegrityError` if a pinned handle's entry came from other bytes."""
+def check_pin(handle: Handle, manifest: Manifest, *, unverified_is_miss: bool = False) -> bool:
+    """Check a pinned handle's cached entry against the archive digest hubcache verified for it.
+
+    Only a digest hubcache computed itself from the archive bytes counts: an entry adopted from
+    tensorflow_hub has none, and a manifest copied from another tier (a bucket others can write)
+    carries ``archive["verified"] = False``. Such an entry cannot vouch for a pin, whatever
+    digest its manifest shows.
+
+    Args:
+        handle: the handle (nothing to check without a pin).
+        manifest: the cached entry's manifest.
+        unverified_is_miss: return ``False`` for an entry that cannot vouch for the pin, so the
+            caller treats it as a miss (downloads and verifies the archive) instead of failing.
+
+    Returns:
+        ``True`` if there is no pin or the verified digest matches it; ``False`` (only with
+        ``unverified_is_miss``) if the entry cannot vouch for the pin.
+
+    Raises:
+        IntegrityError: the verified digest differs from the pin; or, without
+            ``unverified_is_miss``, the entry cannot vouch for it.
+    """
     if handle.pin is None:
-        return
+        return True
     algorithm, expected = handle.pin
     actual = manifest.archive.get(algorithm)
+    if manifest.archive.get("verified", True) is False or not isinstance(actual, str) or not actual:
+        if unverified_is_miss:
+            return False
+        raise IntegrityError(
+            f"the cached entry has no {algorithm} that hubcache verified (it was adopted from tensorflow_hub "
+            f"or copied from another tier), so it cannot be checked against the pin {expected}",
+            hint="run `hubcache rm` on the handle to download and verify it again")
     if actual != expected:
         raise IntegrityError(
-            f"the cached entry was built from an archive whose {algorithm} is {actual or 'unknown'}, "
+            f"the cached entry was built from an archive whose {algorithm} is {actual}, "
             f"but the handle pins {expected}",
             hint="run `hubcache rm` on the handle to download it again")
+    return True
 
 
 def resolve_in_store(store: Store, handle: Handle, location: Location, config: Config,

@@ -6,6 +6,14 @@ one), then write ``<key>.manifest.json`` with ``os.replace`` (atomic: hubcache t
 entries with a manifest). A crash at any point leaves either nothing visible or an entry without
 a manifest, which hubcache rebuilds. The OS file lock ``<key>.hubcache.lock`` is released by the
 kernel when its holder dies, so a crashed downloader never blocks anyone.
+
+Trust (the model of ssh's ``StrictModes`` and pip's cache-dir check; :mod:`hubcache.core.safefs`
+does the opening): a root other users can write is refused outright, with a :class:`CacheError`
+saying how to fix it. Inside a root, only what hubcache itself would have made is used: real
+directories and regular files owned by this user, root or the root's owner, and not writable by
+anyone else. A symlink, FIFO or another user's file in place of an entry, manifest, descriptor,
+model file, lock or use file is a miss or damage: never served, never written through, never
+waited on. Nothing is ever opened through a link or in a way that could block.
 """
 
 from __future__ import annotations
@@ -13,31 +21,46 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import logging
 import os
 import re
-import shutil
+import shlex
 import socket
+import stat
 import time
 import uuid
 import zlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 from .._version import __version__
-from .errors import CacheError
-from . import usage
+from . import paths, safefs, treewalk, usage
+from .errors import CacheError, UnsafeArchiveError
 from .manifest import FileRecord, Manifest, crc_hex
 from .store import EntryInfo, EntryWriter, Store
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("hubcache")
+
 _KEY = re.compile(r"^[0-9a-f]{40}$")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 WRITER_TAG = f"Writer: hubcache {__version__}"
+#: Checking an entry already on disk against its manifest: only the manifest's shape matters
+#: (the size and member limits were applied when the entry was written).
+_NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
+#: Largest descriptor or owner note read.
+_NOTE_BYTES = 64 << 10
+_LOCK_POLL = 0.05
 
 
 def _atomic_write(path: str, data: bytes) -> None:
     part = f"{path}.{uuid.uuid4().hex[:8]}.part"
     try:
-        with open(part, "wb") as f:
-            f.write(data)
-        os.replace(part, path)
+        safefs.write_new(part, data)  # O_EXCL | O_NOFOLLOW: never into a planted file or link
+        os.replace(part, path)  # replaces a link or FIFO at `path` itself, never writes through it
     except BaseException:
         with contextlib.suppress(OSError):  # a full disk must not keep our half-written part
             os.unlink(part)
@@ -45,6 +68,13 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _cache_error(error: OSError, what: str) -> CacheError:
+    if isinstance(error, safefs.UnsafeFileError):
+        return CacheError(f"refusing {error.path} while {what}: it {error.reason}",
+                          hint="remove it (hubcache did not make it), or set TFHUB_CACHE_DIR to a directory "
+                               "only you can write")
+    if error.errno == errno.ENOTDIR:
+        return CacheError(f"the cache directory {error.filename} is not a directory (or a part of its path is a file) "
+                          f"while {what}", hint="set TFHUB_CACHE_DIR to a directory")
     if error.errno == errno.ENOSPC:
         return CacheError(f"no space left on the device while {what}", hint="free space or set TFHUB_CACHE_DIR elsewhere")
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -53,12 +83,20 @@ def _cache_error(error: OSError, what: str) -> CacheError:
     return CacheError(f"{error.strerror or error} while {what}")
 
 
+def _printable(text: str) -> str:
+    """One line of plain text (a note or descriptor is shown in messages and listings)."""
+    return _UNPRINTABLE.sub("?", text.strip())
+
+
 def describe_model_dir(path: str) -> list[str]:
     """Problems that make a directory an incomplete SavedModel or hub module (``[]``: complete).
 
-    Used to adopt entries written by tensorflow_hub, which have no manifest.
+    Used to adopt entries written by tensorflow_hub, which have no manifest. Never follows a
+    link: a marker file that is a link (or a FIFO) does not count.
     """
     try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return ["the entry directory is not a directory"]
         names = set(os.listdir(path))
     except OSError:
         return ["the entry directory is missing"]
@@ -67,44 +105,90 @@ def describe_model_dir(path: str) -> list[str]:
     markers = [n for n in ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb") if n in names]
     if not markers:
         return ["no saved_model.pb, saved_model.pbtxt or tfhub_module.pb"]
-    problems = [f"{m} is empty" for m in markers if os.path.getsize(os.path.join(path, m)) == 0]
+    problems = []
+    for marker in markers:
+        st = os.lstat(os.path.join(path, marker))
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{marker} is not a regular file")
+        elif st.st_size == 0:
+            problems.append(f"{marker} is empty")
     variables = os.path.join(path, "variables")
-    if os.path.isfile(os.path.join(variables, "variables.index")):
-        shards = [n for n in os.listdir(variables) if n.startswith("variables.data-")]
-        match = re.match(r"variables\.data-\d+-of-(\d+)$", shards[0]) if shards else None
-        count = int(match.group(1)) if match else 1
-        for i in range(count):
-            if f"variables.data-{i:05d}-of-{count:05d}" not in shards:
-                problems.append(f"variables shard {i} of {count} is missing")
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.lstat(variables).st_mode) and \
+                stat.S_ISREG(os.lstat(os.path.join(variables, "variables.index")).st_mode):
+            shards = [n for n in os.listdir(variables) if n.startswith("variables.data-")]
+            match = re.match(r"variables\.data-\d+-of-(\d+)$", shards[0]) if shards else None
+            count = int(match.group(1)) if match else 1
+            for i in range(count):
+                if f"variables.data-{i:05d}-of-{count:05d}" not in shards:
+                    problems.append(f"variables shard {i} of {count} is missing")
     return problems
 
 
-def scan_files(path: str, *, digests: bool = True) -> Manifest:
-    """Build the file lists of a manifest by walking a directory."""
+def scan_files(path: str, *, digests: bool = True, trusted: Collection[int] | None = None) -> Manifest:
+    """Build the file lists of a manifest by walking a directory (an entry to adopt).
+
+    The walk never follows a link (links are recorded with their targets), reads files without
+    blocking, and accepts only what :func:`hubcache.core.safefs.problem` accepts, owned by
+    ``trusted`` (default: this user and root). The result passes
+    :func:`hubcache.core.paths.validate_manifest`: a link that leaves the directory, or passes
+    through another link, refuses the whole tree.
+
+    Raises:
+        OSError: unreadable, or holds what must not be adopted (``UnsafeFileError``: a FIFO,
+            another user's file, a file others can write...).
+        UnsafeArchiveError: a name or link the entry rules refuse.
+    """
+    trusted = safefs.trusted_owners() if trusted is None else trusted
     manifest = Manifest(handle="")
-    for dirpath, dirnames, filenames in os.walk(path):
-        rel = os.path.relpath(dirpath, path)
-        rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        for d in list(dirnames):
-            if os.path.islink(os.path.join(dirpath, d)):
-                dirnames.remove(d)
-                filenames.append(d)
-            else:
-                manifest.dirs.append(rel + d)
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                manifest.symlinks[rel + name] = os.readlink(full)
+
+    def fail(error: OSError) -> None:
+        raise error
+
+    for d in treewalk.walk(path, onerror=fail):
+        prefix = d.path + "/" if d.path else ""
+        here = os.path.join(path, *d.path.split("/")) if d.path else path
+        reason = safefs.problem(os.fstat(d.dir_fd) if d.dir_fd is not None else os.lstat(here), trusted, kind="dir")
+        if reason is not None:
+            raise safefs.UnsafeFileError(here, reason)
+        if d.other:
+            raise safefs.UnsafeFileError(os.path.join(here, d.other[0]), "is not a regular file, directory or link")
+        manifest.dirs.extend(prefix + name for name in d.dirs)
+        for name in d.symlinks:
+            manifest.symlinks[prefix + name] = (os.readlink(name, dir_fd=d.dir_fd) if d.dir_fd is not None
+                                                else os.readlink(os.path.join(here, name)))
+        for name in d.files:
+            where = name if d.dir_fd is not None else os.path.join(here, name)
+            if not digests:
+                st = os.stat(where, dir_fd=d.dir_fd, follow_symlinks=False)
+                reason = safefs.problem(st, trusted)
+                if reason is not None:
+                    raise safefs.UnsafeFileError(os.path.join(here, name), reason)
+                manifest.files.append(FileRecord(prefix + name, st.st_size, crc_hex(0)))
                 continue
-            crc = 0
-            if digests:
-                with open(full, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        crc = zlib.crc32(chunk, crc)
-            manifest.files.append(FileRecord(rel + name, os.path.getsize(full), crc_hex(crc)))
+            fd = safefs.open_file(where, trusted, dir_fd=d.dir_fd)
+            crc = size = 0
+            with os.fdopen(fd, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+            manifest.files.append(FileRecord(prefix + name, size, crc_hex(crc)))
     manifest.files.sort(key=lambda f: f.path)
     manifest.dirs.sort()
+    paths.validate_manifest(manifest, _NO_LIMITS, what="file of the tensorflow_hub entry")
     return manifest
+
+
+def _parents(names: Iterable[str], known: set[str]) -> set[str]:
+    """``known`` plus every parent directory of ``names`` (linear: stops at a parent seen)."""
+    dirs = set(known)
+    for name in names:
+        while (cut := name.rfind("/")) > 0:
+            name = name[:cut]
+            if name in dirs:
+                break
+            dirs.add(name)
+    return dirs
 
 
 class LocalStore(Store):
@@ -113,11 +197,63 @@ class LocalStore(Store):
     Args:
         root: the cache directory (created on the first download).
         lock_timeout: seconds to wait for another process downloading the same handle.
+        create_mode: permissions of the root when hubcache creates it (``0o755``; never
+            writable by others, whatever the umask).
+        private: the root must be a real directory (not a link) of this process's user: set for
+            the default root in the shared temp dir, where another user may have made it first.
     """
 
-    def __init__(self, root: str, *, lock_timeout: float = 3600.0):
+    def __init__(self, root: str, *, lock_timeout: float = 3600.0, create_mode: int = 0o755,
+                 private: bool = False):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.lock_timeout = lock_timeout
+        self.create_mode = create_mode & 0o755
+        self.private = private
+        #: owners whose files are used (refreshed from the root by :meth:`check_root`)
+        self.trusted: frozenset[int] = safefs.trusted_owners()
+
+    # -- the root -----------------------------------------------------------------------------
+
+    def check_root(self, *, create: bool = False) -> bool:
+        """Check the root before using it; True if it exists (with ``create``: made if absent).
+
+        Raises:
+            CacheError: other users can write the root, or (``private``) it is a link or belongs
+                to another user.
+            OSError: it could not be made or examined (a read-only file system, a file in the
+                way: ``NotADirectoryError``), which callers treat as an unusable tier.
+        """
+        look = os.lstat if self.private else os.stat  # a chosen root may be a link: check its target
+        try:
+            st = look(self.root)
+        except FileNotFoundError:
+            if not create:
+                return False
+            parent = os.path.dirname(self.root)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.root, self.create_mode)  # a umask only takes bits away
+            st = look(self.root)
+        self._refuse_unsafe_root(st)
+        self.trusted = safefs.trusted_owners(st)
+        return True
+
+    def _refuse_unsafe_root(self, st: os.stat_result) -> None:
+        real = self.root if self.private else os.path.realpath(self.root)
+        fix = "set TFHUB_CACHE_DIR to a directory only you can write"
+        if stat.S_ISLNK(st.st_mode):
+            raise CacheError(f"the cache directory {real} is a symbolic link another user may have planted",
+                             hint=f"remove it, or {fix}")
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.root)
+        if self.private and safefs.POSIX and st.st_uid != safefs.euid():
+            raise CacheError(f"the cache directory {real} belongs to another user (uid {st.st_uid})",
+                             hint=f"remove it, or {fix}")
+        if safefs.writable_by_others(st):
+            raise CacheError(f"the cache directory {real} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}), "
+                             "so its entries cannot be trusted",
+                             hint=f"run `chmod go-w {shlex.quote(real)}`, or {fix}")
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -140,44 +276,99 @@ class LocalStore(Store):
     # -- reading ------------------------------------------------------------------------------
 
     def read_manifest(self, key: str) -> Manifest | None:
-        """The entry's manifest, or ``None`` if it has no readable one."""
+        """The entry's manifest, or ``None`` if it has no readable, trusted one."""
         try:
-            with open(self.manifest_path(key), "rb") as f:
-                return Manifest.from_json(f.read())
+            return Manifest.from_json(safefs.read_file(self.manifest_path(key), self.trusted))
         except (OSError, ValueError):
             return None
 
+    def _entry_problem(self, path: str) -> str | None:
+        """Why the entry directory must not be used (missing, a link, another user's), else None."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return "is missing"
+        return safefs.problem(st, self.trusted, kind="dir")
+
     def check(self, path: str, manifest: Manifest, full: bool = False) -> list[str]:
-        """Compare an entry directory with its manifest."""
-        problems = []
-        for record in manifest.files:
-            file = os.path.join(path, record.path)
-            try:
-                size = os.stat(file).st_size
-            except OSError:
-                problems.append(f"{record.path} is missing")
-                continue
-            if size != record.size:
-                problems.append(f"{record.path} has {size} bytes, expected {record.size}")
-            elif full:
-                crc = 0
-                with open(file, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        crc = zlib.crc32(chunk, crc)
-                if crc_hex(crc) != record.crc32:
-                    problems.append(f"{record.path} has CRC-32 {crc_hex(crc)}, expected {record.crc32}")
-        for link in manifest.symlinks:
-            if not os.path.islink(os.path.join(path, link)):
-                problems.append(f"symlink {link} is missing")
-        for d in manifest.dirs:
-            if not os.path.isdir(os.path.join(path, d)):
-                problems.append(f"directory {d} is missing")
-        if not manifest.files and not manifest.dirs and not os.path.isdir(path):
-            problems.append("the entry directory is missing")
+        """Compare an entry directory with its manifest (``[]``: it matches).
+
+        Nothing is followed: every file must be a regular file, every directory a real one, and
+        every link must have the manifest's target, all owned by trusted users and writable by
+        nobody else. The manifest must pass :func:`hubcache.core.paths.validate_manifest` (so no
+        link in it leaves the entry, whatever order its links come in). ``full`` also compares
+        each file's CRC-32.
+        """
+        reason = self._entry_problem(path)
+        if reason is not None:
+            return [f"the entry directory {reason}"]
+        try:
+            paths.validate_manifest(manifest, _NO_LIMITS)
+        except UnsafeArchiveError as error:
+            return [f"the manifest is unsafe: {error.message}"]
+        problems: list[str] = []
+        try:
+            tree = treewalk.Beneath(path)
+        except OSError:
+            return ["the entry directory is missing"]
+        with tree:
+            for record in manifest.files:
+                try:
+                    st = tree.lstat(record.path)
+                except OSError:
+                    problems.append(f"{record.path} is missing")
+                    continue
+                reason = safefs.problem(st, self.trusted)
+                if reason is not None:
+                    problems.append(f"{record.path} {reason}")
+                elif st.st_size != record.size:
+                    problems.append(f"{record.path} has {st.st_size} bytes, expected {record.size}")
+                elif full:
+                    crc = self._crc(tree, record.path)
+                    if crc != record.crc32:
+                        problems.append(f"{record.path} has CRC-32 {crc}, expected {record.crc32}")
+            for link, target in manifest.symlinks.items():
+                try:
+                    is_link = stat.S_ISLNK(tree.lstat(link).st_mode)
+                    actual = tree.readlink(link) if is_link else None
+                except OSError:
+                    is_link, actual = False, None
+                if not is_link:
+                    problems.append(f"symlink {link} is missing")
+                elif actual != target:
+                    problems.append(f"symlink {link} points to {actual!r}, not {target!r} as recorded")
+            for d in sorted(_parents(list(manifest.symlinks) + [f.path for f in manifest.files], set(manifest.dirs))):
+                try:
+                    st = tree.lstat(d)
+                except OSError:
+                    problems.append(f"directory {d} is missing")
+                    continue
+                reason = safefs.problem(st, self.trusted, kind="dir")
+                if reason is not None:
+                    problems.append(f"directory {d} is missing" if reason == "is not a directory" else f"directory {d} {reason}")
         return problems
 
+    @staticmethod
+    def _crc(tree: treewalk.Beneath, rel: str) -> str:
+        try:
+            fd = tree.open_file(rel)
+        except OSError as error:
+            return f"unreadable ({error.strerror})"
+        crc = 0
+        with os.fdopen(fd, "rb") as f:
+            while chunk := f.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+        return crc_hex(crc)
+
     def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
+        try:
+            if not self.check_root():
+                return None
+        except OSError:
+            return None
         path = self.entry_path(key)
+        if self._entry_problem(path) is not None:
+            return None
         manifest = self.read_manifest(key)
         if manifest is None:
             return self._adopt(key, handle)
@@ -185,24 +376,31 @@ class LocalStore(Store):
             return None
         return path, manifest
 
+    def _read_note(self, path: str) -> str | None:
+        try:
+            return safefs.read_file(path, self.trusted, limit=_NOTE_BYTES).decode("utf-8", errors="replace")
+        except OSError:
+            return None
+
     def _is_foreign(self, key: str) -> bool:
         """True for an entry tensorflow_hub wrote (its descriptor does not name hubcache)."""
-        try:
-            with open(self.descriptor_path(key), encoding="utf-8", errors="replace") as f:
-                return "Writer: hubcache" not in f.read()
-        except OSError:
-            return False
+        text = self._read_note(self.descriptor_path(key))
+        return text is not None and "Writer: hubcache" not in text
 
     def _adopt(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         path = self.entry_path(key)
-        if not os.path.isdir(path) or not self._is_foreign(key) or describe_model_dir(path):
+        if self._entry_problem(path) is not None or not self._is_foreign(key) or describe_model_dir(path):
             return None
         # Digests mean reading every byte: worth it only when the manifest can be kept. A
         # read-only (shared) cache gets a sizes-only manifest in memory and writes nothing.
         writable = os.access(self.root, os.W_OK)
-        manifest = scan_files(path, digests=writable)
+        try:
+            manifest = scan_files(path, digests=writable, trusted=self.trusted)
+        except (OSError, UnsafeArchiveError) as error:
+            logger.info("not adopting the tensorflow_hub entry %s: %s", path, error)
+            return None
         manifest.handle = handle
-        manifest.creator = "adopted from tensorflow_hub"
+        manifest.creator = "adopted from tensorflow_hub"  # no archive digest: it can vouch for no pin
         if writable:
             with contextlib.suppress(OSError):  # e.g. a full disk: still a hit
                 _atomic_write(self.manifest_path(key), manifest.to_json())
@@ -227,9 +425,10 @@ class LocalStore(Store):
     # -- use tracking (see hubcache.core.usage) ---------------------------------------------------
 
     def mark_used(self, key: str) -> None:
-        if not os.path.isdir(self.root):
-            with contextlib.suppress(OSError):
-                os.makedirs(self.root, exist_ok=True)
+        try:
+            self.check_root(create=True)
+        except OSError:  # read-only, cannot be made: nobody can remove entries there either
+            return
         usage.use(self.use_path(key))
 
     def release(self, key: str) -> None:
@@ -238,9 +437,12 @@ class LocalStore(Store):
     def _foreign_download(self, key: str) -> str | None:
         # tensorflow_hub announces its download with a plain `<key>.lock` file (no OS lock).
         try:
-            age = time.time() - os.stat(os.path.join(self.root, f"{key}.lock")).st_mtime
+            st = os.lstat(os.path.join(self.root, f"{key}.lock"))
         except OSError:
             return None
+        if safefs.problem(st, self.trusted, others_may_write=True) is not None:
+            return None  # another user's file: it says nothing about a download
+        age = time.time() - st.st_mtime
         return "being downloaded by tensorflow_hub (its .lock file is there)" if age < self.lock_timeout else None
 
     def _downloading(self, key: str) -> str | None:
@@ -262,7 +464,7 @@ class LocalStore(Store):
             if in_use is not None:
                 yield in_use
                 return
-            with usage.exclusive(self.lock_path(key)) as downloading:
+            with usage.exclusive(self.lock_path(key), mode=0o600) as downloading:
                 if downloading is not None:
                     yield f"being downloaded ({self._holder(key)})"
                     return
@@ -276,10 +478,94 @@ class LocalStore(Store):
 
     @contextlib.contextmanager
     def lock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+        if fcntl is None:  # pragma: no cover - Windows
+            with self._filelock(key, on_wait):
+                yield
+            return
+        path = self.lock_path(key)
+        try:
+            self.check_root(create=True)
+            fd = self._acquire(path, on_wait)
+        except safefs.UnsafeFileError as error:
+            raise CacheError(f"refusing the lock file {error.path}: it {error.reason}",
+                             hint="remove it (hubcache did not make it; ask the cache's owner), or set "
+                                  "TFHUB_CACHE_DIR to a directory only you can write") from None
+        except OSError as error:
+            raise _cache_error(error, f"locking {path}") from None
+        try:
+            with contextlib.suppress(OSError):
+                _atomic_write(self._owner_path(key), f"{socket.gethostname()} pid {os.getpid()}".encode())
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _acquire(self, path: str, on_wait: Callable[[str], None]) -> int:
+        """Open the lock file safely (:func:`hubcache.core.safefs.open_lock`) and ``flock`` it,
+        waiting at most ``lock_timeout`` for a trusted holder; returns the locked descriptor.
+
+        Raises:
+            CacheError: a trusted holder kept it for ``lock_timeout`` seconds.
+            UnsafeFileError: a planted lock file, or one a process of an untrusted user holds,
+                that this user cannot replace (it does not own the root).
+            OSError: the lock file cannot be opened.
+        """
+        key = os.path.basename(path).split(".", 1)[0]
+        deadline: float | None = None
+        for _ in range(100):
+            # 0600: a lock file another user can open is one they can hold forever.
+            fd = safefs.open_lock(path, self.trusted, mode=0o600)
+            try:
+                st = os.fstat(fd)
+                if st.st_uid == safefs.euid() and stat.S_IMODE(st.st_mode) & 0o077:
+                    os.fchmod(fd, 0o600)  # made 0644 by an older hubcache
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        pass
+                    if deadline is None:
+                        self._refuse_foreign_holder(path)
+                        deadline = time.monotonic() + self.lock_timeout
+                        on_wait(self._holder(key))
+                    if time.monotonic() >= deadline:
+                        raise CacheError(f"another process has been downloading this for over "
+                                         f"{self.lock_timeout:.0f} s ({self._holder(key)})",
+                                         hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
+                    time.sleep(_LOCK_POLL)
+                same = os.path.samestat(os.lstat(path), os.fstat(fd))
+            except _ReplacedLock:
+                os.close(fd)
+                continue
+            except FileNotFoundError:
+                same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)  # unlinked or replaced while we waited: lock the file there now
+        raise CacheError(f"the lock file {path} keeps being replaced", hint="try again later")
+
+    def _refuse_foreign_holder(self, path: str) -> None:
+        """Raise if the lock is held by a process of an untrusted user (no downloader of this
+        cache runs as one): :class:`_ReplacedLock` after unlinking the file where this user owns
+        the root (the next open makes a fresh one), else ``UnsafeFileError``."""
+        foreign = [uid for uid in usage.holder_uids(path) if uid not in self.trusted]
+        if not foreign:
+            return
+        if safefs.own_directory(self.root):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise _ReplacedLock
+        raise safefs.UnsafeFileError(path, f"is held by a process of another user (uid {foreign[0]})")
+
+    @contextlib.contextmanager
+    def _filelock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:  # pragma: no cover - Windows
         import filelock
 
         try:
-            os.makedirs(self.root, exist_ok=True)
+            self.check_root(create=True)
             lock = filelock.FileLock(self.lock_path(key))
             try:
                 lock.acquire(timeout=0)
@@ -304,11 +590,8 @@ class LocalStore(Store):
         return os.path.join(self.root, f"{key}.hubcache.owner")
 
     def _holder(self, key: str) -> str:
-        try:
-            with open(self._owner_path(key), encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError:
-            return "unknown"
+        text = self._read_note(self._owner_path(key))
+        return _printable(text)[:200] or "unknown" if text is not None else "unknown"
 
     def writer(self, key: str, handle: str) -> LocalWriter:
         return LocalWriter(self, key, handle)
@@ -318,7 +601,7 @@ class LocalStore(Store):
         # temp dir, trash dir or half-written file of ours is here now was abandoned.
         root = glob.escape(self.root)
         for leftover in glob.glob(os.path.join(root, f"{key}.hc*.tmp")) + glob.glob(os.path.join(root, f"{key}.hc*.trash")):
-            shutil.rmtree(leftover, ignore_errors=True)
+            treewalk.rmtree(leftover, ignore_errors=True)
         for part in glob.glob(os.path.join(root, f"{key}.*.part")):
             with contextlib.suppress(OSError):
                 os.unlink(part)
@@ -334,12 +617,14 @@ class LocalStore(Store):
                 os.rename(path, trash)
             except FileNotFoundError:
                 return
-            shutil.rmtree(trash, ignore_errors=True)
+            treewalk.rmtree(trash, ignore_errors=True)
 
     # -- listing and maintenance ----------------------------------------------------------------
 
     def entries(self) -> Iterator[EntryInfo]:
         try:
+            if not self.check_root():
+                return
             names = sorted(os.listdir(self.root))
         except OSError:
             return
@@ -355,6 +640,8 @@ class LocalStore(Store):
 
     def entry(self, key: str) -> EntryInfo | None:
         try:
+            if not self.check_root():
+                return None
             names = os.listdir(self.root)
         except OSError:
             return None
@@ -366,7 +653,8 @@ class LocalStore(Store):
         in_progress = any(s.endswith(".tmp") for s in suffixes)
         if manifest is not None and "" in suffixes and not self.check(path, manifest):
             state = "committed"
-        elif manifest is None and "" in suffixes and self._is_foreign(key) and not describe_model_dir(path):
+        elif (manifest is None and "" in suffixes and self._entry_problem(path) is None and self._is_foreign(key)
+              and not describe_model_dir(path)):
             state = "foreign"
         elif in_progress:
             state = "in progress"
@@ -374,26 +662,22 @@ class LocalStore(Store):
             state = "damaged"
         else:
             return None
-        size = manifest.total_bytes if manifest else _du(path)
+        size = manifest.total_bytes if manifest else treewalk.disk_usage(path)
         last = usage.last_used(self.use_path(key))
         if last is None:
             with contextlib.suppress(OSError):
-                last = manifest.created if manifest else os.stat(path).st_mtime
+                last = manifest.created if manifest else os.lstat(path).st_mtime
         return EntryInfo(key, path, state, manifest, size, last, manifest.handle if manifest else self._module(key))
 
     def _module(self, key: str) -> str | None:
         """The handle a descriptor names (``Module: ...``, as tensorflow_hub writes it)."""
-        try:
-            with open(self.descriptor_path(key), encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.startswith("Module: "):
-                        return line[len("Module: "):].strip()
-        except OSError:
-            pass
+        for line in (self._read_note(self.descriptor_path(key)) or "").splitlines():
+            if line.startswith("Module: "):
+                return _printable(line[len("Module: "):])
         return None
 
     def remove(self, key: str) -> bool:
-        existed = os.path.lexists(self.entry_path(key)) or os.path.exists(self.manifest_path(key))
+        existed = os.path.lexists(self.entry_path(key)) or os.path.lexists(self.manifest_path(key))
         self.discard(key)
         for suffix in (".descriptor.txt", ".hubcache.owner"):
             with contextlib.suppress(FileNotFoundError):
@@ -401,52 +685,90 @@ class LocalStore(Store):
         return existed
 
     def verify(self, key: str, full: bool = False) -> list[str]:
+        with contextlib.suppress(OSError):
+            self.check_root()
         manifest = self.read_manifest(key)
         if manifest is None:
             return ["no manifest (not committed)"]
         return self.check(self.entry_path(key), manifest, full=full)
 
 
-def _du(path: str) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
+class _ReplacedLock(Exception):
+    """A lock file held by an untrusted user was unlinked: open the fresh one."""
+
+
+def _verified_sha256(manifest: Manifest) -> str | None:
+    """The archive SHA-256 hubcache computed from the bytes itself (``None`` for an adopted
+    entry, or one whose manifest was copied from another tier: ``archive["verified"] is False``)."""
+    digest = manifest.archive.get("sha256")
+    if manifest.archive.get("verified", True) is False or not isinstance(digest, str) or not digest:
+        return None
+    return digest
 
 
 class LocalWriter(EntryWriter):
-    """Fills a private temp dir next to the entry, then commits it with ``rename``."""
+    """Fills a private temp dir next to the entry, then commits it with ``rename``.
+
+    Whoever calls it, it writes only inside its temp dir: every path must be in normal form
+    (:func:`hubcache.core.paths.member_path`), nothing is written through a link it created,
+    and files are created with ``O_EXCL | O_NOFOLLOW``.
+    """
 
     def __init__(self, store: LocalStore, key: str, handle: str):
         self.store = store
         self.key = key
         self.handle = handle
         self.tmp = os.path.join(store.root, f"{key}.hc{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        self._links: set[str] = set()
+        self._link_depths: set[int] = set()
         try:
-            os.makedirs(self.tmp)
+            store.check_root(create=True)
+            os.mkdir(self.tmp, 0o755)
         except OSError as error:
             raise _cache_error(error, f"creating {self.tmp}") from None
 
     def _path(self, path: str) -> str:
+        """The full path of ``path`` in the temp dir, after refusing any that could leave it."""
+        if paths.member_path(path, what="entry path") != path:
+            raise UnsafeArchiveError(f"refusing to write {path!r}: not a path in normal form inside the entry",
+                                     member=path)
+        if self._links:  # only the links' own depths can be prefixes that are links
+            parts = path.split("/")
+            for depth in self._link_depths:
+                if depth < len(parts) and "/".join(parts[:depth]) in self._links:
+                    raise UnsafeArchiveError(f"refusing to write {path!r} through the symlink "
+                                             f"{'/'.join(parts[:depth])!r}", member=path)
         return os.path.join(self.tmp, *path.split("/"))
 
-    def _replace(self, full: str) -> None:
+    def _replace(self, full: str, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(full)
+            os.unlink(full)  # an earlier member of the same name (a link is removed, not followed)
+        self._links.discard(path)
 
     def add_dir(self, path: str) -> None:
+        full = self._path(path)
+        if path in self._links:
+            raise UnsafeArchiveError(f"refusing to make {path!r} a directory: it is a symlink", member=path)
         try:
-            os.makedirs(self._path(path), exist_ok=True)
+            try:
+                os.mkdir(full, 0o755)
+            except FileNotFoundError:  # parents first (callers normally add them themselves)
+                cut = 0
+                while (cut := path.find("/", cut + 1)) > 0:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(os.path.join(self.tmp, *path[:cut].split("/")), 0o755)
+                os.mkdir(full, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(full).st_mode):
+                raise UnsafeArchiveError(f"refusing to make {path!r} a directory: a file is there", member=path) from None
         except OSError as error:
             raise _cache_error(error, f"creating directory {path}") from None
 
     def add_file(self, path: str, chunks: Iterable[bytes], executable: bool = False) -> None:
         full = self._path(path)
         try:
-            self._replace(full)
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+            self._replace(full, path)
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | safefs.NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                          0o755 if executable else 0o644)
             with open(fd, "wb", buffering=0) as f:
                 for chunk in chunks:
@@ -456,20 +778,28 @@ class LocalWriter(EntryWriter):
 
     def add_symlink(self, path: str, target: str) -> None:
         full = self._path(path)
+        paths.link_target(path, target, what="entry path")  # never one leaving the entry, whoever asks
         try:
-            self._replace(full)
+            self._replace(full, path)
             os.symlink(target, full)
         except OSError as error:
             raise _cache_error(error, f"creating symlink {path}") from None
+        self._links.add(path)
+        self._link_depths.add(path.count("/") + 1)
 
     def add_hardlink(self, path: str, existing: str) -> None:
         full = self._path(path)
+        source = self._path(existing)
+        if existing in self._links:
+            raise UnsafeArchiveError(f"refusing to link {path!r} to the symlink {existing!r}", member=path)
         try:
-            self._replace(full)
+            self._replace(full, path)
             try:
-                os.link(self._path(existing), full)
+                os.link(source, full, follow_symlinks=False)
             except OSError:
-                shutil.copyfile(self._path(existing), full)
+                src = safefs.open_file(source, safefs.trusted_owners())
+                with os.fdopen(src, "rb") as f:
+                    self.add_file(path, iter(lambda: f.read(1 << 20), b""))
         except OSError as error:
             raise _cache_error(error, f"linking {path}") from None
 
@@ -492,10 +822,13 @@ class LocalWriter(EntryWriter):
                         raise
                 # Something is in the way: a committed entry (a racing writer won) or debris.
                 found = store.lookup(key, self.handle)
-                if found is not None:
+                if found is None:
+                    store.discard(key)
+                elif self._may_stand(found[1], manifest):
                     self.abort()
                     return found[0]
-                store.discard(key)
+                else:
+                    self._take_over(entry)
             else:
                 raise CacheError(f"could not commit {entry}: it keeps reappearing")
             _atomic_write(store.manifest_path(key), manifest.to_json())
@@ -512,5 +845,27 @@ class LocalWriter(EntryWriter):
         usage.touch(store.use_path(key))  # last use: when it became usable, not when the download began
         return entry
 
+    @staticmethod
+    def _may_stand(theirs: Manifest, ours: Manifest) -> bool:
+        """Whether a complete entry found in the way is kept instead of ours: always, unless ours
+        comes from bytes this process verified and theirs does not vouch for the same digest
+        (an adopted entry, or one copied from another tier, in the way of a pinned download)."""
+        mine = _verified_sha256(ours)
+        return mine is None or _verified_sha256(theirs) == mine
+
+    def _take_over(self, entry: str) -> None:
+        """Remove an unverified entry in the way of a verified one, unless a process uses it."""
+        use = self.store.use_path(self.key)
+        usage.release(use)  # this process's own shared lock would count as a user
+        try:
+            with usage.exclusive(use) as busy:
+                if busy is not None:
+                    raise CacheError(f"{entry} holds an entry hubcache did not verify (adopted from tensorflow_hub "
+                                     f"or copied from another tier) and it is {busy}, so the verified download "
+                                     "cannot replace it now", hint="try again when it is no longer in use")
+                self.store.discard(self.key)
+        finally:
+            usage.use(use)
+
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        treewalk.rmtree(self.tmp, ignore_errors=True)

@@ -21,6 +21,12 @@ Last use is the mtime of the same file, set when a process first uses the entry 
 later (memoised) hits at most every :data:`REFRESH_SECONDS`: a hot loop of resolves costs one
 clock read each, not a write.
 
+Use files are opened through :mod:`hubcache.core.safefs` (no link followed, no blocking open, only
+a regular file of a trusted owner): one another user planted is replaced when this user owns the
+cache directory, else ignored (no protection, never an error). Anyone who can read a use file can
+lock it, so a user waits at most :data:`SHARED_WAIT_SECONDS` for a remover's exclusive lock, then
+goes on unprotected (the remover unlinks the manifest first, so that is a miss, not a torn hit).
+
 Limits: a process holds at most :data:`MAX_HELD` shared locks (one file descriptor each); past
 that its least recently resolved entries lose protection. Processes that do not use hubcache
 (tensorflow_hub itself) take no lock. Where ``fcntl`` is missing (Windows) an entry counts as in
@@ -36,6 +42,8 @@ import time
 from collections import OrderedDict
 from typing import Iterator
 
+from . import safefs
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -47,6 +55,9 @@ REFRESH_SECONDS = 600.0
 MAX_HELD = 256
 #: Without ``fcntl``: seconds after its last use during which an entry counts as in use.
 WINDOW_SECONDS = 600.0
+#: Seconds a user waits for a remover's exclusive lock before going on without a shared one (a
+#: removal takes less; a process of another user holding the lock forever must not stall us).
+SHARED_WAIT_SECONDS = 10.0
 
 _held: OrderedDict[str, int] = OrderedDict()
 _touched: dict[str, float] = {}
@@ -56,7 +67,7 @@ _lock = threading.Lock()
 def _same_file(fd: int, path: str) -> bool:
     """True if ``path`` still names the file open as ``fd`` (a remover may have unlinked it)."""
     try:
-        st, fst = os.stat(path), os.fstat(fd)
+        st, fst = os.lstat(path), os.fstat(fd)
     except OSError:
         return False
     return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)
@@ -90,17 +101,18 @@ def use(path: str) -> None:
                 pass
         _touch(None, path)
         return
+    trusted = safefs.trusted_in(os.path.dirname(path))
     for _ in range(10):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # 0644: other users reading a shared cache lock it too, keeping its owner's prune off.
+            fd = safefs.open_lock(path, trusted, mode=0o644)
+        except safefs.UnsafeFileError:
+            return  # planted by someone else where we cannot replace it: no protection
         except OSError:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
+            fd = safefs.open_existing(path, trusted)  # a read-only cache: a shared lock needs no write
+            if fd is None:
                 return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
+        if not _lock_shared(fd, path, trusted):
             os.close(fd)
             return
         if _same_file(fd, path):
@@ -119,6 +131,28 @@ def use(path: str) -> None:
         os.close(old)
 
 
+def _lock_shared(fd: int, path: str, trusted: frozenset[int]) -> bool:
+    """Take a shared lock, waiting at most SHARED_WAIT_SECONDS for an exclusive holder (and not
+    at all for one of an untrusted user: no remover of this cache runs as them)."""
+    deadline = time.monotonic() + SHARED_WAIT_SECONDS
+    pause = 0.001
+    first = True
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if first and any(uid not in trusted for uid in holder_uids(path)):
+                return False
+            first = False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except OSError:
+            return False
+
+
 def touch(path: str) -> None:
     """Record a use now (e.g. when a download this process made is committed)."""
     with _lock:
@@ -135,18 +169,22 @@ def release(path: str) -> None:
 
 
 def last_used(path: str) -> float | None:
-    """The Unix time of the entry's last recorded use, or ``None`` if it has none."""
+    """The Unix time of the entry's last recorded use, or ``None`` if it has none (or it is not a
+    use file a trusted user made)."""
     try:
-        mtime = os.stat(path).st_mtime
+        st = os.lstat(path)
     except OSError:
         return None
+    if safefs.problem(st, safefs.trusted_in(os.path.dirname(path)), others_may_write=True) is not None:
+        return None
+    mtime = st.st_mtime
     return mtime or None  # 0: created by a remover, never used (see exclusive)
 
 
 def holders(path: str) -> list[int]:
     """Process ids holding a lock on ``path``, where the OS tells (Linux ``/proc/locks``)."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
@@ -163,6 +201,22 @@ def holders(path: str) -> list[int]:
     return sorted(set(pids))
 
 
+def holder_uids(path: str) -> list[int]:
+    """Effective user ids of the processes holding a lock on ``path``, where the OS tells
+    (Linux ``/proc``; a process whose status cannot be read is left out)."""
+    uids = []
+    for pid in holders(path):
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uids.append(int(line.split()[2]))
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return uids
+
+
 def _describe(path: str) -> str:
     pids = holders(path)
     if not pids:
@@ -177,10 +231,9 @@ def probe(path: str) -> str | None:
     if fcntl is None:  # pragma: no cover - Windows
         when = last_used(path)
         return "used recently" if when is not None and time.time() - when < WINDOW_SECONDS else None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None  # no use file: nobody ever took a lock on it
+    fd = safefs.open_existing(path, safefs.trusted_in(os.path.dirname(path)))
+    if fd is None:
+        return None  # no use file (or a planted one, which protects nothing): nobody holds it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -191,24 +244,25 @@ def probe(path: str) -> str | None:
 
 
 @contextlib.contextmanager
-def exclusive(path: str) -> Iterator[str | None]:
+def exclusive(path: str, mode: int = 0o644) -> Iterator[str | None]:
     """Hold off every user of the entry while the block runs.
 
     Yields ``None`` when nobody uses the entry (users then wait until the block ends), or why
     it is in use (the block must then leave the entry alone). Call :func:`forget` inside the
-    block after removing the entry.
+    block after removing the entry. ``mode``: permissions of the file if it is created here.
     """
     if fcntl is None:  # pragma: no cover - Windows
         yield probe(path)
         return
+    trusted = safefs.trusted_in(os.path.dirname(path))
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = safefs.open_file(path, trusted, flags=os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=mode)
         # Created here, not by a use: mtime 0 reads as "no use recorded", so the entry keeps
         # its age (from its manifest) if the removal does not go ahead.
         with contextlib.suppress(OSError):
             os.utime(fd, (0, 0)) if os.utime in os.supports_fd else os.utime(path, (0, 0))
     except FileExistsError:
-        fd = _open_existing(path)
+        fd = _open_existing(path, trusted, mode)
     except OSError:
         fd = None
     if fd is None:
@@ -228,13 +282,11 @@ def exclusive(path: str) -> Iterator[str | None]:
         os.close(fd)
 
 
-def _open_existing(path: str) -> int | None:
-    for flags in (os.O_RDWR, os.O_RDONLY):
-        try:
-            return os.open(path, flags)
-        except OSError:
-            continue
-    return None
+def _open_existing(path: str, trusted: frozenset[int], mode: int) -> int | None:
+    try:
+        return safefs.open_lock(path, trusted, mode=mode)  # a planted one is replaced if we can
+    except OSError:
+        return safefs.open_existing(path, trusted)
 
 
 def forget(path: str) -> None:
