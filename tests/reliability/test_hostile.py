@@ -8,6 +8,7 @@ the snapshot rather than somewhere unobserved.
 
 from __future__ import annotations
 
+import gzip
 import os
 import struct
 import tarfile
@@ -127,6 +128,18 @@ MORE_HOSTILE = {
     # a directory, then a symlink of the same name (swap a checked dir for a link)
     "dir_then_symlink": [_member("variables", None, type=tarfile.DIRTYPE),
                          _member("variables", None, type=tarfile.SYMTYPE, linkname="assets")],
+    # the outer link first: 'out' alone stays inside (a/up/../.. is the root); then a/up -> ..
+    # makes it the entry's grandparent. Before: committed, and verify --full called it good.
+    "symlink_chain_outer_first": [_member("saved_model.pb", b"m"), _member("a", None, type=tarfile.DIRTYPE),
+                                  _member("out", None, type=tarfile.SYMTYPE, linkname="a/up/../.."),
+                                  _member("a/up", None, type=tarfile.SYMTYPE, linkname="..")],
+    "symlink_self_loop": [_member("saved_model.pb", b"m"), _member("l", None, type=tarfile.SYMTYPE, linkname="l")],
+    "symlink_cycle": [_member("saved_model.pb", b"m"), _member("a", None, type=tarfile.SYMTYPE, linkname="b"),
+                      _member("b", None, type=tarfile.SYMTYPE, linkname="a")],
+    # NUL bytes in names through pax headers (before: ValueError from os.open)
+    "pax_nul_name": [_member("saved_model.pb", b"m"), _member("ok.txt", b"x", pax_headers={"path": "a\x00b"})],
+    "pax_nul_hardlink": [_member("saved_model.pb", b"m"),
+                         _member("h", None, type=tarfile.LNKTYPE, pax_headers={"linkpath": "saved\x00model.pb"})],
 }
 
 
@@ -220,3 +233,130 @@ def test_a_million_members(origin, sandbox, monkeypatch, figures):
     assert isinstance(error, UnsafeArchiveError) and f"more than {limit} members" in error.message
     figures.update(run=f"{count:,} empty members in {len(body) / 2**20:.1f} MiB of zstd, HUBCACHE_MAX_MEMBERS={limit}",
                    refused_in_s=round(seconds, 3), archive_bytes=len(body), files_created_then_removed=limit)
+
+
+# -- classes 4, 5 and 7 end to end: incomplete tars, header bombs, endless trailers ----------------
+
+def _raw_hostile() -> dict[str, tuple[bytes, type, str]]:
+    """name -> (body, error type, words in the message)."""
+    import hostile_tar_builders as b
+
+    model = b.member("saved_model.pb", b"model bytes")
+    weights = b.member("variables/variables.data-00000-of-00001", bytes(4096))
+    return {
+        # a plain .tar cut between two members: before, the first member was committed
+        "plain_tar_cut_between_members": (model + weights, ArchiveError, "without the end-of-archive marker"),
+        # a damaged header after the first member: before, the end of the archive
+        "bad_checksum_in_second_header": (b.tar(model, b.header("x", 3, checksum_delta=1) + b.pad(b"abc")),
+                                          ArchiveError, "corrupt (bad checksum)"),
+        # 32 KiB of zstd whose pax header declares 1 GiB: before, read whole into memory
+        "pax_header_bomb": (b.zstd_then_zeros(b.header("././@PaxHeader", 1 << 30, b"x"), 1 << 30),
+                            UnsafeArchiveError, "header bomb"),
+        "malformed_sparse_map": (b.tar(model, b.pax(b.pax_records(**{"GNU.sparse.map": "1,x"})), b.member("s", b"x")),
+                                 ArchiveError, "damaged"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_raw_hostile()))
+def test_incomplete_tars_and_header_bombs_refused(name, origin, sandbox, figures):
+    """A tar without its end marker, a damaged header, a metadata bomb, a malformed sparse map:
+    one-line errors, nothing committed, nothing written outside."""
+    body, kind, words = _raw_hostile()[name]
+    error, seconds, info = refuse(origin, sandbox, name, body)
+    assert isinstance(error, kind) and words in error.message, f"{name}: {error!r}"
+    figures.update(run=f"hostile archive '{name}' ({len(body)} bytes)", error=type(error).__name__,
+                   message=error.message[:120], refused_in_s=round(seconds, 3))
+
+
+class EndlessOrigin:
+    """A loopback HTTP server whose one answer never ends: ``prefix``, then ``unit`` forever
+    (close-delimited, no Content-Length), until the client hangs up. Counts what it sent."""
+
+    def __init__(self, prefix: bytes, unit: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.sent = 0
+        block = unit * max(1, (64 << 10) // len(unit))
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    self.wfile.write(prefix)
+                    owner.sent += len(prefix)
+                    while owner.sent < (2 << 30):  # only a failing test ever gets this far
+                        self.wfile.write(block)
+                        owner.sent += len(block)
+                except OSError:
+                    pass  # the client hung up: what we want
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    def __enter__(self) -> EndlessOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+
+def _endless_cases() -> dict[str, tuple[bytes, bytes]]:
+    import hostile_tar_builders as b
+
+    ok = b.tar(b.member("saved_model.pb", b"model bytes"))
+    return {
+        "gzip_zero_padding": (gzip.compress(ok), bytes(4096)),
+        "empty_gzip_members": (gzip.compress(ok), b.EMPTY_GZIP_MEMBER),
+        "zstd_skippable_frames": (b.zstd(ok), b.SKIPPABLE_FRAME),
+        "plain_tar_zeros": (ok, bytes(4096)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_endless_cases()))
+def test_an_endless_trailer_is_refused(name, sandbox, figures):
+    """A complete archive followed by compressed nothing, forever, from a real server: refused
+    after a bounded read (before: read until the server stopped, holding the entry's lock)."""
+    from hubcache.core.extract import MAX_TRAILER
+
+    root, cache = sandbox
+    prefix, unit = _endless_cases()[name]
+    before = snapshot(root)
+    with EndlessOrigin(prefix, unit) as server:
+        url = server.url(f"/endless/{name}.tar.gz")
+        began = time.perf_counter()
+        with pytest.raises(ArchiveError) as info:
+            hubcache.resolve(url)
+        seconds = time.perf_counter() - began
+        sent = server.sent
+    message = str(info.value)
+    assert message.startswith(repr(url)) and "\n" not in message, message
+    assert "after its end" in message or "decode to nothing" in message, message
+    assert sent < 2 * MAX_TRAILER + (16 << 20), sent  # the limit, read-ahead and socket buffers
+    after = snapshot(root)
+    new = {p for p in after if p not in before}
+    key = cache_key(url)
+    allowed = {os.path.relpath(os.path.join(cache, key + s), root) for s in BOOKKEEPING}
+    allowed.add(os.path.relpath(cache, root))
+    assert new <= allowed, sorted(new - allowed)
+    assert leftovers(cache) == []
+    figures.update(run=f"endless trailer '{name}' after a complete archive, close-delimited",
+                   error=type(info.value).__name__, message=info.value.message[:120],
+                   refused_in_s=round(seconds, 3), server_sent_mib=round(sent / 2**20, 1))

@@ -23,9 +23,10 @@ CHUNK = 1 << 20
 #: stays under 4 MiB whatever the input).
 DECODER_MEMORY = 128 << 20
 #: Compressed bytes a decoder may read in a row without producing output (zero padding, empty
-#: gzip or bzip2 members, zstd skippable frames). Real compressed data always yields output long
-#: before (deflate expands at most 1032:1, a bzip2 block is under 1 MiB, a zstd block 128 KiB).
-MAX_IDLE_INPUT = 16 << 20
+#: gzip or bzip2 members, zstd skippable frames). Real compressed data yields output long before
+#: (a deflate block at least every 64 KiB of input, a bzip2 block under 1 MiB, a zstd block at
+#: most 128 KiB); tools pad archives to at most 1 MiB.
+MAX_IDLE_INPUT = 4 << 20
 
 MAGIC = (
     (b"\x1f\x8b", "gz"),
@@ -130,7 +131,14 @@ def _memory_error(name: str, error: BaseException) -> ArchiveError | None:
 
 
 class _Decoder:
-    """Bounded-output decoding of a multi-member stream with a stdlib-style decompressor."""
+    """Bounded-output decoding of a multi-member stream with a stdlib-style decompressor.
+
+    Input goes to the decompressor in slices of at most :data:`SLICE` bytes (views, not copies):
+    at the end of a member the decompressor copies what is left of its input, so whole chunks
+    would make a stream of tiny members (empty gzip members, bgzf blocks) quadratic.
+    """
+
+    SLICE = 64 << 10
 
     def __init__(self, raw: Readable, new: Callable[[], object], name: str, trailing_zeros_ok: bool):
         self._raw = _Idle(raw, name)
@@ -138,59 +146,61 @@ class _Decoder:
         self._name = name
         self._trailing_zeros_ok = trailing_zeros_ok
         self._dec = new()
-        self._input = b""
+        self._zlib = not hasattr(self._dec, "needs_input")  # bz2 / lzma keep their own input buffer
+        self._chunk = memoryview(b"")
+        self._pos = 0
+        self._carry: bytes | memoryview = b""
         self._eof = False
+
+    def _take(self) -> bytes | memoryview:
+        """The next piece of input, at most :data:`SLICE` bytes; empty at the end of the source."""
+        if self._carry:
+            data, self._carry = self._carry, b""
+            return data
+        if self._pos >= len(self._chunk):
+            self._chunk, self._pos = memoryview(self._raw.read(CHUNK)), 0
+        data = self._chunk[self._pos:self._pos + self.SLICE]
+        self._pos += len(data)
+        return data
+
+    def _next_member(self, rest: bytes) -> None:
+        if not rest:
+            rest = self._take()
+        # Zero padding after the last member (some tools write it) is read past and dropped;
+        # looping on it without consuming it would spin forever. (_Idle bounds an endless one.)
+        while self._trailing_zeros_ok and rest and not bytes(rest).strip(b"\x00"):
+            rest = self._take()
+        if not rest:
+            self._eof = True
+            return
+        self._dec = self._new()
+        self._carry = rest
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = CHUNK
-        while True:
-            if self._eof:
-                return b""
+        while not self._eof:
             dec = self._dec
             if dec.eof:
-                rest = dec.unused_data + self._input
-                self._input = b""
-                if not rest:
-                    rest = self._raw.read(CHUNK)
-                    if not rest:
-                        self._eof = True
-                        return b""
-                # Zero padding after the last member (some tools write it) is read past and
-                # dropped; looping on it without consuming it would spin forever.
-                while self._trailing_zeros_ok and rest and not rest.strip(b"\x00"):
-                    rest = self._raw.read(CHUNK)
-                if not rest:
-                    self._eof = True
-                    return b""
-                dec = self._dec = self._new()
-                self._input = rest
-            if not self._input and self._needs_input(dec):
-                self._input = self._raw.read(CHUNK)
-                if not self._input:
-                    raise ArchiveError(f"the {self._name} stream is truncated (it ends before its end marker)",
-                                       hint="the download was cut short or the file is damaged")
+                self._next_member(dec.unused_data)
+                continue
+            if self._zlib:
+                data = dec.unconsumed_tail or self._take()
+                missing = not data
+            else:
+                data = self._take() if dec.needs_input else b""
+                missing = dec.needs_input and not data
+            if missing:
+                raise ArchiveError(f"the {self._name} stream is truncated (it ends before its end marker)",
+                                   hint="the download was cut short or the file is damaged")
             try:
-                out = self._decompress(dec, size)
+                out = dec.decompress(data, size)
             except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, *_inflate_errors()) as error:
                 raise _memory_error(self._name, error) or ArchiveError(f"corrupt {self._name} data: {error}") from None
             if out:
                 self._raw.count = 0
                 return out
-
-    def _needs_input(self, dec) -> bool:
-        if hasattr(dec, "needs_input"):
-            return dec.needs_input
-        return not dec.unconsumed_tail
-
-    def _decompress(self, dec, size: int) -> bytes:
-        if hasattr(dec, "needs_input"):  # bz2 / lzma keep their own input buffer
-            data, self._input = self._input, b""
-            return dec.decompress(data, size)
-        data = dec.unconsumed_tail or self._input
-        self._input = b""
-        out = dec.decompress(data, size)
-        return out
+        return b""
 
 
 class ZstdFrameWalker:
