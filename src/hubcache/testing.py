@@ -243,7 +243,8 @@ class Route:
     #: request with a 206 whose Content-Range start (and the bytes sent) and total are off by
     #: these; ("extra", n): send ``n`` bytes beyond the announced Content-Length;
     #: ("unframed", n): no Content-Length, close-delimited, ``n`` bytes beyond the body (a 206
-    #: keeps its Content-Range, so the client knows where it should have ended)
+    #: keeps its Content-Range, so the client knows where it should have ended);
+    #: ("slow_headers", seconds): a header line that never ends, one byte every ``seconds``
     faults: list[tuple] = field(default_factory=list)
     #: send the body at this many bytes per second (``None``: as fast as possible)
     rate: float | None = None
@@ -407,6 +408,8 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                     fault = route.faults.pop(0)
             if fault and fault[0] == "status":
                 return self._send(record, fault[1], b"injected failure", {"Content-Type": "text/plain"})
+            if fault and fault[0] == "slow_headers":
+                return self._slow_headers(record, fault[1])
             if fault and fault[0] == "delay":
                 time.sleep(fault[1])
                 fault = None
@@ -453,6 +456,19 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
             if route.ranges:
                 headers["Accept-Ranges"] = "bytes"
             self._send(record, status, body[start:], headers, fault, route.rate, route.step)
+
+        def _slow_headers(self, record: Request, interval: float) -> None:
+            # A header line that never ends, one byte every ``interval`` seconds (at most 10 min).
+            record.status = 200
+            self.close_connection = True
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(int(600 / max(interval, 0.001))):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(interval)
+            except OSError:
+                pass
 
         def _send(self, record: Request, status: int, body: bytes, headers: dict[str, str],
                   fault: tuple | None = None, rate: float | None = None, step: int = 16 << 10) -> None:

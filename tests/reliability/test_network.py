@@ -247,3 +247,21 @@ def test_the_deadline_applies_to_fsspec_sources(model, cache_root, monkeypatch, 
     assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
     figures.update(run="an fsspec source sending 64 B every 20 ms; HUBCACHE_DOWNLOAD_DEADLINE=1",
                    fail_after_s=round(seconds, 3))
+
+
+def test_the_deadline_cuts_a_server_that_trickles_its_headers(model, cache_root, monkeypatch, figures):
+    """The origin never finishes its response headers, sending one byte every 20 ms: the read
+    timeout never fires, and the deadline cuts the wait for headers as it cuts a body."""
+    monkeypatch.setenv("HUBCACHE_TIMEOUT", "2")
+    monkeypatch.setenv("HUBCACHE_DOWNLOAD_DEADLINE", "1")
+    with OriginServer() as origin:
+        url = origin.add("/net/headers.tar.gz", archive_of(model))
+        origin.fail("/net/headers.tar.gz", ("slow_headers", 0.02))
+        began = time.perf_counter()
+        with pytest.raises(DownloadError, match="HUBCACHE_DOWNLOAD_DEADLINE"):
+            hubcache.resolve(url)
+        seconds = time.perf_counter() - began
+        requests = origin.count()
+    assert 1.0 <= seconds < 2.5 and requests == 1
+    figures.update(run="headers never end (1 B every 20 ms); HUBCACHE_TIMEOUT=2, HUBCACHE_DOWNLOAD_DEADLINE=1",
+                   requests=requests, fail_after_s=round(seconds, 3))

@@ -41,6 +41,8 @@ CHANGED_HINT = "try again once the file on the server stops changing"
 
 _pool = None
 _pool_lock = threading.Lock()
+#: ``.source``: the HttpSource whose request this thread is making (see ``_tracked_pool``)
+_requesting = threading.local()
 
 
 def _pool_manager():
@@ -50,8 +52,30 @@ def _pool_manager():
             if _pool is None:
                 import urllib3
 
-                _pool = urllib3.PoolManager(num_pools=8, maxsize=16, retries=False)
+                pool = urllib3.PoolManager(num_pools=8, maxsize=16, retries=False)
+                pool.pool_classes_by_scheme = {"http": _tracked_pool(urllib3.HTTPConnectionPool),
+                                               "https": _tracked_pool(urllib3.HTTPSConnectionPool)}
+                _pool = pool
     return _pool
+
+
+def _tracked_pool(base: type) -> type:
+    """``base`` whose connections tell the :class:`HttpSource` making the request which one is
+    waiting for response headers: its deadline can then cut a server that trickles its headers
+    (each byte within the read timeout) as it cuts one that trickles its body."""
+
+    class Connection(base.ConnectionCls):
+        def getresponse(self, *args, **kwargs):
+            source = getattr(_requesting, "source", None)
+            if source is None:
+                return super().getresponse(*args, **kwargs)
+            source._waiting_on(self)
+            try:
+                return super().getresponse(*args, **kwargs)
+            finally:
+                source._waiting_on(None)
+
+    return type(base.__name__, (base,), {"ConnectionCls": Connection})
 
 
 class Deadline:
@@ -169,6 +193,7 @@ class HttpSource(Source):
         self._expired = False
         self._guard = threading.Lock()
         self._live = None  # the response being read, for the watchdog
+        self._pending = None  # the connection waiting for response headers, for the watchdog
         self._watchdog: threading.Timer | None = None
         if deadline is not None:
             self._watchdog = threading.Timer(max(0.0, deadline.left()), self._expire)
@@ -204,9 +229,18 @@ class HttpSource(Source):
         """The watchdog: at the deadline, shut the connection down so a blocked read returns."""
         with self._guard:
             self._expired = True
-            response = self._live
+            response, pending = self._live, self._pending
         if response is not None:
-            _shutdown(response)
+            _shutdown(getattr(response, "connection", None))
+        _shutdown(pending)
+
+    def _waiting_on(self, connection) -> None:
+        """Called (by the pool's connections) while the headers of a response are awaited."""
+        with self._guard:
+            self._pending = connection
+            expired = self._expired
+        if expired:
+            _shutdown(connection)
 
     def _stop_watchdog(self) -> None:
         if self._watchdog is not None:
@@ -239,10 +273,14 @@ class HttpSource(Source):
         if self._deadline is not None:
             timeout = max(0.001, min(timeout, self._deadline.left()))
         while True:
-            response = _pool_manager().request(
-                "GET", url, headers=headers, preload_content=False, decode_content=False,
-                redirect=False, retries=False,
-                timeout=urllib3.Timeout(connect=timeout, read=self._timeout))
+            _requesting.source = self
+            try:
+                response = _pool_manager().request(
+                    "GET", url, headers=headers, preload_content=False, decode_content=False,
+                    redirect=False, retries=False,
+                    timeout=urllib3.Timeout(connect=timeout, read=self._timeout))
+            finally:
+                _requesting.source = None
             location = response.headers.get("Location") if response.status in REDIRECT_STATUS else None
             if not location:
                 return response, url, hops
@@ -449,9 +487,9 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return scheme, parts.hostname, port or {"http": 80, "https": 443}.get(scheme)
 
 
-def _shutdown(response) -> None:
-    """Shut down a response's socket so a read blocked on it returns (from another thread)."""
-    sock = getattr(getattr(response, "connection", None), "sock", None)
+def _shutdown(connection) -> None:
+    """Shut down a connection's socket so a read blocked on it returns (from another thread)."""
+    sock = getattr(connection, "sock", None)
     if sock is not None:
         with contextlib.suppress(OSError):
             # socket.socket's own shutdown: SSLSocket's would drop its SSL object under the reader.
