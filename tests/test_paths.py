@@ -247,7 +247,7 @@ def test_checks_are_linear_in_depth():
     deep_target = "/".join(["a"] * (depth - 1)) + "/f"
     for i in range(1000):
         tree.add_symlink(f"l{i}", deep_target)
-        tree.add_symlink(f"ll{i}", "../" * 0 + f"l{i}")
+        tree.add_symlink(f"ll{i}", f"l{i}")
     tree.finish()
     seconds = time.perf_counter() - began
     assert tree.members == limits.max_members

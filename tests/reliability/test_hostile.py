@@ -248,7 +248,7 @@ def _raw_hostile() -> dict[str, tuple[bytes, type, str]]:
         "plain_tar_cut_between_members": (model + weights, ArchiveError, "without the end-of-archive marker"),
         # a damaged header after the first member: before, the end of the archive
         "bad_checksum_in_second_header": (b.tar(model, b.header("x", 3, checksum_delta=1) + b.pad(b"abc")),
-                                          ArchiveError, "corrupt (bad checksum)"),
+                                          ArchiveError, "is corrupt (a bad checksum"),
         # 32 KiB of zstd whose pax header declares 1 GiB: before, read whole into memory
         "pax_header_bomb": (b.zstd_then_zeros(b.header("././@PaxHeader", 1 << 30, b"x"), 1 << 30),
                             UnsafeArchiveError, "header bomb"),

@@ -20,10 +20,16 @@ from .errors import ArchiveError, HubcacheError, UnsafeArchiveError
 from .formats import CHUNK, Readable, read_head, sniff
 from .manifest import FileRecord, Manifest, crc_hex
 from .paths import EntryTree, Limits, member_path
-
-__all__ = ["Contents", "Limits", "Meter", "extract", "member_path"]
 from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
 from .store import EntryWriter
+
+__all__ = ["MAX_TRAILER", "Contents", "Limits", "Meter", "extract", "member_path"]
+
+#: Bytes allowed after the tar end-of-archive marker, both decoded and raw (compressed). Writers
+#: pad to a record (10 KiB by default, 1 MiB with the largest blocking factors); more is refused
+#: at once, so a tiny download cannot make hubcache decode gigabytes of trailing zeros, and an
+#: endless trailer (zero padding, empty gzip members, zstd skippable frames) cannot hold the lock.
+MAX_TRAILER = 16 << 20
 
 _NOT_ARCHIVES = {
     "empty": "the server sent an empty body, not an archive",
@@ -111,16 +117,10 @@ def extract(raw: Readable, writer: EntryWriter, limits: Limits) -> Contents:
         return _extract_decoded(fmt, decoded, gate, writer, limits)
 
 
-#: Bytes allowed after the tar end-of-archive marker, both decoded and raw (compressed). Writers
-#: pad to a record (10 KiB by default, 1 MiB with the largest blocking factors); more is refused
-#: at once, so a tiny download cannot make hubcache decode gigabytes of trailing zeros, and an
-#: endless trailer (zero padding, empty gzip members, zstd skippable frames) cannot hold the lock.
-MAX_TRAILER = 16 << 20
-
 #: What tarfile, the decoders and Python raise on hostile input besides ``TarError``: a damaged
 #: archive, never a crash (``HubcacheError`` subclasses are let through first).
 _DAMAGE = (ValueError, UnicodeError, OverflowError, RecursionError, struct.error, KeyError, IndexError,
-           TypeError, AttributeError, EOFError, zlib.error, lzma.LZMAError)
+           zlib.error, lzma.LZMAError)
 
 
 class _TrailerGate:
@@ -167,6 +167,8 @@ def _extract_decoded(fmt: str, decoded: Readable, gate: _TrailerGate, writer: En
     except tarfile.TarError as error:
         kind = "not a tar archive" if not contents.files and not contents.dirs else "a damaged tar archive"
         raise ArchiveError(f"{kind}: {_one_line(error)}") from None
+    except EOFError as error:
+        raise ArchiveError(f"the archive is truncated: {_one_line(error)}") from None
     except _DAMAGE as error:
         raise ArchiveError(f"a damaged tar archive ({type(error).__name__}: {_one_line(error)})",
                            hint="the file is damaged or was made to attack tar readers") from None
@@ -180,9 +182,9 @@ def _check_end(reader: ForwardReader) -> None:
     """tarfile stops quietly at a damaged header or at the end of the data; GNU tar calls both
     errors. Tell them from the end-of-archive marker by the block tarfile stopped at."""
     block = reader.last_read
-    if len(block) == 512 and not block.count(0) == 512:
+    if len(block) == 512 and block.count(0) != 512:
         raise ArchiveError(f"a damaged tar archive: the header at byte {reader.tell() - 512} is corrupt "
-                           "(bad checksum)", hint="the file is damaged; download it again")
+                           "(a bad checksum or field)", hint="the file is damaged; download it again")
     if len(block) != 512:
         where = "between two members" if not block else "inside a header"
         raise ArchiveError(f"the tar archive is truncated: it ends {where}, without the end-of-archive "
