@@ -38,7 +38,7 @@ from hubcache.core.store import EntryWriter
 
 from hostile_tar_builders import (
     BLOCK, EMPTY_GZIP_MEMBER, END, SKIPPABLE_FRAME, Endless, deep_tree, header, info, member, pad, pax,
-    pax_records, tar, tarfile_archive, xz_with_dictionary, zstd, zstd_then_zeros)
+    pax_records, tar, tarfile_archive, xz_with_dictionary, zstd)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
