@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -140,3 +141,26 @@ def test_missing_gcsfs_names_the_extra(origin, model, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "gcsfs" in out.stdout and "pip install 'hubcache[gcs]'" in out.stdout and handle in out.stdout
+
+
+def test_pointer_redirect_to_another_scheme_fails_at_once(origin, uncompressed):
+    """A redirect to file:// is the server's answer, not a transient failure: no retries."""
+    origin.redirect("/google/sneaky/1", "file:///etc/passwd")
+    handle = origin.url("/google/sneaky/1")
+    with pytest.raises(DownloadError) as info:
+        hubcache.resolve(handle)
+    assert "'file' URL" in str(info.value) and str(info.value).startswith(repr(handle))
+    assert origin.count("/google/sneaky/1") == 1
+
+
+def test_oversized_303_body_is_refused_not_cut(origin, uncompressed):
+    """A 303 body longer than the cap is an error (a cut-off gs:// path could name another
+    directory), and the rest of the body is not read: the connection is closed."""
+    body = ("gs://bucket/" + "a" * (64 << 20)).encode()
+    origin.add("/google/huge/1", body, status=303)
+    handle = origin.url("/google/huge/1")
+    began = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        hubcache.resolve(handle)
+    assert "longer than 4096 bytes" in str(info.value) and str(info.value).startswith(repr(handle))
+    assert time.monotonic() - began < 5

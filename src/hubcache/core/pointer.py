@@ -49,10 +49,12 @@ def follow_pointer(url: str, *, timeout: float = 60.0, retries: int = 4, backoff
                 preload_content=False, timeout=urllib3.Timeout(connect=timeout, read=timeout))
             try:
                 status = response.status
-                body = response.read(_MAX_BODY) if status == 303 else b""
+                # One byte past the cap tells a body that is too long from one that fits.
+                body = response.read(_MAX_BODY + 1) if status == 303 else b""
                 location = response.headers.get("Location")
             finally:
-                response.drain_conn()
+                # Closed, not drained: an endless or huge body must not keep us reading.
+                response.close()
                 response.release_conn()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             error = f"cannot connect: {exc}"
@@ -68,8 +70,19 @@ def follow_pointer(url: str, *, timeout: float = 60.0, retries: int = 4, backoff
             redirects += 1
             if redirects > 10:
                 raise DownloadError(f"too many redirects (GET {url})", url=url, status=status)
-            current = urljoin(current, location)
+            target = urljoin(current, location)
+            if not target.lower().startswith(("http://", "https://")):
+                # Not retried: a redirect to file:// (or any other scheme) is the server's answer.
+                raise DownloadError(f"{current} redirects to a {target.split(':', 1)[0]!r} URL; only "
+                                    "http(s) redirects are followed", url=current, status=status,
+                                    attempts=attempts)
+            current = target
             continue
+        if status == 303 and len(body) > _MAX_BODY:
+            raise DownloadError(f"the server's 303 answer to {current} is longer than {_MAX_BODY} bytes; "
+                                "it should be one gs:// path", url=current, status=303, attempts=attempts,
+                                hint="the server does not speak tfhub.dev's uncompressed protocol; "
+                                     "set TFHUB_MODEL_LOAD_FORMAT=COMPRESSED")
         if status == 303:
             text = body.decode("utf-8", "replace").strip()
             if not _GS_PATH.match(text):
