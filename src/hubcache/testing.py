@@ -201,7 +201,8 @@ def isolate(monkeypatch, root: str | os.PathLike) -> None:
     """Give hubcache a private world under ``root`` for one test.
 
     ``TMPDIR`` (the ``tmp`` backend) and the user cache dir (``home``) move under ``root``,
-    inherited hubcache settings are cleared, progress bars are off, and memoised resolves and
+    inherited hubcache settings are cleared, progress bars are off, cloud metadata servers are
+    out of reach (nothing leaves the machine), and memoised resolves and
     backend instances are forgotten. Everything is restored by pytest's ``monkeypatch``; call
     ``hubcache.core.resolver.clear_memo()`` after the test too if you resolved in-process.
     """
@@ -216,6 +217,12 @@ def isolate(monkeypatch, root: str | os.PathLike) -> None:
     monkeypatch.setenv("TMPDIR", os.path.join(root, "tmp"))
     monkeypatch.setenv("XDG_CACHE_HOME", os.path.join(root, "home-cache"))
     monkeypatch.setenv("HUBCACHE_NO_PROGRESS", "1")
+    # Cloud SDKs without credentials probe their metadata servers (169.254.169.254): a test must
+    # never leave the machine, so google-auth gets a closed loopback port and botocore no IMDS.
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setattr(tempfile, "tempdir", None)  # make tempfile re-read TMPDIR
     clear_memo()
 
