@@ -217,27 +217,39 @@ HANDLES = {state: f"https://models.invalid/deep-{state}.tar.gz"
            for state in ("committed", "damaged", "foreign", "leftover")}
 
 
+#: The deepest entry hubcache can commit: its paths stay within PATH_MAX (4096 bytes), as
+#: every archive member's must; still far beyond the recursion limit of os.walk/shutil.rmtree,
+#: and the full paths of its files pass PATH_MAX once the cache root is put in front.
+COMMIT_DEPTH = 2000
+
+
 def _plant(root: str, handle: str, state: str, outside: str) -> str:
-    """A 3000-deep entry for ``handle`` in the cache at ``root``, in ``state`` (``damaged``: one
-    byte flipped deep down, same size, which only ``--full`` sees), with a link to ``outside``
-    at the bottom; returns its path."""
+    """A deep entry for ``handle`` in the cache at ``root``, in ``state``; returns its path.
+
+    ``committed`` and ``damaged`` (one byte flipped deep down, same size, which only ``--full``
+    sees) entries are :data:`COMMIT_DEPTH` deep with a manifest; ``foreign`` (tensorflow_hub's)
+    and ``leftover`` (a dead writer's temp dir) ones are :data:`DEPTH` deep, with a link to
+    ``outside`` at the bottom, never to be followed.
+    """
     key = cache_key(handle)
     path = os.path.join(root, key if state != "leftover" else f"{key}.hc99999-0badc0de.tmp")
-    files = make_deep(path, every=100, bottom={"out": outside})
+    committed = state in ("committed", "damaged")
+    depth = COMMIT_DEPTH if committed else DEPTH
+    files = make_deep(path, depth, every=100, bottom=None if committed else {"out": outside})
     with open(os.path.join(path, "saved_model.pb"), "wb") as f:
         f.write(b"pb")
     writer = "Writer: hubcache 0.0\n" if state != "foreign" else ""
     with open(os.path.join(root, f"{key}.descriptor.txt"), "w") as f:
         f.write(f"Module: {handle}\n{writer}")
-    if state in ("committed", "damaged"):
+    if committed:
         manifest = Manifest(handle=handle, source=handle, creator="test")
         manifest.files = sorted([FileRecord(rel, 10, crc_hex(zlib.crc32(b"0123456789"))) for rel in files]
                                 + [FileRecord("saved_model.pb", 2, crc_hex(zlib.crc32(b"pb")))],
                                 key=lambda r: r.path)
-        manifest.dirs = ["/".join(["d"] * i) for i in range(1, DEPTH + 1)]
-        manifest.symlinks = {"/".join(["d"] * DEPTH + ["out"]): outside}  # as found; never followed
+        manifest.dirs = ["/".join(["d"] * i) for i in range(1, depth + 1)]
         with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
             f.write(manifest.to_json())
+        assert len(os.path.join(path, manifest.dirs[-1])) > 4096
     if state == "damaged":
         fd = treewalk.open_beneath(path, files[-1], os.O_WRONLY)
         os.write(fd, b"X")
@@ -292,7 +304,7 @@ def test_ls_lists_deep_entries_in_every_state(deep_world):
         "foreign": "foreign", "leftover": "in progress"}
     # A foreign entry's size is measured on disk: 30 files of 10 bytes and saved_model.pb.
     assert listed[cache_key(HANDLES["foreign"])]["bytes"] == 30 * 10 + 2
-    assert listed[cache_key(HANDLES["committed"])]["files"] == 31
+    assert listed[cache_key(HANDLES["committed"])]["files"] == 21
     code, out, err, _ = cli(env, "ls")
     assert code == 0 and "home: 4 entries" in out, out + err
 
@@ -309,14 +321,14 @@ def test_verify_and_verify_full_check_deep_entries(deep_world):
     damaged = by_key[cache_key(HANDLES["damaged"])]
     assert by_key[cache_key(HANDLES["committed"])]["status"] == "ok" and damaged["status"] == "damaged"
     assert len(damaged["problems"]) == 1 and "has CRC-32" in damaged["problems"][0]
-    assert damaged["problems"][0].startswith("/".join(["d"] * 2900) + "/f ")
+    assert damaged["problems"][0].startswith("/".join(["d"] * 1900) + "/f ")
     assert code == 1
 
 
 def test_info_describes_deep_entries(deep_world):
     env = deep_world[0]
     code, out, err, _ = cli(env, "info", HANDLES["committed"])
-    assert code == 0 and "committed, 302 B in 31 files" in out, out + err
+    assert code == 0 and "committed, 202 B in 21 files" in out, out + err
     code, out, err, _ = cli(env, "info", HANDLES["foreign"], "--json")
     assert code == 0 and json.loads(out)["tiers"][0]["state"] == "foreign"
 

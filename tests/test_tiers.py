@@ -86,7 +86,7 @@ def test_copy_down_works_offline_with_the_origin_stopped(chain, origin, model, m
         fresh_resolve(url + "?nope")
 
 
-def test_damaged_source_tier_is_not_copied(chain, origin, model, copies):
+def test_damaged_source_tier_is_a_miss_and_the_origin_serves(chain, origin, model, copies):
     url = origin.add("/m.tar.gz", archive_of(model))
     hubcache.resolve(url)
     home, tmp = tiers()
@@ -96,8 +96,10 @@ def test_damaged_source_tier_is_not_copied(chain, origin, model, copies):
     data = bytearray(open(weights, "rb").read())
     data[100] ^= 0xFF  # same size, other bytes: only the CRC check of the copy notices
     open(weights, "wb").write(bytes(data))
-    fresh_resolve(url)
-    assert copies == [] and home.store.entry(cache_key(url)) is None
+    path = fresh_resolve(url)
+    # Not copied, not served: downloaded again into the first tier.
+    assert copies == [] and path == home.store.entry_path(cache_key(url))
+    assert tree_of(path) == tree_of(model) and origin.count() == 2
 
 
 def test_unwritable_first_tier_is_read_and_skipped_for_writes(chain, origin, model, tmp_path, monkeypatch):

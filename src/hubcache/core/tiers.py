@@ -3,12 +3,35 @@
 - A hit in the first tier returns at once (the same one-``stat`` memoised check as a single
   backend).
 - A miss there that hits a later tier (a bucket shared by a fleet) copies the entry down into
-  every earlier writable tier, file by file with each file's CRC-32 checked against the manifest,
-  committed with that tier's own protocol; the origin is not contacted.
+  every earlier writable tier, committed with that tier's own protocol; the origin is not
+  contacted.
 - A miss everywhere downloads once, into the first writable tier, then copies the entry up into
   every other writable tier, so the next host finds it in the shared one.
 - A tier that cannot be written (a read-only team cache, a bucket without write access) is still
   read; copies into it are skipped with a log message.
+
+An entry in another tier is untrusted input (a bucket others can write, a directory another
+process wrote), so a copy treats it as an archive from the network:
+
+- its manifest passes :func:`hubcache.core.paths.validate_manifest` with the configured limits
+  (``HUBCACHE_MAX_EXTRACT_SIZE``, ``HUBCACHE_MAX_MEMBERS``): normal names only, links that stay
+  inside and never pass through links, no more bytes or members than an archive may have;
+- a local source file is opened one directory at a time without following any link
+  (:class:`hubcache.core.treewalk.Beneath`) and must be a regular file; every file's size and
+  CRC-32 must match the manifest, and no more bytes than it announces are read;
+- what is written comes from the validated manifest only (directories, files, then links), never
+  from what else lies in the source directory.
+
+A source that fails any of this is a *miss* in its tier: the next tier, or the origin, serves the
+handle, and nothing of the source is served or copied. A copy that fails because the *target*
+cannot be written (read-only, full) serves the source, as before.
+
+A manifest's archive digest is only as trustworthy as the tier it was read from. Local tiers are
+trusted as a single backend is (the local store refuses files other users own or can write; see
+``hubcache.core.safefs``), so a copy from one keeps the manifest as it is. A manifest read from any
+other tier (an object store) counts as ``archive["verified"] = False``: it cannot vouch for a
+pinned handle there, and the copy records that, so ``check_pin`` makes a pinned handle download
+and verify its archive instead of trusting a digest someone else wrote.
 
 Every tier must be a cache backend; offline mode (``HUBCACHE_OFFLINE``) serves hits from any
 tier and never downloads.
@@ -16,6 +39,7 @@ tier and never downloads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zlib
@@ -24,7 +48,7 @@ from typing import Callable, Iterator
 from .backend import Backend, CacheBackend
 from .cache import check_pin, resolve_in_store
 from .config import Config
-from .errors import CacheError, ConfigError, HubcacheError, IntegrityError, OfflineError
+from .errors import CacheError, ConfigError, HubcacheError, IntegrityError, OfflineError, UnsafeArchiveError
 from .events import emit
 from .handles import Handle
 from .locate import Location
@@ -33,10 +57,34 @@ from .store import Store
 
 logger = logging.getLogger("hubcache")
 
+#: Bytes per read when copying a file between tiers.
+CHUNK = 1 << 20
+
+
+class SourceUnusable(IntegrityError):
+    """An entry in a source tier cannot be copied: unsafe (names, links, limits), damaged (a
+    missing file, a size or CRC-32 that does not match its manifest) or unreadable. The tier
+    counts as a miss for the handle."""
+
 
 def tier_names(name: str) -> list[str]:
     """The tiers of a backend setting (``"home,gcs"`` -> ``["home", "gcs"]``)."""
     return [part.strip() for part in name.split(",") if part.strip()]
+
+
+def is_trusted(store: Store) -> bool:
+    """Whether digests in ``store``'s manifests are taken as verified (local tiers; see the
+    module doc)."""
+    from .localstore import LocalStore
+
+    return isinstance(store, LocalStore)
+
+
+def untrusted(manifest: Manifest) -> Manifest:
+    """``manifest`` with its archive digest marked as not verified by this process."""
+    if manifest.archive.get("verified", True) is False:
+        return manifest
+    return dataclasses.replace(manifest, archive={**manifest.archive, "verified": False})
 
 
 class TieredBackend(Backend):
@@ -86,13 +134,22 @@ class TieredBackend(Backend):
             found = store.lookup(key, handle.url)
             if found is None:
                 continue
-            check_pin(handle, found[1])
             path, manifest = found
+            if not is_trusted(store):
+                manifest = untrusted(manifest)  # a digest someone else wrote never satisfies a pin
+            if not check_pin(handle, manifest, unverified_is_miss=True):
+                continue  # the pin needs an archive this process verifies: download it
             # Copy down: the earliest tier that takes the copy serves this and every later call.
-            for upper in reversed(self.tiers[:index]):
-                copied = self._copy(handle, tier.store, path, manifest, upper)
-                if copied is not None:
-                    tier, path = upper, copied
+            try:
+                for upper in reversed(self.tiers[:index]):
+                    copied = self._copy(handle, tier.store, path, manifest, upper)
+                    if copied is not None:
+                        tier, (path, manifest) = upper, copied
+            except SourceUnusable as error:
+                logger.warning("%s: tier %s holds an entry that cannot be used (%s); trying the next tier "
+                               "(`hubcache rm --backend %s %s` removes it)", handle.raw, tier.name,
+                               error.message, tier.name, handle.raw)
+                continue
             return path, tier.store.validator(path, manifest)
         if self.config.get("offline"):
             raise OfflineError(f"not in any tier of {self.name}, and offline mode is on (HUBCACHE_OFFLINE)",
@@ -111,15 +168,44 @@ class TieredBackend(Backend):
                 errors.append(f"{tier.name}: {error.message}")
                 continue
             for other in self.tiers[index + 1:]:
-                self._copy(handle, tier.store, path, manifest, other)
+                try:
+                    self._copy(handle, tier.store, path, manifest, other)
+                except SourceUnusable as error:  # our own fresh entry: damaged since, e.g. by a cleaner
+                    logger.warning("%s: could not copy it into tier %s: %s", handle.raw, other.name, error.message)
+                    break
             return path, tier.store.validator(path, manifest)
         raise CacheError(f"no tier of {self.name} could store the download ({'; '.join(errors)})",
                          hint="make one tier writable, or use a single backend")
 
+    def _limits(self):
+        from .paths import Limits
+
+        return Limits(int(self.config.get("max_archive_bytes", Limits.max_bytes)),
+                      int(self.config.get("max_members", Limits.max_members)))
+
+    def _check_source(self, manifest: Manifest) -> None:
+        from .paths import validate_manifest
+
+        try:
+            validate_manifest(manifest, self._limits(), what="manifest entry of the source tier")
+        except UnsafeArchiveError as error:
+            raise SourceUnusable(error.message) from None
+
     def _copy(self, handle: Handle, source: Store, path: str, manifest: Manifest,
-              target: CacheBackend) -> str | None:
-        """Copy a committed entry into ``target``'s store; its path there, or ``None`` if the
-        tier cannot take it (read-only, full) or the source turned out damaged."""
+              target: CacheBackend) -> tuple[str, Manifest] | None:
+        """Copy a committed entry into ``target``'s store.
+
+        Returns:
+            The copy's path and manifest, or ``None`` if the target tier cannot take it
+            (read-only, full, busy).
+
+        Raises:
+            SourceUnusable: the source entry is unsafe, damaged or unreadable (nothing was
+                committed in the target).
+        """
+        self._check_source(manifest)
+        if not is_trusted(source):
+            manifest = untrusted(manifest)
         store, key = target.store, handle.key
 
         def on_wait(holder: str) -> None:
@@ -129,59 +215,95 @@ class TieredBackend(Backend):
             with store.lock(key, on_wait):
                 found = store.lookup(key, handle.url)  # another process may have copied it meanwhile
                 if found is not None:
-                    return found[0]
+                    return found
                 store.cleanup(key)
                 writer = store.writer(key, handle.url)
                 try:
-                    _fill(writer, path, manifest)
+                    _fill(writer, path, manifest, self._limits().max_bytes)
                     copied = writer.commit(manifest)
                 except BaseException:
                     writer.abort()
                     raise
-        except HubcacheError as error:
-            logger.info("could not copy %s into tier %s: %s", handle.raw, target.name, error)
-            return None
-        except OSError as error:
+        except SourceUnusable:
+            raise
+        except (HubcacheError, OSError) as error:
             logger.info("could not copy %s into tier %s: %s", handle.raw, target.name, error)
             return None
         emit("copied", handle.raw, target.name, path=copied, source=path, bytes=manifest.total_bytes)
         target.after_commit(handle, copied, manifest)  # e.g. the home tier's size budget
-        return copied
+        return copied, manifest
 
 
-def _open(path: str):
-    if "://" not in path:
-        return open(path, "rb")
-    import fsspec
+class _Source:
+    """Reads the files of a source entry: local ones beneath its directory without following
+    links, others through fsspec."""
 
-    return fsspec.open(path, "rb").open()
+    def __init__(self, root: str):
+        self.root = root
+        self.tree = None
+        if "://" not in root:
+            from .treewalk import Beneath
+
+            try:
+                self.tree = Beneath(root)
+            except OSError as error:
+                raise SourceUnusable(f"the entry directory cannot be opened ({error.strerror or error})") from None
+
+    def open(self, rel: str):
+        if self.tree is not None:
+            return os.fdopen(self.tree.open_file(rel), "rb")
+        import fsspec
+
+        return fsspec.open(self.root.rstrip("/") + "/" + rel, "rb").open()
+
+    def close(self) -> None:
+        if self.tree is not None:
+            self.tree.close()
+
+    def chunks(self, rel: str, size: int, expected_crc: str, budget: list[int]) -> Iterator[bytes]:
+        """The bytes of ``rel``: exactly ``size`` of them with CRC-32 ``expected_crc``, else
+        :class:`SourceUnusable` (raised from inside the writer's loop, so the write stops)."""
+        crc = count = 0
+        try:
+            with self.open(rel) as f:
+                while count <= size:  # one byte more than announced is enough to tell
+                    chunk = f.read(min(CHUNK, size + 1 - count))
+                    if not chunk:
+                        break
+                    count += len(chunk)
+                    if count > size:
+                        break
+                    budget[0] -= len(chunk)
+                    if budget[0] < 0:
+                        raise SourceUnusable("the entry holds more bytes than HUBCACHE_MAX_EXTRACT_SIZE allows")
+                    crc = zlib.crc32(chunk, crc)
+                    yield chunk
+        except SourceUnusable:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the source tier's reader raises
+            raise SourceUnusable(f"{rel} cannot be read ({getattr(error, 'strerror', None) or error})") from None
+        if count != size:
+            raise SourceUnusable(f"{rel} has {'more than ' if count > size else ''}{count} bytes, "
+                                 f"but its manifest says {size}")
+        if crc_hex(crc) != expected_crc:
+            raise SourceUnusable(f"{rel} has CRC-32 {crc_hex(crc)}, but its manifest says {expected_crc}")
 
 
-def _join(root: str, rel: str) -> str:
-    if "://" in root:
-        return root.rstrip("/") + "/" + rel
-    return os.path.join(root, *rel.split("/"))
-
-
-def _chunks(path: str, expected_crc: str, rel: str) -> Iterator[bytes]:
-    crc = 0
-    with _open(path) as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-            yield chunk
-    if crc_hex(crc) != expected_crc:
-        raise IntegrityError(f"{rel} in the source tier has CRC-32 {crc_hex(crc)}, expected {expected_crc}",
-                             hint="`hubcache rm` the entry from that tier")
-
-
-def _fill(writer, root: str, manifest: Manifest) -> None:
+def _fill(writer, root: str, manifest: Manifest, max_bytes: int) -> None:
+    """Write the validated ``manifest``'s entry from ``root``: directories, files, then links (so
+    nothing is ever written through a link)."""
     dirs = set(manifest.dirs)
     for record in manifest.files:
         parts = record.path.split("/")[:-1]
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    for d in sorted(dirs):
-        writer.add_dir(d)
-    for record in manifest.files:
-        writer.add_file(record.path, _chunks(_join(root, record.path), record.crc32, record.path))
+    source = _Source(root)
+    budget = [max_bytes]
+    try:
+        for d in sorted(dirs):
+            writer.add_dir(d)
+        for record in sorted(manifest.files, key=lambda r: r.path):  # one pass down the tree
+            writer.add_file(record.path, source.chunks(record.path, record.size, record.crc32, budget))
+    finally:
+        source.close()
     for link, target in sorted(manifest.symlinks.items()):
         writer.add_symlink(link, target)
