@@ -27,7 +27,7 @@ import time
 import pytest
 
 import hubcache
-from hubcache.core import resolver, safefs, usage
+from hubcache.core import resolver, usage
 from hubcache.core.errors import CacheError, UnsafeArchiveError
 from hubcache.core.handles import cache_key
 from hubcache.core.localstore import WRITER_TAG, LocalStore
@@ -250,6 +250,8 @@ def test_an_unsafe_fallback_is_a_clear_error(machine_tmp, origin, model, evil):
     assert origin.count() == 0
     out = cli({"TMPDIR": machine_tmp}, "resolve", url)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and fallback in out.stderr
+    out = cli({"TMPDIR": machine_tmp}, "config")  # still shows where the cache would be
+    assert out.returncode == 0 and fallback in out.stdout
 
 
 def test_a_root_hubcache_creates_is_0755_whatever_the_umask(machine_tmp, origin, model):
@@ -300,6 +302,8 @@ def test_a_chosen_root_others_can_write_is_refused_with_the_fix(tmp_path, origin
 
 def test_a_group_writable_root_of_a_private_group_is_fine(tmp_path, origin, model, monkeypatch):
     """umask 002 with user-private groups (Debian, Ubuntu): group-writable by the owner alone."""
+    from hubcache.core import safefs
+
     if not safefs.private_group(0, 0):
         pytest.skip("root's group has other members here")
     root = tmp_path / "cache"

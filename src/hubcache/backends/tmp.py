@@ -7,8 +7,9 @@ The temp dir is shared by every user of the machine, and any of them can create
 ``tfhub_modules`` first. hubcache uses it only when it is a real directory of this process's
 user that no one else can write; otherwise (another user's, a link, writable by others) it uses
 a per-user directory ``tfhub_modules-<uid>`` beside it, created ``0700``, and says why in an
-``INFO`` log line. If that one is unsafe too, resolving fails with a :class:`CacheError` saying
-how to fix it. ``hubcache config`` shows the root in effect.
+``INFO`` log line. If that one is unsafe too, using the cache fails with a ``CacheError`` saying
+how to fix it (:class:`~hubcache.core.localstore.LocalStore` checks its root, ``private``, on every
+use). ``hubcache config`` shows the root in effect.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import tempfile
 import hubcache
 from hubcache.core import safefs
 from hubcache.core.backend import LocalCacheBackend
-from hubcache.core.errors import CacheError
 
 logger = logging.getLogger("hubcache")
 _explained: set[tuple[str, str]] = set()
@@ -53,11 +53,8 @@ def per_user_root(tmp: str) -> str:
 
 def default_root(tmp: str) -> str:
     """The cache root in the temp dir ``tmp``: the shared ``tfhub_modules`` when it is safe for
-    this user, else the per-user fallback (see the module doc).
-
-    Raises:
-        CacheError: the fallback is unsafe too.
-    """
+    this user, else the per-user fallback (see the module doc; whether the fallback is safe is
+    checked when it is used, so that ``hubcache config`` still shows it)."""
     shared = os.path.join(tmp, "tfhub_modules")
     if not safefs.POSIX:  # pragma: no cover - Windows: per-user temp dirs, no POSIX owners
         return shared
@@ -65,11 +62,6 @@ def default_root(tmp: str) -> str:
     if why is None:
         return shared
     fallback = per_user_root(tmp)
-    problem = _unsafe(fallback)
-    if problem is not None:
-        raise CacheError(f"the shared cache {shared} {why}, and the per-user cache {fallback} {problem}",
-                         hint=f"remove {fallback} (hubcache did not make it), or set TFHUB_CACHE_DIR to a "
-                              "directory only you can write")
     if (shared, why) not in _explained:
         _explained.add((shared, why))
         logger.info("not using %s: it %s; using %s instead", shared, why, fallback)

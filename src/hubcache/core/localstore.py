@@ -243,13 +243,13 @@ class LocalStore(Store):
         real = self.root if self.private else os.path.realpath(self.root)
         fix = "set TFHUB_CACHE_DIR to a directory only you can write"
         if stat.S_ISLNK(st.st_mode):
-            raise CacheError(f"the cache directory {real} is a symbolic link another user may have planted",
-                             hint=f"remove it, or {fix}")
+            raise CacheError(f"the cache directory {real} is a symbolic link, which hubcache never makes there",
+                             hint=f"have it removed, or {fix}")
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.root)
         if self.private and safefs.POSIX and st.st_uid != safefs.euid():
             raise CacheError(f"the cache directory {real} belongs to another user (uid {st.st_uid})",
-                             hint=f"remove it, or {fix}")
+                             hint=f"have it removed (hubcache did not make it for you), or {fix}")
         if safefs.writable_by_others(st):
             raise CacheError(f"the cache directory {real} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}), "
                              "so its entries cannot be trusted",
