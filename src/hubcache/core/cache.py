@@ -75,8 +75,9 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
     key = handle.key
     store.mark_used(key)
     found = store.lookup(key, handle.url)
-    if found is not None:
-        check_pin(handle, found[1])
+    # A pinned handle whose entry has no digest hubcache verified (adopted, copied from another
+    # tier) is a miss: downloading verifies the pin and replaces the entry.
+    if found is not None and check_pin(handle, found[1], unverified_is_miss=True):
         return found
     if config.get("offline"):
         raise OfflineError("not in the cache, and offline mode is on (HUBCACHE_OFFLINE)",
@@ -87,8 +88,7 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
 
     with store.lock(key, on_wait):
         found = store.lookup(key, handle.url)  # another process may have finished meanwhile
-        if found is not None:
-            check_pin(handle, found[1])
+        if found is not None and check_pin(handle, found[1], unverified_is_miss=True):
             return found
         store.cleanup(key)
         path, manifest = _download_and_commit(store, key, handle, location, config, backend)
