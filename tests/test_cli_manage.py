@@ -295,3 +295,37 @@ def test_the_installed_command(urls, capsys):
     assert json.loads(out.stdout)[0]["status"] == "fetched"
     out = subprocess.run([exe, "ls", "--json"], capture_output=True, text=True, check=True)
     assert [e["handle"] for e in json.loads(out.stdout)["entries"]] == [urls[0]]
+
+
+def test_manifests_with_nonsense_fields_break_no_command(urls, capsys):
+    """A manifest is read from a cache others may write: times out of range or not numbers and
+    archive records of the wrong types are shown as unknown, never a traceback (real processes)."""
+    assert run(capsys, "prefetch", *urls)[0] == 0
+    forged = [{"created": 1e300, "archive": {"sha256": "ab", "bytes": "lots"}},
+              {"created": float("nan"), "archive": {"sha256": ["x"], "bytes": [1], "format": {"a": 1}}},
+              {"created": -1e20, "archive": {"bytes": -5, "sha256": 7}}]
+    for url, fields in zip(urls, forged):
+        key = cache_key(url)
+        path = os.path.join(store().root, f"{key}.manifest.json")
+        with open(path) as f:
+            data = json.load(f)
+        data.update(fields)
+        with open(path, "w") as f:
+            json.dump(data, f)  # NaN is written as NaN, which json.loads reads back
+        os.unlink(store().use_path(key))  # no recorded use: the manifest's time is all there is
+    env = dict(os.environ)
+    for argv in (["ls"], ["ls", "--json"], ["verify"], ["prune", "--dry-run"],
+                 ["prune", "--older-than", "1d", "--dry-run"], ["prune", "--max-size", "1", "--dry-run"],
+                 *[["info", url] for url in urls], *[["info", "--json", url] for url in urls]):
+        done = subprocess.run([sys.executable, "-m", "hubcache", *argv], capture_output=True, text=True, env=env)
+        assert "Traceback" not in done.stderr and done.returncode == 0, (argv, done.stderr[-2000:])
+        if argv[0] == "ls" and "--json" in argv:
+            entries = json.loads(done.stdout)["entries"]
+            assert {e["last_used"] for e in entries} == {None} and {e["last_used_unix"] for e in entries} == {None}
+        if argv[0] == "info" and "--json" in argv:
+            manifest = json.loads(done.stdout)["tiers"][0]["manifest"]
+            assert manifest["created"] is None and "bytes" not in manifest["archive"]
+    # Nonsense times count as oldest: a forged time in the far future cannot keep an entry forever.
+    [report] = run_json(capsys, "prune", "--older-than", "1d", "--dry-run")
+    assert sorted(a["key"] for a in report["actions"] if a["outcome"] == "would remove") == sorted(
+        cache_key(url) for url in urls)

@@ -7,6 +7,7 @@ as ``hubcache config`` shows) unless ``--backend`` names others. A comma-separat
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .backend import Backend, CacheBackend
 from .config import Config
 from .errors import ConfigError, HubcacheError
 from .handles import parse_handle
-from .prune import Action, remove_entry
+from .prune import Action, remove_entry, timestamp as _when
 from .store import EntryInfo
 
 _KEY = re.compile(r"^[0-9a-f]{40}$")
@@ -82,7 +83,7 @@ class Listed:
         return {
             "backend": self.backend, "handle": e.handle, "key": e.key, "path": e.path, "state": e.state,
             "bytes": e.size, "files": len(e.manifest.files) if e.manifest else None,
-            "last_used": _iso(e.last_used), "last_used_unix": e.last_used,
+            "last_used": _iso(e.last_used), "last_used_unix": _when(e.last_used),
             "in_use": self.busy is not None, "busy": self.busy,
         }
 
@@ -169,13 +170,13 @@ def describe_handle(handle: str, config: Config) -> dict[str, object]:
             tier["state"] = "not cached"
             continue
         tier.update(state=entry.state, bytes=entry.size, last_used=_iso(entry.last_used),
-                    last_used_unix=entry.last_used, busy=store.busy(parsed.key))
+                    last_used_unix=_when(entry.last_used), busy=store.busy(parsed.key))
         m = entry.manifest
         if m is not None:
             tier["manifest"] = {
                 "source": m.source, "created": _iso(m.created), "creator": m.creator,
                 "files": len(m.files), "dirs": len(m.dirs), "symlinks": len(m.symlinks),
-                "bytes": m.total_bytes, "archive": dict(m.archive),
+                "bytes": m.total_bytes, "archive": _archive(m.archive),
             }
             if parsed.pin is not None:
                 tier["pin_matches"] = m.archive.get(parsed.pin[0]) == parsed.pin[1]
@@ -184,15 +185,37 @@ def describe_handle(handle: str, config: Config) -> dict[str, object]:
 
 
 def _iso(when: float | None) -> str | None:
+    when = _when(when)
     if when is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    except (OverflowError, OSError, ValueError):  # beyond this platform's time_t
+        return None
+
+
+def _archive(archive: object) -> dict[str, object]:
+    """The archive record of a manifest read from a cache, keeping only what it may hold: text
+    digests and format, a byte count (a forged manifest may put anything there)."""
+    if not isinstance(archive, dict):
+        return {}
+    out: dict[str, object] = {}
+    for name, value in archive.items():
+        if not isinstance(name, str):
+            continue
+        if name == "bytes":
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                out[name] = value
+        elif isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and math.isfinite(value)):
+            out[name] = value
+    return out
 
 
 def ago(when: float | None, now: float | None = None) -> str:
     """``5m ago``, ``3d ago``, or ``-`` for unknown."""
     from .prune import format_duration
 
+    when = _when(when)
     if when is None:
         return "-"
     return format_duration((time.time() if now is None else now) - when) + " ago"

@@ -13,6 +13,7 @@ not used for ``older_than``, then least recently used entries until the total is
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -84,8 +85,18 @@ class PruneReport:
         return self.max_size is not None and self.total_after > self.max_size
 
 
+def timestamp(value: object) -> float | None:
+    """A time read from a cache (a manifest's ``created``, a file's mtime) if it is a usable
+    Unix time, else ``None``: a forged manifest may say ``1e300`` or ``NaN``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value) if -(1 << 40) < value < (1 << 40) else None
+
+
 def _age(entry: EntryInfo) -> float:
-    return entry.last_used if entry.last_used is not None else 0.0
+    # Unknown or nonsense times count as oldest: a forged time must not make an entry immortal.
+    when = timestamp(entry.last_used)
+    return when if when is not None else 0.0
 
 
 def remove_entry(store: Store, entry: EntryInfo, *, reason: str, backend: str = "",
