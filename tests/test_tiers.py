@@ -11,6 +11,7 @@ import os
 import pytest
 
 import hubcache
+from gcs_emulator import fresh_root  # first: it configures gcsfs before anything imports gcsfs
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.core.plugins import get_registry
@@ -126,9 +127,6 @@ def test_management_commands_see_every_tier(chain, origin, model, capsys):
 
 
 def test_home_and_gcs_the_bucket_serves_a_new_host(origin, model, monkeypatch, tmp_path, copies):
-    pytest.importorskip("gcsfs")
-    from gcs_emulator import fresh_root
-
     root = fresh_root()
     monkeypatch.setenv("TFHUB_CACHE_DIR", root)
     monkeypatch.setenv("HUBCACHE_BACKEND", "home,gcs")
