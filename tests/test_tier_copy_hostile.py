@@ -275,3 +275,46 @@ def test_a_pin_is_never_satisfied_by_a_digest_read_from_a_bucket(origin, model, 
     assert origin.count() == 2, "the pin was checked against the downloaded archive, not the bucket's manifest"
     assert tree_of(path) == tree_of(model)
     assert tiers()[0].store.read_manifest(cache_key(url)).archive.get("verified", True) is not False
+
+
+def test_a_pinned_resolve_replaces_an_unverified_copy_with_a_verified_download(origin, model, monkeypatch, tmp_path):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", fresh_root())
+    monkeypatch.setenv("HUBCACHE_BACKEND", "home,gcs")
+    url = origin.add("/fleet.tar.gz", archive_of(model))
+    hubcache.resolve(url)
+    digest = tiers()[0].store.read_manifest(cache_key(url)).archive["sha256"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host2-cache"))
+    resolver.clear_memo()
+    path = hubcache.resolve(url)  # unpinned: the bucket's copy will do
+    home = tiers()[0]
+    assert origin.count() == 1 and home.store.read_manifest(cache_key(url)).archive["verified"] is False
+    resolver.clear_memo()
+    assert hubcache.resolve(f"{url}#sha256={digest}") == path
+    assert origin.count() == 2 and tree_of(path) == tree_of(model)
+    assert home.store.read_manifest(cache_key(url)).archive.get("verified", True) is not False
+    resolver.clear_memo()
+    assert hubcache.resolve(f"{url}#sha256={digest}") == path and origin.count() == 2, "verified now"
+
+
+def test_verify_says_a_copy_from_a_bucket_cannot_vouch_for_a_pin_and_repair_downloads(
+        origin, model, monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("TFHUB_CACHE_DIR", fresh_root())
+    monkeypatch.setenv("HUBCACHE_BACKEND", "home,gcs")
+    url = origin.add("/fleet.tar.gz", archive_of(model))
+    hubcache.resolve(url)
+    pinned = f"{url}#sha256={tiers()[0].store.read_manifest(cache_key(url)).archive['sha256']}"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host2-cache"))
+    resolver.clear_memo()
+    hubcache.resolve(url)  # host 2: copied down from the bucket, digest unverified
+    hubcache_cli = [sys.executable, "-m", "hubcache", "verify", "--backend", "home", "--json"]
+    done = subprocess.run([*hubcache_cli, pinned], capture_output=True, text=True)
+    [result] = json.loads(done.stdout)
+    assert done.returncode == 1 and result["status"] == "pin mismatch", done.stderr
+    assert "cannot vouch for the pin" in result["problems"][0]
+    done = subprocess.run([*hubcache_cli, "--repair", pinned], capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["status"] == "repaired", done.stdout + done.stderr
+    assert origin.count() == 2
+    assert tiers()[0].store.read_manifest(cache_key(url)).archive.get("verified", True) is not False

@@ -33,9 +33,10 @@ class Verified:
         handle: the handle (given, or recorded in the manifest or descriptor), if known.
         path: the entry's path.
         status: ``ok``, ``foreign`` (a complete tensorflow_hub entry, no manifest to check),
-            ``damaged``, ``pin mismatch`` (complete, but not from the pinned archive), ``leftover`` (a dead writer's temp files), ``downloading`` (another
-            process is writing it), ``not cached``; after a repair ``repaired``, ``cleaned`` or
-            ``repair failed``.
+            ``damaged``, ``pin mismatch`` (complete, but not from the pinned archive, or from an
+            archive whose digest hubcache did not verify itself), ``leftover`` (a dead writer's
+            temp files), ``downloading`` (another process is writing it), ``not cached``; after a
+            repair ``repaired``, ``cleaned`` or ``repair failed``.
         problems: what is wrong, one item per problem.
         checked: ``sizes`` or ``sizes+crc32``.
         error: why a repair failed.
@@ -86,11 +87,16 @@ def _check(backend: CacheBackend, key: str, handle: str | None, pin: tuple[str, 
     if info.manifest is not None or not leftover:
         damage = store.verify(key, full=full)
         if not damage and pin is not None and info.manifest is not None:
-            actual = info.manifest.archive.get(pin[0])
-            if actual != pin[1]:
+            archive = info.manifest.archive
+            actual = archive.get(pin[0])
+            # As a resolve does (cache.check_pin): only a digest hubcache verified can vouch for a pin.
+            if archive.get("verified", True) is False or not isinstance(actual, str) or not actual:
                 mismatch = True
-                damage.append(f"built from an archive whose {pin[0]} is {actual or 'unknown'}, "
-                              f"but the handle pins {pin[1]}")
+                damage.append(f"its archive's {pin[0]} was not verified by hubcache (the entry was copied "
+                              f"from another tier or adopted), so it cannot vouch for the pin {pin[1]}")
+            elif actual != pin[1]:
+                mismatch = True
+                damage.append(f"built from an archive whose {pin[0]} is {actual}, but the handle pins {pin[1]}")
     result.problems.extend(damage)
     result.status = ("pin mismatch" if mismatch else "damaged" if damage else "leftover" if leftover
                      else "ok")
