@@ -180,61 +180,14 @@ def test_symlinks_that_stay_inside_are_kept(unpack, sandbox):
     outside_is_untouched(sandbox)
 
 
-@pytest.mark.parametrize("name, target", [
-    ("evil", "../outside"),
-    ("a/evil", "../../outside"),
-    ("a/b/evil", "../x/../../../outside"),
-    ("evil", "/etc/passwd"),
-    ("evil", "C:\\Windows"),
-    ("evil", ""),
-])
-def test_symlinks_that_leave_the_entry_are_refused(unpack, sandbox, name, target):
-    with pytest.raises(UnsafeArchiveError) as info:
-        unpack(tar_of(MODEL, sym(name, target)))
-    assert info.value.member == name
-    outside_is_untouched(sandbox)
+# Links leaving the entry, links through links in either order, loops and '..foo' siblings are
+# resolved end to end from a loopback origin in tests/reliability/test_escape.py.
 
 
 def test_a_symlink_through_another_symlink_is_refused(unpack):
     # 'up' looks harmless alone, but 'up/..' would be resolved through a link by the OS.
     with pytest.raises(UnsafeArchiveError, match="through another symlink"):
         unpack(tar_of(MODEL, d("a/"), sym("a/up", ".."), sym("esc", "a/up/x")))
-
-
-@pytest.mark.parametrize("members", [
-    # the outer link first: alone, 'out' resolves inside; 'sub -> ..' then makes it the parent's
-    [d("d/"), sym("d/out", "sub/x"), sym("d/sub", "..")],
-    [d("a/"), sym("out", "a/up/../.."), sym("a/up", "..")],
-    [d("d/"), sym("d/x", "p/q/../../.."), d("d/p/"), sym("d/p/q", "..")],
-    # and the inner link first, for good measure
-    [d("d/"), sym("d/sub", ".."), sym("d/out", "sub/x")],
-])
-def test_a_link_through_a_link_is_refused_whichever_comes_first(unpack, sandbox, members):
-    """Before: a link written before the links it passes through was never checked again, and
-    the entry was committed with a link leading outside it."""
-    with pytest.raises(UnsafeArchiveError, match="through another symlink"):
-        unpack(tar_of(MODEL, *members))
-    outside_is_untouched(sandbox)
-
-
-@pytest.mark.parametrize("members, words", [
-    ([sym("l", "l")], "itself"),
-    ([sym("l", "./l")], "itself"),
-    ([d("a/"), sym("a/l", "../a/l/../x")], "through itself"),
-    ([sym("a", "b"), sym("b", "a")], "symlink cycle"),
-    ([sym(f"l{i}", f"l{i + 1}") for i in range(41)], "chain of more than 40"),
-])
-def test_symlink_loops_are_refused(unpack, sandbox, members, words):
-    with pytest.raises(UnsafeArchiveError, match=words):
-        unpack(tar_of(MODEL, *members))
-    outside_is_untouched(sandbox)
-
-
-def test_a_sibling_named_dotdot_something_is_inside(unpack):
-    """'..foo' is a name, not a step up (before: the text check saw '..' and refused it)."""
-    contents, root = unpack(tar_of(MODEL, d("a/"), f("..foo", b"f"), sym("a/l", "../..foo"), sym("m", "..foo")))
-    assert (root / "a" / "l").read_bytes() == b"f"
-    assert contents.symlinks == {"a/l": "../..foo", "m": "..foo"}
 
 
 @pytest.mark.parametrize("second", [f("link/x.txt"), d("link/sub/"), sym("link/s", "y")])

@@ -55,21 +55,8 @@ def test_member_path_refusals_everywhere(name, words):
         assert str(info.value).startswith("archive member ") and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name, words", [
-    ("models/D:x", "drive letter or an alternate data stream"),
-    ("file:stream", "alternate data stream"), ("a/b.txt:$DATA", "alternate data stream"),
-    ("CON", "reserved device name"), ("a/nul", "reserved device name"), ("nul.txt", "reserved device name"),
-    ("Aux.tar.gz", "reserved device name"), ("lpt9", "reserved device name"), ("x/COM1.bin", "reserved device name"),
-    ("com\u00b9", "reserved device name"), ("prn .txt", "reserved device name"), ("CONIN$", "reserved device name"),
-    ("x.", "ends with a dot or a space"), ("a/dir./b", "ends with a dot or a space"), ("a /b", "ends with a dot"),
-    ("a<b", "forbids"), ("a>b", "forbids"), ('a"b', "forbids"), ("a|b", "forbids"), ("a?b", "forbids"),
-    ("a*b", "forbids"), ("a\x01b", "forbids"), ("d/a\x1fb", "forbids"),
-])
-def test_member_path_windows_rules(name, words):
-    with pytest.raises(UnsafeArchiveError, match=words) as info:
-        member_path(name, windows=True)
-    assert info.value.member == name
-    assert member_path(name, windows=False) == name  # Linux takes it as it is
+# Windows' refusals of member names and link targets (drive letters, streams, reserved names,
+# absolute and UNC targets) are documented by tests/reliability/test_escape.py.
 
 
 @pytest.mark.parametrize("name", ["console", "null", "com10", "lpt", "auxiliary.txt", "CONx", "a.b.c", "..x"])
@@ -100,9 +87,8 @@ def test_link_target_resolves_lexically(path, target, resolved):
 
 
 @pytest.mark.parametrize("path, target, words", [
-    ("l", "", "empty"), ("l", "a\x00b", "NUL"), ("l", "/etc/passwd", "absolute"), ("l", "\\x", "absolute"),
-    ("l", "\\\\server\\share", "absolute"), ("l", "//server/share", "absolute"), ("l", "C:\\Windows", "drive"),
-    ("l", "C:x", "drive"), ("l", "a\\b", "backslash"), ("l", "../x", "outside"), ("a/l", "../../x", "outside"),
+    ("l", "", "empty"), ("l", "a\x00b", "NUL"), ("l", "/etc/passwd", "absolute"), ("l", "a\\b", "backslash"),
+    ("l", "../x", "outside"), ("a/l", "../../x", "outside"),
     ("a/b/l", "../x/../../../outside", "outside"), ("l", "x/../..", "outside"),
     ("l", "l", "itself"), ("l", "./l", "itself"), ("a/l", "../a/l", "itself"), ("l", "l/x", "itself"),
     ("l", "x" * 256, "longer than 255"), ("l", "../" * 1400, "longer than 4096"),
@@ -111,12 +97,6 @@ def test_link_target_refusals(path, target, words):
     with pytest.raises(UnsafeArchiveError, match=words) as info:
         link_target(path, target, windows=False)
     assert info.value.member == path and "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("target", ["D:x", "sub/nul", "x/a:b", "dir./f", "a?"])
-def test_link_target_windows_rules(target):
-    with pytest.raises(UnsafeArchiveError):
-        link_target("l", target, windows=True)
 
 
 # -- EntryTree -----------------------------------------------------------------------------------
