@@ -358,3 +358,25 @@ def test_repair_prune_and_rm_deep_entries(tmp_path, origin, model):
     assert not [n for n in os.listdir(root) if ".hc" in n], "no temp or trash dir left"
     with open(outside) as f:
         assert f.read() == "not the cache's"
+
+
+@pytest.mark.xfail(strict=True, reason="needs Manifest.from_json (manifest.py, not this helper's file) to "
+                   "turn json's RecursionError into ValueError; remove this mark with that fix")
+def test_a_manifest_nested_200000_levels_deep_breaks_no_command(tmp_path):
+    """JSON nesting is a tree too: ``json.loads`` recurses and raises ``RecursionError`` (not a
+    ``ValueError``) on ``[[[[…`` 200000 deep, a 400 KB file anyone who can write the cache can plant."""
+    env = _env(str(tmp_path))
+    root = json.loads(cli(env, "config", "--json")[1])["backend_details"]["root"]
+    os.makedirs(root)
+    handle = "https://models.invalid/nested-json.tar.gz"
+    key = cache_key(handle)
+    os.makedirs(os.path.join(root, key))
+    with open(os.path.join(root, key, "saved_model.pb"), "wb") as f:
+        f.write(b"pb")
+    with open(os.path.join(root, f"{key}.descriptor.txt"), "w") as f:
+        f.write(f"Module: {handle}\nWriter: hubcache 0.0\n")
+    with open(os.path.join(root, f"{key}.manifest.json"), "w") as f:
+        f.write('{"format": 1, "handle": "h", "files": [], "archive": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    for argv in (["ls"], ["verify"], ["info", handle], ["prune", "--dry-run"], ["rm", handle]):
+        code, out, err, _ = cli(env, *argv)
+        assert code in (0, 1), (argv, err)
