@@ -264,96 +264,148 @@ class CacheBackendConformance:
         The backend class must be importable by a child process (it is rebuilt there from its
         module, its name and the pickled config); the child inherits this process's environment.
         """
-        import base64
-        import json
-        import pickle
-        import signal
-        import subprocess
-        import sys
-        import threading
-        import time
-        import uuid
-
         self.object_store(backend)
-        config = backend.config.replace(lease_ttl=self.LEASE_TTL)
-        cls = type(backend)
-        key = uuid.uuid4().hex + "0" * 8
-        stderr = open(tmp_path / "holder-stderr.txt", "w")
-        holder = subprocess.Popen(
-            [sys.executable, "-c", _STALLING_HOLDER, cls.__module__, cls.__qualname__,
-             base64.b64encode(pickle.dumps(config)).decode(), key],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
-            env={**os.environ, "TMPDIR": str(tmp_path)})
-        lines: list[dict] = []
-        reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in holder.stdout],
-                                  daemon=True)
-        reader.start()
+        m = stalled_holder_takeover(backend, str(tmp_path), self.LEASE_TTL)
+        assert m["b_waited_for_a"], m["b_waits"]
+        assert m["b_wrote_its_lease"], "B's lease object holds B's lease after the takeover"
+        assert not m["overwritten"], f"B's lease object was overwritten or removed: {m['overwritten'][:3]}"
+        assert m["a_noticed_seconds"] is not None, "A never noticed that it lost the lease"
+        assert m["b_beats_in_order"] and m["b_beats"][-1] > m["b_beats"][0], "B's heartbeat went on"
+        assert not m["b_lost"], "B still holds the lease"
+        assert m["a_lost"] is True, "A noticed that it lost the lease"
+        assert m["a_exit_status"] == 0, "A exited cleanly"
+        assert m["b_lease_after_a_exit"], "A's release left B's lease alone"
+        assert m["distinct_leases"] and m["a_beat_pending"] >= 1
+        assert m["b_released"], "B's release deleted its own lease"
+        print(f"\n{type(backend).name}: lease TTL {self.LEASE_TTL:g} s; B took over {m['takeover_seconds']:.2f} s "
+              f"after A stopped; A noticed the loss {m['a_noticed_seconds']:.2f} s after SIGCONT; "
+              f"{m['lease_reads']} reads of B's lease, beats {m['b_beats'][0]}..{m['b_beats'][-1]}, none overwritten")
 
-        def wait_for(event: str, timeout: float) -> dict:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                found = [line for line in lines if line["event"] == event]
-                if found:
-                    return found[0]
-                if holder.poll() is not None and not reader.is_alive():
-                    break
-                time.sleep(0.01)
-            stderr.flush()
-            raise AssertionError(f"the holder never said {event!r}: {lines}, "
-                                 f"{(tmp_path / 'holder-stderr.txt').read_text()[-2000:]}")
 
-        store_b = None
-        entered = None
+def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
+    """Run the stalled-holder scenario against ``backend``'s object store; return what happened.
+
+    Holder A, a real child process, takes the lease of a fresh key and stops itself with
+    ``SIGSTOP`` just before its heartbeat rewrites the lease; once A is stopped, B (this process,
+    a store instance of its own) waits for the lease and takes it over after ``lease_ttl``; then A
+    gets ``SIGCONT``. B's lease object is read for two TTLs after that, A is told to release and
+    exit, and B releases. Nothing is asserted about the outcome (the caller does); an
+    ``AssertionError`` means the scenario itself could not be played (A never took the lease).
+
+    Args:
+        backend: an object-store backend; its class must be importable by a child process (it
+            is rebuilt there from its module, its name and the pickled config), which inherits
+            this process's environment.
+        workdir: a directory for the child's temp files and stderr.
+        lease_ttl: the lease TTL for both holders, in seconds.
+
+    Returns:
+        ``takeover_seconds`` (A stopped to B holding the lease), ``a_noticed_seconds`` (SIGCONT to
+        A knowing it lost the lease; None if it never did), ``lease_reads`` and ``overwritten``
+        (B's lease object as read after SIGCONT: the reads that were not B's lease), ``b_beats``
+        (B's heartbeat counts as read) and ``b_beats_in_order``, ``b_waited_for_a`` and
+        ``b_waits`` (what B's wait reported), ``b_wrote_its_lease``, ``a_lost`` and ``b_lost``
+        (each holder's own view), ``b_lease_after_a_exit`` (B's lease intact after A released),
+        ``b_released`` (the object gone after B released), ``distinct_leases``, ``a_beat_pending``.
+    """
+    import base64
+    import json
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import uuid
+
+    config = backend.config.replace(lease_ttl=lease_ttl)
+    cls = type(backend)
+    key = uuid.uuid4().hex + "0" * 8
+    stderr_path = os.path.join(workdir, "holder-stderr.txt")
+    stderr = open(stderr_path, "w")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _STALLING_HOLDER, cls.__module__, cls.__qualname__,
+         base64.b64encode(pickle.dumps(config)).decode(), key],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        env={**os.environ, "TMPDIR": workdir})
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in holder.stdout],
+                              daemon=True)
+    reader.start()
+
+    def wait_for(event: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in lines if line["event"] == event]
+            if found:
+                return found[0]
+            if holder.poll() is not None and not reader.is_alive():
+                break
+            time.sleep(0.01)
+        stderr.flush()
+        with open(stderr_path) as f:
+            raise AssertionError(f"the holder never said {event!r}: {lines}, {f.read()[-2000:]}")
+
+    entered = None
+    try:
+        a_lease = wait_for("acquired", 60)["lease"]
+        stall = wait_for("stalling", 10 * lease_ttl)
+        _wait_stopped(holder.pid)
+        stopped_at = time.time()
+        # B: another host (this process), with its own store instance.
+        store_b = cls(config).store
+        waits: list[str] = []
+        entered = store_b.lock(key, waits.append)
+        entered.__enter__()
+        took_over = time.time() - stopped_at
+        b_lease = store_b._leases[key].id
+        lease_path = store_b.object_path(f"{key}.lock")
+        raw = store_b.read_object(lease_path)
+        b_wrote = raw is not None and json.loads(raw)["lease"] == b_lease
+        os.kill(holder.pid, signal.SIGCONT)
+        resumed_at = time.time()
+        # Read B's lease object for two TTLs after A resumed: A's pending rewrite must never land.
+        seen = []
+        while time.time() < resumed_at + 2 * lease_ttl:
+            raw = store_b.read_object(lease_path)
+            seen.append(json.loads(raw) if raw is not None else None)
+            time.sleep(0.02)
         try:
-            a_lease = wait_for("acquired", 60)["lease"]
-            stall = wait_for("stalling", 10 * self.LEASE_TTL)
-            _wait_stopped(holder.pid)
-            stopped_at = time.time()
-            # B: another host (this process), with its own store instance.
-            store_b = cls(config).store
-            waits: list[str] = []
-            entered = store_b.lock(key, waits.append)
-            entered.__enter__()
-            took_over = time.time() - stopped_at
-            b_lease = store_b._leases[key].id
-            assert waits and f"pid {holder.pid}" in waits[0], waits
-            lease_path = store_b.object_path(f"{key}.lock")
-            assert json.loads(store_b.read_object(lease_path))["lease"] == b_lease
-            os.kill(holder.pid, signal.SIGCONT)
-            resumed_at = time.time()
-            # Read B's lease object for two TTLs after A resumed: A's pending rewrite must never land.
-            seen = []
-            while time.time() < resumed_at + 2 * self.LEASE_TTL:
-                raw = store_b.read_object(lease_path)
-                seen.append(json.loads(raw) if raw is not None else None)
-                time.sleep(0.02)
-            overwritten = [s for s in seen if s is None or s["lease"] != b_lease]
-            assert not overwritten, f"B's lease object was overwritten or removed: {overwritten[:3]}"
-            noticed = wait_for("lost", 5 * self.LEASE_TTL)["time"] - resumed_at
-            holder.stdin.write("done\n")
-            holder.stdin.flush()
-            done = wait_for("done", 30)
-            assert holder.wait(30) == 0
-            after_a_exit = store_b.read_object(lease_path)
-            b_lost = store_b.lease_lost(key)
-        finally:
-            if entered is not None:
-                entered.__exit__(None, None, None)
-            if holder.poll() is None:
-                holder.kill()
-                holder.wait()
-            stderr.close()
-        beats = [s["beat"] for s in seen]
-        assert beats == sorted(beats) and beats[-1] > beats[0], "B's heartbeat went on"
-        assert not b_lost, "B still holds the lease"
-        assert done["lost"] is True, "A noticed that it lost the lease"
-        assert after_a_exit is not None and json.loads(after_a_exit)["lease"] == b_lease, \
-            "A's release left B's lease alone"
-        assert a_lease != b_lease and stall["beat_pending"] >= 1
-        assert store_b.read_object(lease_path) is None, "B's release deleted its own lease"
-        print(f"\n{cls.name}: lease TTL {self.LEASE_TTL:g} s; B took over {took_over:.2f} s after A stopped; "
-              f"A noticed the loss {noticed:.2f} s after SIGCONT; {len(seen)} reads of B's lease, "
-              f"beats {beats[0]}..{beats[-1]}, none overwritten")
+            noticed = wait_for("lost", 5 * lease_ttl)["time"] - resumed_at
+        except AssertionError:
+            noticed = None
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        done = wait_for("done", 30)
+        exit_status = holder.wait(30)
+        after_a_exit = store_b.read_object(lease_path)
+        b_lost = store_b.lease_lost(key)
+    finally:
+        if entered is not None:
+            entered.__exit__(None, None, None)
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        stderr.close()
+    beats = [s["beat"] for s in seen if s is not None and s["lease"] == b_lease]
+    return {
+        "takeover_seconds": took_over,
+        "a_noticed_seconds": noticed,
+        "lease_reads": len(seen),
+        "overwritten": [s for s in seen if s is None or s["lease"] != b_lease],
+        "b_beats": beats or [0],
+        "b_beats_in_order": beats == sorted(beats),
+        "b_waits": waits,
+        "b_waited_for_a": bool(waits) and f"pid {holder.pid}" in waits[0],
+        "b_wrote_its_lease": b_wrote,
+        "a_lost": done["lost"],
+        "a_exit_status": exit_status,
+        "b_lost": b_lost,
+        "b_lease_after_a_exit": after_a_exit is not None and json.loads(after_a_exit)["lease"] == b_lease,
+        "b_released": store_b.read_object(lease_path) is None,
+        "distinct_leases": a_lease != b_lease,
+        "a_beat_pending": stall["beat_pending"],
+    }
 
 
 def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
