@@ -249,7 +249,6 @@ def _plant(root: str, handle: str, state: str, outside: str) -> str:
         manifest.dirs = ["/".join(["d"] * i) for i in range(1, depth + 1)]
         with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
             f.write(manifest.to_json())
-        assert len(os.path.join(path, manifest.dirs[-1])) > 4096
     if state == "damaged":
         fd = treewalk.open_beneath(path, files[-1], os.O_WRONLY)
         os.write(fd, b"X")
@@ -310,7 +309,8 @@ def test_ls_lists_deep_entries_in_every_state(deep_world):
 
 
 def test_verify_and_verify_full_check_deep_entries(deep_world):
-    env = deep_world[0]
+    env, _, paths, _ = deep_world
+    assert len(os.path.join(paths["committed"], *["d"] * COMMIT_DEPTH)) > 4096  # beyond PATH_MAX
     code, out, err, _ = cli(env, "verify", "--json")
     by_key = {r["key"]: r for r in json.loads(out)}
     assert {state: by_key[cache_key(h)]["status"] for state, h in HANDLES.items()} == {
@@ -380,3 +380,24 @@ def test_a_manifest_nested_200000_levels_deep_breaks_no_command(tmp_path):
     for argv in (["ls"], ["verify"], ["info", handle], ["prune", "--dry-run"], ["rm", handle]):
         code, out, err, _ = cli(env, *argv)
         assert code in (0, 1), (argv, err)
+
+
+def test_the_full_path_fallback_never_follows_links_either(tmp_path, monkeypatch):
+    """Platforms without ``dir_fd`` (Windows) get path-based twins; run them here on POSIX."""
+    monkeypatch.setattr(treewalk, "_FD_BASED", False)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    root = str(tmp_path / "t")
+    files = make_deep(root, 300, every=10, bottom={"out": str(outside), "f2": str(outside / "keep.txt")})
+    walked = list(treewalk.walk(root))
+    assert len(walked) == 301 and walked[-1].symlinks and walked[-1].dir_fd is None
+    assert treewalk.disk_usage(root) == 10 * len(files)
+    with treewalk.Beneath(root) as tree:
+        fd = tree.open_file(files[-1])
+        assert os.read(fd, 20) == b"0123456789"
+        os.close(fd)
+        with pytest.raises(OSError):
+            tree.open_file("/".join(["d"] * 300) + "/out/keep.txt")
+    treewalk.rmtree(root)
+    assert not os.path.lexists(root) and (outside / "keep.txt").read_text() == "precious"

@@ -166,7 +166,7 @@ def _classify(entries: list[os.DirEntry[str]]) -> tuple[list[str], list[str], li
     dirs, files, links, other = [], [], [], []
     for entry in entries:
         try:
-            if entry.is_symlink():
+            if entry.is_symlink() or (not _FD_BASED and _is_junction(entry)):
                 links.append(entry.name)
             elif entry.is_dir(follow_symlinks=False):
                 dirs.append(entry.name)
@@ -224,6 +224,12 @@ def _walk_fd(root: str, onerror: Callable[[OSError], None] | None,
             pending.append(list(reversed(dirs)))
     finally:
         cursor.close()
+
+
+def _is_junction(entry: os.DirEntry[str]) -> bool:
+    """A Windows junction (or any reparse point): a link in all but name, never to be entered."""
+    attributes = getattr(entry.stat(follow_symlinks=False), "st_file_attributes", 0)
+    return bool(attributes & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0))
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -539,8 +545,11 @@ def _rmtree_paths(path: str, ignore_errors: bool) -> None:
             except FileNotFoundError:
                 pass
             except OSError:
-                if not ignore_errors:
-                    raise
+                try:  # a directory link or junction on Windows: removed as a directory entry
+                    os.rmdir(os.path.join(full, name))
+                except OSError:
+                    if not ignore_errors:
+                        raise
         order.append(full)
     for full in reversed(order):
         try:
