@@ -14,10 +14,12 @@ refused with a one-line error (or, for bzip2, decoded in bounded memory) in a bo
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import lzma
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,7 @@ import time
 import pytest
 
 from hubcache import ArchiveError, UnsafeArchiveError
-from hubcache.core.extract import MAX_TRAILER, Limits, extract
+from hubcache.core.extract import MAX_TRAILER, Limits, Meter, extract
 from hubcache.core.formats import MAX_IDLE_INPUT
 from hubcache.core.pipeline import MAX_METADATA_READ, MAX_READS_PER_MEMBER
 from hubcache.core.store import EntryWriter
@@ -116,7 +118,7 @@ def test_chained_extended_headers_are_bounded(unpack, sandbox, figures):
     seconds = time.perf_counter() - began
     assert isinstance(error, UnsafeArchiveError)
     figures.update(run=f"10,000 chained pax headers before one member, {len(body):,} bytes of zstd",
-                   error=type(error).__name__, message=str(error)[:110], refused_in_s=round(seconds, 3),
+                   error=type(error).__name__, message=error.message[:120], refused_in_s=round(seconds, 3),
                    header_blocks_limit=MAX_READS_PER_MEMBER, metadata_read_limit_mib=MAX_METADATA_READ / MIB)
 
 
@@ -134,7 +136,7 @@ def test_xz_decodes_within_a_memory_limit(unpack, sandbox, figures):
     contents, _ = unpack(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))  # xz -9e: 64 MiB, fine
     assert "saved_model.pb" in contents.files
     figures.update(run="an xz stream whose header asks for a 1 GiB dictionary; then one made with xz -9e",
-                   error=type(error).__name__, message=str(error)[:110], refused_in_s=round(seconds, 3),
+                   error=type(error).__name__, message=error.message[:120], refused_in_s=round(seconds, 3),
                    xz_9e="unpacked")
 
 
@@ -148,7 +150,7 @@ def test_zstd_decodes_within_a_window_limit(unpack, sandbox, figures):
     began = time.perf_counter()
     error = refused(unpack, sandbox, body, ArchiveError, "needs more than 128 MiB of memory")
     figures.update(run="a zstd stream with a 256 MiB window (window_log 28)", error=type(error).__name__,
-                   message=str(error)[:110], refused_in_s=round(time.perf_counter() - began, 3))
+                   message=error.message[:120], refused_in_s=round(time.perf_counter() - began, 3))
 
 
 DECODE_CHILD = PEAK_RSS + textwrap.dedent("""
@@ -183,35 +185,47 @@ def test_bz2_decoder_memory_is_bounded_by_its_format(figures):
 
 # -- input after the end of the archive ----------------------------------------------------------
 
+#: name -> (format, the unit repeated forever, whether the tar before it is complete). The first
+#: five decode to nothing (the idle-input limit), the last two to something (the trailer limits).
 ENDLESS = {
     "gzip zero padding": ("gz", b"\x00" * 4096, True),
     "empty gzip members": ("gz", EMPTY_GZIP_MEMBER, True),
     "zstd skippable frames": ("zst", SKIPPABLE_FRAME, True),
     "gzip zeros of a tar that never ends": ("gz", b"\x00" * 4096, False),
     "zstd skippable frames before the tar ends": ("zst", SKIPPABLE_FRAME, False),
+    "zeros after a plain tar": ("tar", b"\x00" * 4096, True),
+    "gzip members of random data": ("gz", gzip.compress(random.Random(13).randbytes(64 << 10), mtime=0), True),
 }
+
+
+def _limit_hit(message: str) -> str:
+    if "decode to nothing" in message:
+        return f"idle input ({MAX_IDLE_INPUT // MIB} MiB)"
+    if "compressed bytes after its end" in message:
+        return f"raw trailer ({MAX_TRAILER // MIB} MiB)"
+    return f"decoded trailer ({MAX_TRAILER // MIB} MiB)"
 
 
 @pytest.mark.parametrize("name", list(ENDLESS))
 def test_an_endless_trailer_ends_in_an_error(name, unpack, sandbox, figures):
-    """Compressed input that never ends and decodes to nothing is refused after at most
-    ``MAX_TRAILER`` (+ read-ahead) bytes (before: read to the end of the source, i.e. forever,
-    holding the entry's lock; the source here stops at 96 MiB to keep a failing run finite)."""
-    import gzip
-
+    """Input that never ends, after a tar or before its end, is refused after a bounded read:
+    at most ``MAX_IDLE_INPUT`` bytes in a row that decode to nothing, at most ``MAX_TRAILER``
+    raw or decoded bytes after the end marker, plus read-ahead (before: read to the end of the
+    source, i.e. forever, holding the entry's lock; the source here stops at 96 MiB to keep a
+    failing run finite)."""
     fmt, unit, complete = ENDLESS[name]
     archive = tar(MODEL) if complete else MODEL
-    prefix = gzip.compress(archive) if fmt == "gz" else zstd(archive)
+    prefix = {"gz": gzip.compress, "zst": zstd, "tar": bytes}[fmt](archive)
     source = Endless(prefix, unit, cap=96 << 20)
+    meter = Meter(source)
     began = time.perf_counter()
-    error = refused(unpack, sandbox, source, ArchiveError, "after its end|decode to nothing")
+    error = refused(unpack, sandbox, meter, ArchiveError, "after its end|decode to nothing")
     seconds = time.perf_counter() - began
     assert source.served < max(MAX_TRAILER, MAX_IDLE_INPUT) + (8 << 20), source.served
-    figures.update(run=f"{'a complete tar' if complete else 'a tar without its end'}, then {name} "
-                       f"({len(unit):,}-byte units) without end",
-                   error=type(error).__name__, message=str(error)[:110], refused_in_s=round(seconds, 3),
-                   raw_bytes_read_mib=round(source.served / MIB, 1),
-                   limits_mib=f"trailer {MAX_TRAILER // MIB}, idle input {MAX_IDLE_INPUT // MIB}")
+    figures.update(run=f"{'a complete' if complete else 'the start of a'} {'plain' if fmt == 'tar' else fmt} tar "
+                       f"archive, then {len(unit):,}-byte units forever",
+                   error=type(error).__name__, message=error.message[:110], limit_hit=_limit_hit(error.message),
+                   raw_bytes_read_mib=round(source.served / MIB, 1), refused_in_s=round(seconds, 3))
 
 
 # -- deep paths ----------------------------------------------------------------------------------
@@ -282,4 +296,4 @@ def test_sparse_members_are_refused(fmt, tmp_path, unpack, sandbox, figures):
     seconds = time.perf_counter() - began
     assert "variables.data" in error.member and "--sparse" in str(error)
     figures.update(run=f"tar --sparse --format={fmt} of a 3 MiB file with a hole ({archive.stat().st_size:,} bytes)",
-                   error=type(error).__name__, message=str(error)[:110], refused_in_s=round(seconds, 3))
+                   error=type(error).__name__, message=error.message[:120], refused_in_s=round(seconds, 3))
