@@ -83,7 +83,8 @@ def _declared_floor() -> str:
 def test_the_gcs_extra_floor_has_create_only_writes(gcsfs_release, figures):
     """``pipe_file(..., mode="create")`` on an object that exists, against the emulator: refused
     with FileExistsError and the object unchanged, with the newest gcsfs and with the floor the
-    ``gcs`` extra declares (``pyproject.toml``; gcsfs 2024.10.0 raised TypeError here)."""
+    ``gcs`` extra declares (``pyproject.toml``); the release before the floor, gcsfs 2024.10.0, has no
+    ``mode`` argument (a TypeError)."""
     floor = _declared_floor()
     python = sys.executable
     if gcsfs_release == "the extra's floor":

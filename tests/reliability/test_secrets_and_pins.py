@@ -148,7 +148,7 @@ def test_a_pinned_directory_handle_is_an_error(model, form, figures):
     assert message.startswith(repr(handle)) and "no archive bytes" in message and "\n" not in message
     assert "remove the pin" in message
     figures.update(run=f"resolve a model directory, given as a {form}, with #sha256=…",
-                   error="IntegrityError", message=message.replace(model, "DIR"))
+                   error="IntegrityError", message=message.replace(model, "DIR").replace(PIN[8:], PIN[8:12] + "…"))
 
 
 def test_a_pinned_handle_read_uncompressed_is_an_error(origin, model, monkeypatch, figures):
@@ -165,4 +165,4 @@ def test_a_pinned_handle_read_uncompressed_is_an_error(origin, model, monkeypatc
     figures.update(run="TFHUB_MODEL_LOAD_FORMAT=UNCOMPRESSED; resolve a tfhub.dev-style handle with #sha256=…, "
                        "and its gs:// directory with #sha256=…",
                    error="IntegrityError", origin_requests=origin.count(),
-                   message=str(info.value).replace(handle, "HANDLE"))
+                   message=str(info.value).replace(handle, "HANDLE").replace(PIN[8:], PIN[8:12] + "…"))
