@@ -316,12 +316,15 @@ def test_manifests_with_nonsense_fields_break_no_command(urls, capsys):
     env = dict(os.environ)
     for argv in (["ls"], ["ls", "--json"], ["verify"], ["prune", "--dry-run"],
                  ["prune", "--older-than", "1d", "--dry-run"], ["prune", "--max-size", "1", "--dry-run"],
+                 ["prune", "--json", "--max-size", "1", "--dry-run"],
                  *[["info", url] for url in urls], *[["info", "--json", url] for url in urls]):
         done = subprocess.run([sys.executable, "-m", "hubcache", *argv], capture_output=True, text=True, env=env)
         assert "Traceback" not in done.stderr and done.returncode == 0, (argv, done.stderr[-2000:])
         if argv[0] == "ls" and "--json" in argv:
             entries = json.loads(done.stdout)["entries"]
             assert {e["last_used"] for e in entries} == {None} and {e["last_used_unix"] for e in entries} == {None}
+        if "--json" in argv:  # strict JSON: a forged time must not come out as NaN or Infinity
+            json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"{argv}: {name} in the JSON"))
         if argv[0] == "info" and "--json" in argv:
             manifest = json.loads(done.stdout)["tiers"][0]["manifest"]
             assert manifest["created"] is None and "bytes" not in manifest["archive"]

@@ -295,7 +295,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .core.config import load_config
     from .core.manage import ago, cache_backends
-    from .core.prune import format_size, prune_store
+    from .core.prune import format_size, prune_store, timestamp
 
     config = load_config()
     max_size = args.max_size
@@ -309,7 +309,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       "actions": [{"handle": a.entry.handle, "key": a.entry.key, "path": a.entry.path,
                                    "state": a.entry.state, "bytes": a.entry.size, "reason": a.reason,
                                    "outcome": a.outcome, "kept_because": a.kept_because,
-                                   "last_used_unix": a.entry.last_used} for a in r.actions]}
+                                   "last_used_unix": timestamp(a.entry.last_used)} for a in r.actions]}
                      for r in reports])
         return 0
     for r in reports:

@@ -65,7 +65,10 @@ class Manifest:
         Raises:
             ValueError: if it is not a manifest this version can read.
         """
-        data = json.loads(raw)
+        try:
+            data = json.loads(raw)
+        except RecursionError:  # a planted manifest of '[' nested deeper than the parser recurses
+            raise ValueError("malformed manifest: nested too deeply") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
             raise ValueError("not a hubcache manifest of a known format")
         try:
