@@ -222,8 +222,9 @@ def test_an_endless_trailer_ends_in_an_error(name, unpack, sandbox, figures):
     error = refused(unpack, sandbox, meter, ArchiveError, "after its end|decode to nothing")
     seconds = time.perf_counter() - began
     assert source.served < max(MAX_TRAILER, MAX_IDLE_INPUT) + (8 << 20), source.served
-    figures.update(run=f"{'a complete' if complete else 'the start of a'} {'plain' if fmt == 'tar' else fmt} tar "
-                       f"archive, then {len(unit):,}-byte units forever",
+    kind = {"gz": ".tar.gz", "zst": ".tar.zst", "tar": "plain .tar"}[fmt]
+    figures.update(run=f"{'a complete ' + kind if complete else kind + ' with no end marker'}, "
+                       f"then {len(unit):,}-byte units forever",
                    error=type(error).__name__, message=error.message[:110], limit_hit=_limit_hit(error.message),
                    raw_bytes_read_mib=round(source.served / MIB, 1), refused_in_s=round(seconds, 3))
 
