@@ -199,7 +199,14 @@ def test_prune_dry_run_then_for_real(urls, capsys):
 
 def test_prune_without_options_applies_the_configured_budget(urls, capsys, monkeypatch):
     run(capsys, "prefetch", *urls)
+    # Parallel downloads can finish within one tick of the kernel's coarse file clock: give each
+    # entry its own last-use time, so "least recently used" has one answer.
+    entries = sorted(store().entries(), key=lambda e: e.key)
+    for age, entry in enumerate(entries):
+        stamp = time.time() - 3600 * (age + 1)
+        os.utime(store().use_path(entry.key), (stamp, stamp))
     newest = max(store().entries(), key=lambda e: e.last_used)
+    assert newest.key == entries[0].key
     monkeypatch.setenv("HUBCACHE_MAX_SIZE", str(newest.size))
     [report] = run_json(capsys, "prune")
     assert report["max_size"] == newest.size and report["bytes_after"] <= newest.size
