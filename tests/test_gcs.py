@@ -25,7 +25,7 @@ from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import locate
 from hubcache.backends.gcs_store import GcsObjectStore
 from hubcache.core.resolver import select_backend_name
-from hubcache.testing import CacheBackendConformance, archive_of, build_model_dir, tree_of
+from hubcache.testing import ObjectStoreConformance, archive_of, build_model_dir, tree_of
 from hubcache.testing import read_tree as read_any_tree
 
 
@@ -45,7 +45,7 @@ def read_tree(url: str) -> dict[str, bytes]:
     return read_any_tree(url, gcs())
 
 
-class TestGcsConformance(CacheBackendConformance):
+class TestGcsConformance(ObjectStoreConformance):
     @pytest.fixture
     def backend(self, conformance_config, gcs_root):
         return GcsBackend(conformance_config.replace(cache_dir=gcs_root, lease_ttl=5.0))

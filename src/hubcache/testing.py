@@ -1,11 +1,12 @@
 """Test kit for hubcache and its backends: model and archive builders, a local origin server,
 and the conformance suite every cache backend (built-in or third-party) runs against itself.
 
-A third party tests its backend with one subclass::
+A third party tests its backend with one subclass (``ObjectStoreConformance`` for a backend
+whose store is an object store, ``CacheBackendConformance`` for any other cache backend)::
 
-    from hubcache.testing import CacheBackendConformance
+    from hubcache.testing import ObjectStoreConformance
 
-    class TestS3Conformance(CacheBackendConformance):
+    class TestS3Conformance(ObjectStoreConformance):
         @pytest.fixture
         def backend(self, s3_bucket):
             return S3Backend(load_config().replace(cache_dir=f"s3://{s3_bucket}/cache"))
@@ -535,8 +536,8 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
 def __getattr__(name: str):
     # The conformance suite needs pytest; the builders and the server above do not (the demo
     # uses them), so the suite is imported only when asked for.
-    if name == "CacheBackendConformance":
-        from .conformance import CacheBackendConformance
+    if name in ("CacheBackendConformance", "ObjectStoreConformance"):
+        from . import conformance
 
-        return CacheBackendConformance
+        return getattr(conformance, name)
     raise AttributeError(name)
