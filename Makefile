@@ -1,7 +1,7 @@
 # Two entry points; each creates or refreshes the virtual environment it needs in .venv:
 #   make demo   - the 30-second demo (core install only, no TensorFlow)
-#   make test   - the whole test suite (installs the test extras: emulators, TensorFlow, ...),
-#                 then the gcs tests again with the oldest gcsfs the gcs extra allows
+#   make test   - the gcs tests with the oldest gcsfs the gcs extra allows, then the whole test
+#                 suite (installs the test extras: emulators, TensorFlow, ...)
 #   make bench  - the benchmark harness against tensorflow_hub and tar (1 GiB, ~6 minutes)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -32,11 +32,12 @@ demo: $(VENV)/.core
 	$(PY) examples/demo.py
 
 test: $(VENV)/.test
-	$(PY) -m pytest
 	PYTHON=$(PYTHON) scripts/test_gcs_floor.sh
+	$(PY) -m pytest
 
 # The gcs extra's floor (the oldest gcsfs it allows) in a venv of its own, reused while
-# pyproject.toml is unchanged: `test` runs the newest gcsfs (in .venv) and then this.
+# pyproject.toml is unchanged: `test` runs this first (the main suite's floor scenario reads that
+# venv), then the whole suite with the newest gcsfs (in .venv).
 test-gcs-floor:
 	PYTHON=$(PYTHON) scripts/test_gcs_floor.sh
 
