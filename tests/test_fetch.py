@@ -14,9 +14,7 @@ import pytest
 
 import hubcache
 from hubcache import ArchiveError, DownloadError, HandleError, MissingDependencyError
-from hubcache.core.events import Event
 from hubcache.core.localstore import LocalStore
-from hubcache.core.plugins import get_registry
 from hubcache.testing import archive_of, tree_of
 
 
@@ -32,23 +30,6 @@ def nothing_committed() -> bool:
     names = os.listdir(root) if os.path.isdir(root) else []
     return not [n for n in names if os.path.isdir(os.path.join(root, n))
                 or n.endswith((".manifest.json", ".descriptor.txt"))]
-
-
-@pytest.fixture
-def events():
-    """Record hubcache events through the public hook, as a logging plugin would."""
-    seen: list[Event] = []
-
-    class Recorder:
-        @hubcache.hookimpl
-        def hubcache_event(self, event: Event) -> None:
-            seen.append(event)
-
-    registry = get_registry()
-    recorder = Recorder()
-    registry.pm.register(recorder, name="test-recorder")
-    yield seen
-    registry.pm.unregister(recorder)
 
 
 # -- HTTP status errors ------------------------------------------------------------------------

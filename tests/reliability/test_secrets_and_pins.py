@@ -16,32 +16,13 @@ import pytest
 
 import hubcache
 from hubcache import IntegrityError
-from hubcache.core.events import Event
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry
 from hubcache.testing import OriginServer, archive_of, tree_of
 from hostile_inputs import (PASSWORD, PIN, SIGNATURE, USER, basic, cache_root, every_byte_under, run_cli,
                             with_credentials)
 
 SCENARIO = "15. Secrets and pins"
 SIGNED = b"deadbeefcafe"  # the secret part of SIGNATURE
-
-
-@pytest.fixture
-def events():
-    """Every event the real ``hubcache_event`` hook sees during the test."""
-    seen: list[Event] = []
-
-    class Recorder:
-        @hubcache.hookimpl
-        def hubcache_event(self, event: Event) -> None:
-            seen.append(event)
-
-    registry = get_registry()
-    recorder = Recorder()
-    registry.pm.register(recorder, name="test-secrets-recorder")
-    yield seen
-    registry.pm.unregister(recorder)
 
 
 # -- credentials in the URL --------------------------------------------------------------------------
