@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import resource
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import zlib
 
 import pytest
 
-from hubcache.core import resolver, treewalk
+from hubcache.core import treewalk
 from hubcache.core.handles import cache_key
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.testing import SETTINGS, archive_of, tree_of

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import zlib
 
 import pytest
