@@ -97,13 +97,23 @@ def become(uid: int) -> None:
 
     for name in ("filelock", "urllib3", "zstandard", "hubcache.core.cache", "hubcache.core.localstore",
                  "hubcache.core.fetch", "hubcache.core.extract", "hubcache.core.pipeline",
-                 "hubcache.core.formats", "hubcache.core.usage", "hubcache.backends.tmp",
-                 "hubcache.backends.home", "platformdirs", "tarfile", "zlib", "bz2", "lzma", "hashlib"):
+                 "hubcache.core.formats", "hubcache.core.usage", "hubcache.core.safefs",
+                 "hubcache.core.treewalk", "hubcache.core.paths", "hubcache.core.redact",
+                 "hubcache.core.tiers", "hubcache.backends.tmp", "hubcache.backends.home", "platformdirs",
+                 "tarfile", "zlib", "bz2", "lzma", "hashlib", "encodings.idna"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     import filelock
 
+    from hubcache.core.formats import inflate_module
+    from hubcache.core.pipeline import crc32_function
+    from hubcache.core.plugins import get_registry
+
     filelock.FileLock  # resolve the package's lazy attributes while files can still be read
+    inflate_module(), crc32_function()  # ISA-L, loaded on first use
+    # The plugins' entry points are read from the environment's metadata, which the checkout's
+    # directory may not let another user read (a fresh clone under a 0700 temp dir).
+    get_registry()
     import ctypes
 
     libc = ctypes.CDLL(None)
