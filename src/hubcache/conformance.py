@@ -288,6 +288,226 @@ class ObjectStoreConformance(CacheBackendConformance):
               f"after A stopped; A noticed the loss {m['a_noticed_seconds']:.2f} s after SIGCONT; "
               f"{m['lease_reads']} reads of B's lease, beats {m['b_beats'][0]}..{m['b_beats'][-1]}, none overwritten")
 
+    # -- many writers: TTLs, rates, removal (issue 12) -------------------------------------------
+
+    def test_a_waiter_judges_a_lease_by_its_holders_ttl(self, backend, tmp_path):
+        """A holder (a real process) with a 30 s TTL heartbeats every 10 s; a waiter whose own TTL
+        is 1 s must judge the lease by the holder's 30 s and wait (here: time out), not take the
+        live lease over after 1 s of silence."""
+        import json
+        import time
+
+        from hubcache.core.errors import CacheError
+
+        self.object_store(backend)
+        with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0) as holder:
+            waiter = type(backend)(backend.config.replace(lease_ttl=1.0, lock_timeout=4.0)).store
+            started = time.monotonic()
+            with pytest.raises(CacheError) as info:
+                with waiter.lock(holder.key, lambda owner: None):
+                    pass
+            waited = time.monotonic() - started
+            lease = json.loads(waiter.read_object(waiter._lease_path(holder.key)))
+        assert "held the download lease" in str(info.value) and f"pid {holder.pid}" in str(info.value)
+        assert lease["lease"] == holder.lease, "the live lease was taken over"
+        assert waited >= 4.0
+
+    def test_a_planted_lease_cannot_claim_an_endless_ttl(self, backend):
+        """A lease claiming ``"ttl": 1e9`` is judged by at most max(own TTL, 10 min): one whose
+        heartbeat time is 700 s old is a leftover, taken over at once."""
+        import json
+        import time
+        import uuid
+
+        store = self.object_store(backend)
+        key = uuid.uuid4().hex + "0" * 8
+        store.create_object(store._lease_path(key), json.dumps(
+            {"owner": "planted", "lease": "x", "beat": 1, "time": time.time() - 700, "ttl": 1e9}).encode())
+        waiter = type(backend)(backend.config.replace(lease_ttl=5.0, lock_timeout=20.0)).store
+        started = time.monotonic()
+        with waiter.lock(key, lambda owner: None):
+            took = time.monotonic() - started
+            ours = json.loads(waiter.read_object(waiter._lease_path(key)))
+        assert ours["owner"] != "planted" and took < 5.0, took
+
+    def test_heartbeat_at_most_once_a_second(self, backend):
+        """Whatever the TTL, a holder rewrites its lease at most once a second (GCS allows about
+        one update per second to one object name)."""
+        import time
+        import uuid
+
+        store = type(backend)(backend.config.replace(lease_ttl=0.3)).store
+        self.object_store(backend)
+        key = uuid.uuid4().hex + "0" * 8
+        lease_path = store._lease_path(key)
+        rewrites: list[float] = []
+        for name in ("replace_object", "write_object"):
+            original = getattr(store, name)
+
+            def counted(path, *args, _original=original, **kwargs):
+                if path == lease_path:
+                    rewrites.append(time.monotonic())
+                return _original(path, *args, **kwargs)
+
+            setattr(store, name, counted)
+        with store.lock(key, lambda owner: None):
+            time.sleep(3.5)
+        gaps = [b - a for a, b in zip(rewrites, rewrites[1:])]
+        print(f"\n{type(backend).name}: TTL 0.3 s: {len(rewrites)} lease rewrites in 3.5 s")
+        assert 2 <= len(rewrites) <= 4 and all(g >= 0.9 for g in gaps), rewrites
+
+    def test_waiter_request_rate_and_commit_latency(self, backend, tmp_path):
+        """A waiter (even with a tiny TTL of its own) polls a live lease's entry at about one
+        manifest read a second (backoff with jitter, capped at 1 s) and reads the lease a few
+        times per TTL of the holder; it notices the commit within about a second."""
+        import threading
+        import time
+
+        self.object_store(backend)
+        window = 8.0
+        with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0) as holder:
+            waiter = type(backend)(backend.config.replace(lease_ttl=0.4, lock_timeout=120.0)).store
+            manifest_path = waiter.object_path(f"{holder.key}.manifest.json")
+            lease_path = waiter._lease_path(holder.key)
+            reads: dict[str, list[float]] = {"manifest": [], "lease": []}
+            for name in ("read_object", "read_versioned"):
+                original = getattr(waiter, name)
+
+                def counted(path, *args, _original=original, **kwargs):
+                    kind = {manifest_path: "manifest", lease_path: "lease"}.get(path)
+                    if kind:
+                        reads[kind].append(time.monotonic())
+                    return _original(path, *args, **kwargs)
+
+                setattr(waiter, name, counted)
+            result: list = []
+
+            def wait() -> None:
+                with waiter.lock(holder.key, lambda owner: None):
+                    # Entered without a lease of its own: the entry got committed meanwhile.
+                    result.append("lease" if holder.key in waiter._leases else time.monotonic())
+
+            started = time.monotonic()
+            thread = threading.Thread(target=wait, daemon=True)
+            thread.start()
+            time.sleep(window)
+            manifest_rate = sum(t - started < window for t in reads["manifest"]) / window
+            # After the backoff reached its cap (0.1 + 0.2 + 0.4 + 0.8 s of steps at most).
+            steady_rate = sum(2 <= t - started < window for t in reads["manifest"]) / (window - 2)
+            lease_reads = sum(t - started < window for t in reads["lease"])
+            waiter.create_object(manifest_path, b"{}")  # "the commit": the waiter only needs it to exist
+            committed = time.monotonic()
+            thread.join(10)
+        assert result and result[0] != "lease", result
+        latency = result[0] - committed
+        print(f"\n{type(backend).name}: a waiter made {manifest_rate:.2f} manifest reads/s over {window:g} s "
+              f"({steady_rate:.2f}/s after the first 2 s) and {lease_reads} lease reads; it noticed the "
+              f"commit after {latency:.2f} s")
+        assert manifest_rate <= 2.2 and steady_rate <= 1.6, reads
+        assert lease_reads <= 3, reads
+        assert latency < 1.5
+
+    def test_rm_and_prune_keep_an_entry_whose_lease_is_alive(self, backend, tmp_path):
+        """While another process holds the lease of an entry it is downloading (objects uploaded,
+        no manifest yet), ``rm`` and ``prune`` on this one keep the entry and say who downloads it;
+        once the lease is past its TTL, the leftover goes, lease and all."""
+        import json
+        import time
+
+        from hubcache.core.manage import remove
+        from hubcache.core.prune import prune_store
+
+        self.object_store(backend)
+        with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0, upload=True) as holder:
+            store = self.fresh(backend).store
+            assert {e.key: e.state for e in store.entries()}.get(holder.key) == "in progress"
+            busy = store.busy(holder.key)
+            assert busy and f"pid {holder.pid}" in busy and "being downloaded by" in busy
+            records = remove([holder.key], [self.fresh(backend)])
+            report = prune_store(self.fresh(backend).store)
+            objects = store.list_objects(store.object_path(holder.key))
+            lease = json.loads(store.read_object(store._lease_path(holder.key)))
+        assert [(r["outcome"], r["reason"]) for r in records] == [("kept", busy)], records
+        assert [(a.entry.key, a.outcome, a.kept_because) for a in report.actions] == [(holder.key, "kept", busy)]
+        assert objects and lease["lease"] == holder.lease, "the download's objects and lease are intact"
+
+        # A leftover: the objects of a download whose lease died long ago.
+        store.create_object(store._lease_path(holder.key), json.dumps(
+            {"owner": "gone", "lease": "y", "beat": 9, "time": time.time() - 1000, "ttl": 30}).encode())
+        store.put_objects({f"{store.object_path(holder.key)}/saved_model.pb": b"partial"})
+        assert store.busy(holder.key) is None
+        report = prune_store(self.fresh(backend).store)
+        assert [(a.entry.key, a.outcome) for a in report.actions] == [(holder.key, "removed")]
+        assert not store.list_objects(store.object_path(holder.key))
+        assert store.read_object(store._lease_path(holder.key)) is None
+
+
+class LeaseHolder:
+    """A real child process holding the download lease of a fresh key of ``backend``'s store
+    (with its own ``lease_ttl``, heartbeat going) until the ``with`` block ends.
+
+    With ``upload``, it first uploads a partial entry (one object, no manifest), as a download
+    in progress would have. Attributes once entered: ``key``, ``pid``, ``lease`` (its lease id).
+    The backend class must be importable by the child (see :func:`stalled_holder_takeover`).
+    """
+
+    def __init__(self, backend, workdir: str, *, lease_ttl: float, upload: bool = False):
+        import uuid
+
+        self.backend, self.workdir, self.lease_ttl, self.upload = backend, workdir, lease_ttl, upload
+        self.key = uuid.uuid4().hex + "0" * 8
+
+    def __enter__(self) -> "LeaseHolder":
+        import base64
+        import json
+        import pickle
+        import subprocess
+        import sys
+
+        cls = type(self.backend)
+        config = self.backend.config.replace(lease_ttl=self.lease_ttl)
+        self._stderr = open(os.path.join(self.workdir, f"lease-holder-{self.key[:8]}.txt"), "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, cls.__module__, cls.__qualname__,
+             base64.b64encode(pickle.dumps(config)).decode(), self.key, "1" if self.upload else ""],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env={**os.environ, "TMPDIR": self.workdir})
+        self.pid = self.proc.pid
+        line = self.proc.stdout.readline()
+        if not line:
+            self.__exit__(None, None, None)
+            self._stderr.seek(0)
+            raise AssertionError(f"the lease holder never took the lease: {self._stderr.read()[-2000:]}")
+        self.lease = json.loads(line)["lease"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.close()
+                self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._stderr.close()
+
+
+_HOLDER = r"""
+import base64, importlib, json, pickle, sys
+
+module, qualname, config, key, upload = sys.argv[1:6]
+cls = importlib.import_module(module)
+for part in qualname.split("."):
+    cls = getattr(cls, part)
+store = cls(pickle.loads(base64.b64decode(config))).store
+with store.lock(key, lambda holder: None):
+    if upload:
+        store.put_objects({f"{store.object_path(key)}/variables/variables.index": b"half a model"})
+    print(json.dumps({"lease": store._leases[key].id}), flush=True)
+    sys.stdin.read()
+"""
+
 
 def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
     """Run the stalled-holder scenario against ``backend``'s object store; return what happened.

@@ -18,15 +18,27 @@ archive gives the same bytes); one manifest creation wins and the other returns 
 path.
 
 **Lease.** ``<key>.lock`` is created with the same precondition and holds its owner, a lease id
-and a heartbeat that a thread refreshes every ``lease_ttl / 3`` seconds. Every heartbeat is a
+and a heartbeat that a thread refreshes every ``max(1, lease_ttl / 3)`` seconds. Every heartbeat is a
 *conditional* rewrite (:meth:`ObjectStore.replace_object`): it succeeds only if the lease object is
 still the version its holder last wrote (gcs: ``ifGenerationMatch``; S3: ``If-Match`` on the ETag).
 A holder that stalled (paused, swapped out, suspended) past the TTL therefore cannot overwrite the
 lease of the host that took it over: its rewrite is refused, and it marks its lease lost and stops.
-Waiters poll for the manifest; when the lease's contents have not changed for ``lease_ttl`` seconds
-(as timed by the waiter's own clock, so hosts' clocks need not agree), or its heartbeat time is
-older than ``lease_ttl`` plus a minute of allowed clock skew, a waiter takes it over with the same
-conditional rewrite against the version it saw, so exactly one waiter replaces a given dead lease.
+Waiters poll for the manifest; when the lease's contents have not changed for its TTL (as timed
+by the waiter's own clock, so hosts' clocks need not agree), or its heartbeat time is older than
+its TTL plus a minute of allowed clock skew, a waiter takes it over with the same conditional
+rewrite against the version it saw, so exactly one waiter replaces a given dead lease. A lease is
+judged by the TTL *its holder* wrote into it (``"ttl"``), not the waiter's ``lease_ttl``: a host
+with a shorter setting never steals a live lease. That claim is bounded: at least
+:data:`MIN_LEASE_TTL` (3 s), at most ``max(own lease_ttl, MAX_LEASE_TTL)`` (10 min), so a planted
+lease cannot hold waiters off for ever.
+
+**Rates.** A heartbeat rewrites the lease at most once per :data:`MIN_HEARTBEAT` second (GCS allows
+about one update per second to one object name). Waiters read the manifest with exponential
+backoff and jitter up to :data:`MAX_POLL` (1 s) and the lease about four times per judged TTL.
+
+**Removal.** ``prune`` and ``rm`` remove an entry only under :meth:`ObjectStore.guard`, which takes
+the entry's lease for the removal: a live lease of another host (a download in progress) keeps the
+entry, reported as "being downloaded by <owner>"; only a lease past its TTL is a leftover.
 
 **What others wrote is untrusted.** A bucket is shared: a manifest read from it passes
 :func:`hubcache.core.paths.validate_manifest` (names in normal form inside the entry, link targets
@@ -53,7 +65,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -77,6 +91,19 @@ logger = logging.getLogger("hubcache")
 _KEY = re.compile(r"^[0-9a-f]{40}$")
 #: Seconds by which hosts' clocks may disagree before a lease's own heartbeat time is trusted.
 CLOCK_SKEW = 60.0
+#: A holder never rewrites its lease more often than this (GCS allows about one update per
+#: second to one object name), whatever its TTL.
+MIN_HEARTBEAT = 1.0
+#: The shortest TTL a lease is judged by: three heartbeats, so a live holder beating at
+#: :data:`MIN_HEARTBEAT` never looks silent for a whole TTL.
+MIN_LEASE_TTL = 3 * MIN_HEARTBEAT
+#: A lease claiming a longer TTL than this (or than the waiter's own, if longer) is judged by
+#: this one: a planted lease saying ``"ttl": 1e9`` must not hold every waiter off for ever.
+MAX_LEASE_TTL = 600.0
+#: Waiters poll for the manifest with exponential backoff up to this many seconds (each sleep
+#: drawn uniformly from the upper half of the current step, so a fleet does not poll in step):
+#: a waiting host starts within about a second of the commit, at about 1.3 manifest reads/s.
+MAX_POLL = 1.0
 _MARKERS = ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb")
 #: Checking a manifest read from the bucket: only its shape (names, targets, kinds) matters here;
 #: the size and member limits were applied when the entry was written.
@@ -93,6 +120,7 @@ class LeaseState:
         owner: who holds it (host and pid).
         time: the holder's wall-clock time of its last heartbeat.
         version: the object's version when read (see :meth:`ObjectStore.read_versioned`).
+        ttl: the TTL its holder wrote into it (``0.0`` if none or not a positive number).
     """
 
     raw: bytes
@@ -100,14 +128,38 @@ class LeaseState:
     owner: str
     time: float
     version: str = ""
+    ttl: float = 0.0
 
     @classmethod
     def parse(cls, raw: bytes, version: str = "") -> LeaseState:
         try:
             data = json.loads(raw)
-            return cls(raw, str(data["lease"]), str(data["owner"]), float(data["time"]), version)
-        except (ValueError, KeyError, TypeError):
+            ttl = data.get("ttl", 0.0)
+            ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) else 0.0
+            ttl = ttl if math.isfinite(ttl) and ttl > 0 else 0.0
+            when = float(data["time"])
+            return cls(raw, str(data["lease"]), _printable(str(data["owner"])),
+                       when if math.isfinite(when) else 0.0, version, ttl)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return cls(raw, "", "unknown", 0.0, version)  # unreadable: treated as long dead
+
+    def judged_ttl(self, own: float) -> float:
+        """The TTL a waiter whose own setting is ``own`` judges this lease by: the one its holder
+        wrote (a holder with a longer TTL heartbeats less often), at least :data:`MIN_LEASE_TTL`
+        and at most ``max(own, MAX_LEASE_TTL)``; the waiter's own when the lease names none."""
+        claimed = self.ttl or own
+        return max(MIN_LEASE_TTL, min(claimed, max(own, MAX_LEASE_TTL)))
+
+    def abandoned(self, own: float) -> bool:
+        """True if the holder's own heartbeat time is older than the judged TTL plus
+        :data:`CLOCK_SKEW` (a clock-based verdict; waiters also time silence themselves)."""
+        return time.time() - self.time > self.judged_ttl(own) + CLOCK_SKEW
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Text from the bucket made safe to print: control characters escaped, length capped."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
 
 
 class PreconditionFailed(Exception):
@@ -428,43 +480,56 @@ class ObjectStore(Store):
         return None if found is None else LeaseState.parse(*found)
 
     def _acquire(self, key: str, on_wait: Callable[[str], None]) -> _Lease | None:
-        """Take the lease of ``key``; ``None`` when the entry got committed while we waited."""
+        """Take the lease of ``key``; ``None`` when the entry got committed while we waited.
+
+        A waiter reads the manifest with exponential backoff and jitter (up to :data:`MAX_POLL`)
+        and the lease about four times per TTL it judges the lease by (the holder's, see
+        :meth:`LeaseState.judged_ttl`), never more than once per poll.
+        """
         lease = self._try_create_lease(key)
         if lease is not None:
             return lease
-        poll = max(0.05, min(1.0, self.lease_ttl / 8))
+        step = 0.1
         deadline = time.monotonic() + self.lock_timeout
         manifest_path = self.object_path(f"{key}.manifest.json")
         seen: bytes | None = None
         seen_at = time.monotonic()
+        state: LeaseState | None = None
+        read_at = -math.inf
         waited = False
         while True:
             if self.read_object(manifest_path) is not None:
                 return None  # committed by the holder: the caller's lookup finds it
-            state = self._read_lease(key)
-            if state is None:  # released (the holder failed?): try to become the holder
-                lease = self._try_create_lease(key)
-                if lease is not None:
-                    return lease
-                continue
-            if not waited:
-                waited = True
-                on_wait(state.owner)
             now = time.monotonic()
-            if state.raw != seen:
-                seen, seen_at = state.raw, now
-            silent = now - seen_at
-            if silent > self.lease_ttl or time.time() - state.time > self.lease_ttl + CLOCK_SKEW:
-                lease = self._take_over(key, state)
-                if lease is not None:
-                    logger.info("took over the lease of %s from %s (no heartbeat for %.1f s)",
-                                self.entry_path(key), state.owner, silent)
-                    return lease
+            ttl = state.judged_ttl(self.lease_ttl) if state is not None else MIN_LEASE_TTL
+            if now - read_at >= ttl / 4:
+                state, read_at = self._read_lease(key), now
+                if state is None:  # released (the holder failed?): try to become the holder
+                    lease = self._try_create_lease(key)
+                    if lease is not None:
+                        return lease
+                    read_at = -math.inf
+                    continue
+                if not waited:
+                    waited = True
+                    on_wait(state.owner)
+                if state.raw != seen:
+                    seen, seen_at = state.raw, now
+                ttl = state.judged_ttl(self.lease_ttl)
+                silent = now - seen_at
+                if silent > ttl or state.abandoned(self.lease_ttl):
+                    lease = self._take_over(key, state)
+                    if lease is not None:
+                        logger.info("took over the lease of %s from %s (no heartbeat for %.1f s)",
+                                    self.entry_path(key), state.owner, silent)
+                        return lease
+                    read_at = -math.inf  # rewritten meanwhile: read it again next time
             if now > deadline:
                 raise CacheError(f"another process has held the download lease for over "
-                                 f"{self.lock_timeout:.0f} s ({state.owner})",
+                                 f"{self.lock_timeout:.0f} s ({state.owner if state else 'unknown'})",
                                  hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
-            time.sleep(poll)
+            time.sleep(random.uniform(step / 2, step))
+            step = min(MAX_POLL, step * 2)
 
     def _take_over(self, key: str, stale: LeaseState) -> _Lease | None:
         """Replace a dead lease with ours, on the condition that it is still the version we saw
@@ -480,8 +545,52 @@ class ObjectStore(Store):
 
     def _lease_alive(self, key: str) -> bool:
         """True unless the lease's own heartbeat time says it was abandoned (clock skew allowed)."""
+        return self._live_lease(key) is not None
+
+    def _live_lease(self, key: str) -> LeaseState | None:
+        """The lease of ``key`` if another holder's lease is there and not abandoned (judged by
+        the TTL its holder wrote, see :meth:`LeaseState.judged_ttl`), else ``None``."""
+        if key in self._leases:
+            return None  # ours (a guard of this process): no download of someone else
         state = self._read_lease(key)
-        return state is not None and time.time() - state.time <= self.lease_ttl + CLOCK_SKEW
+        return state if state is not None and not state.abandoned(self.lease_ttl) else None
+
+    def busy(self, key: str) -> str | None:
+        """``being downloaded by <owner>`` while a live lease of another process is on ``key``.
+
+        One read of the lease object; creates nothing. A lease past its TTL (plus clock skew) is a
+        leftover and says nothing.
+        """
+        with self._io(f"reading the download lease in {self.root}"):
+            state = self._live_lease(key)
+        return None if state is None else f"being downloaded by {state.owner}"
+
+    @contextlib.contextmanager
+    def guard(self, key: str) -> Iterator[str | None]:
+        """Take the entry's lease for the removal, so no download starts meanwhile; yield why not
+        if a live lease is there (see :meth:`busy`). A dead lease is taken over (conditionally:
+        of several hosts pruning, one wins). Never waits."""
+        reason = None
+        with self._io(f"taking the download lease in {self.root}"):
+            lease = self._try_create_lease(key)
+            if lease is None:
+                state = self._read_lease(key)
+                if state is None:
+                    lease = self._try_create_lease(key)
+                elif state.abandoned(self.lease_ttl):
+                    lease = self._take_over(key, state)
+                if lease is None:
+                    state = self._read_lease(key)
+                    reason = f"being downloaded by {state.owner if state is not None else 'another process'}"
+        if lease is None:
+            yield reason
+            return
+        self._leases[key] = lease
+        try:
+            yield None
+        finally:
+            self._leases.pop(key, None)
+            lease.release()
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -548,7 +657,9 @@ class ObjectStore(Store):
             self.delete_objects([manifest])  # first: the entry is never seen half-removed
             objects = self.list_objects(self.object_path(key))
             existed = existed or bool(objects)
-            self.delete_objects([*objects, self.object_path(f"{key}.descriptor.txt"), self._lease_path(key)])
+            # The lease goes too, unless this process holds it (a guard; its release deletes it).
+            lease = [] if key in self._leases else [self._lease_path(key)]
+            self.delete_objects([*objects, self.object_path(f"{key}.descriptor.txt"), *lease])
         return existed
 
     def verify(self, key: str, full: bool = False) -> list[str]:
@@ -600,7 +711,7 @@ class _Lease:
         self._thread.start()
 
     def _run(self) -> None:
-        interval = self.store.lease_ttl / 3
+        interval = max(MIN_HEARTBEAT, self.store.lease_ttl / 3)  # see MIN_HEARTBEAT
         while not self._stop.wait(interval):
             payload = self.payload()
             if self.version:
