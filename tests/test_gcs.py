@@ -496,3 +496,29 @@ def test_listing_an_entry_never_includes_its_siblings(gcs_root):
     assert store.list_objects(store.object_path(key)) == {}
     gcs().pipe_file(store.object_path(f"{key}/saved_model.pb"), b"pb")
     assert store.list_objects(store.object_path(key)) == {store.object_path(f"{key}/saved_model.pb"): 2}
+
+
+def test_cli_rm_and_prune_keep_a_download_in_progress_on_another_host(gcs_root, tmp_path, monkeypatch):
+    """`hubcache rm` and `hubcache prune`, run as their own processes, leave alone an entry whose
+    lease a third process holds (a download in progress), and say who downloads it; exit 1 for rm."""
+    from hubcache.conformance import LeaseHolder
+
+    monkeypatch.setenv("TFHUB_CACHE_DIR", gcs_root)
+    backend = GcsBackend(load_config().replace(cache_dir=gcs_root))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0, upload=True) as holder:
+        rm = subprocess.run([sys.executable, "-m", "hubcache", "rm", holder.key], capture_output=True,
+                            text=True, env=env, timeout=60)
+        prune = subprocess.run([sys.executable, "-m", "hubcache", "prune", "--json"], capture_output=True,
+                               text=True, env=env, timeout=60)
+        store = backend.store
+        objects = store.list_objects(store.object_path(holder.key))
+        lease = json.loads(store.read_object(store._lease_path(holder.key)))
+    print(f"\nhubcache rm: {rm.stdout.strip()} {rm.stderr.strip()}")
+    assert rm.returncode == 1, (rm.stdout, rm.stderr)
+    assert "being downloaded by" in rm.stdout + rm.stderr and f"pid {holder.pid}" in rm.stdout + rm.stderr
+    assert "Traceback" not in rm.stderr + prune.stderr
+    assert prune.returncode == 0, prune.stderr
+    actions = [a for report in json.loads(prune.stdout) for a in report.get("actions", [])]
+    assert actions and all(a["outcome"] == "kept" and f"pid {holder.pid}" in str(a) for a in actions), actions
+    assert objects and lease["lease"] == holder.lease, "the download's objects and lease are intact"
