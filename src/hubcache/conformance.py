@@ -407,6 +407,53 @@ class ObjectStoreConformance(CacheBackendConformance):
         assert lease_reads <= 3, reads
         assert latency < 1.5
 
+    def test_a_fleet_takes_a_dead_lease_over_with_few_rewrites(self, backend):
+        """Sixteen waiters (threads standing for hosts: only the requests they send matter here,
+        and each has a store of its own) find the same dead lease at the same moment: one takes
+        it over, and the lease object gets a few takeover rewrites, not one per waiter."""
+        import json
+        import threading
+        import time
+        import uuid
+
+        self.object_store(backend)
+        key = uuid.uuid4().hex + "0" * 8
+        config = backend.config.replace(lease_ttl=5.0, lock_timeout=60.0)
+        stores = [type(backend)(config).store for _ in range(16)]
+        lease_path = stores[0]._lease_path(key)
+        stores[0].create_object(lease_path, json.dumps(
+            {"owner": "dead", "lease": "x", "beat": 1, "time": time.time() - 1000, "ttl": 3}).encode())
+        attempts: list[float] = []
+        for store in stores:
+            original = store.replace_object
+
+            def counted(path, *args, _original=original, **kwargs):
+                if path == lease_path:
+                    attempts.append(time.monotonic())
+                return _original(path, *args, **kwargs)
+
+            store.replace_object = counted
+        start = threading.Barrier(len(stores))
+        winners: list[int] = []
+
+        def wait(i: int) -> None:
+            store = stores[i]
+            start.wait()
+            with store.lock(key, lambda owner: None):
+                if key in store._leases:
+                    winners.append(i)
+                    time.sleep(0.3)  # less than a heartbeat (5 / 3 s): no rewrite of its own
+                    store.create_object(store.object_path(f"{key}.manifest.json"), b"{}")
+
+        threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(len(stores))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        print(f"\n{type(backend).name}: {len(stores)} waiters on a dead lease: {len(attempts)} takeover rewrites")
+        assert len(winners) == 1, winners
+        assert 1 <= len(attempts) <= 4, attempts
+
     def test_rm_and_prune_keep_an_entry_whose_lease_is_alive(self, backend, tmp_path):
         """While another process holds the lease of an entry it is downloading (objects uploaded,
         no manifest yet), ``rm`` and ``prune`` on this one keep the entry and say who downloads it;

@@ -35,6 +35,8 @@ lease cannot hold waiters off for ever.
 **Rates.** A heartbeat rewrites the lease at most once per :data:`MIN_HEARTBEAT` second (GCS allows
 about one update per second to one object name). Waiters read the manifest with exponential
 backoff and jitter up to :data:`MAX_POLL` (1 s) and the lease about four times per judged TTL.
+Waiters that saw a lease die pause at random (up to :data:`TAKEOVER_SPREAD`) and read it again
+before rewriting it, so a fleet sends a few takeover attempts, not one per host.
 
 **Removal.** ``prune`` and ``rm`` remove an entry only under :meth:`ObjectStore.guard`, which takes
 the entry's lease for the removal: a live lease of another host (a download in progress) keeps the
@@ -100,6 +102,9 @@ MIN_LEASE_TTL = 3 * MIN_HEARTBEAT
 #: A lease claiming a longer TTL than this (or than the waiter's own, if longer) is judged by
 #: this one: a planted lease saying ``"ttl": 1e9`` must not hold every waiter off for ever.
 MAX_LEASE_TTL = 600.0
+#: Waiters that saw a lease die wait a random part of up to this many seconds (and of a third
+#: of its TTL) before taking it over, so a fleet sends a few takeover rewrites, not one each.
+TAKEOVER_SPREAD = 5.0
 #: Waiters poll for the manifest with exponential backoff up to this many seconds (each sleep
 #: drawn uniformly from the upper half of the current step, so a fleet does not poll in step):
 #: a waiting host starts within about a second of the commit, at about 1.3 manifest reads/s.
@@ -518,7 +523,7 @@ class ObjectStore(Store):
                 ttl = state.judged_ttl(self.lease_ttl)
                 silent = now - seen_at
                 if silent > ttl or state.abandoned(self.lease_ttl):
-                    lease = self._take_over(key, state)
+                    lease = self._take_over_spread(key, state, ttl)
                     if lease is not None:
                         logger.info("took over the lease of %s from %s (no heartbeat for %.1f s)",
                                     self.entry_path(key), state.owner, silent)
@@ -530,6 +535,17 @@ class ObjectStore(Store):
                                  hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
             time.sleep(random.uniform(step / 2, step))
             step = min(MAX_POLL, step * 2)
+
+    def _take_over_spread(self, key: str, stale: LeaseState, ttl: float) -> _Lease | None:
+        """:meth:`_take_over` after a random pause of up to ``min(ttl / 3, 5)`` seconds and a
+        fresh read: of a fleet of waiters that saw the same lease die, the first to wake takes it
+        over and the others see its new lease, so the dead lease gets a few rewrite attempts,
+        not one per waiter (GCS allows about one update per second to one object name)."""
+        time.sleep(random.uniform(0, min(ttl / 3, TAKEOVER_SPREAD)))
+        fresh = self._read_lease(key)
+        if fresh is None or fresh.version != stale.version or fresh.raw != stale.raw:
+            return None  # taken over by another waiter, released, or alive after all
+        return self._take_over(key, stale)
 
     def _take_over(self, key: str, stale: LeaseState) -> _Lease | None:
         """Replace a dead lease with ours, on the condition that it is still the version we saw
