@@ -403,7 +403,8 @@ class ObjectStoreConformance(CacheBackendConformance):
         print(f"\n{type(backend).name}: a waiter made {manifest_rate:.2f} manifest reads/s over {window:g} s "
               f"({steady_rate:.2f}/s after the first 2 s) and {lease_reads} lease reads; it noticed the "
               f"commit after {latency:.2f} s")
-        assert manifest_rate <= 2.2 and steady_rate <= 1.6, reads
+        # Sleeps are drawn from [0.5, 1] s (mean 0.75 s: 1.33 reads/s); 2/s is the most possible.
+        assert manifest_rate <= 2.2 and steady_rate <= 1.8, reads
         assert lease_reads <= 3, reads
         assert latency < 1.5
 
