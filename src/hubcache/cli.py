@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import threading
 from typing import Sequence
@@ -46,6 +47,41 @@ settings (environment beats absl flags, which beat defaults):
 """
 
 
+# C0 controls (tab, CR, LF, ESC...), DEL, C1 controls (CSI 0x9b...), and the Unicode line
+# separators and bidirectional overrides that reorder or break what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character escaped (``\\x1b``, ``\\r``, ``\\u202e``).
+
+    Handles, names and messages printed by the CLI may come from a cache or bucket that others
+    write: raw, an escape sequence could retitle or rewrite the terminal, a CR or LF forge lines.
+    Applied to every human-readable line the CLI prints (``--json`` is escaped by ``json``).
+    """
+    return _CONTROL.sub(_escape, str(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(char)
+    if named is not None:
+        return named
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def _say(text: object = "", *, err: bool = False, flush: bool = False) -> None:
+    """Print one line of human-readable output, control characters escaped (see :func:`printable`)."""
+    print(printable(text), file=sys.stderr if err else sys.stdout, flush=flush)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines (``-v``) name handles and paths from caches too: escaped like every other line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _print_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
@@ -63,11 +99,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             failed = True
             results.append({"handle": handle, "error": str(error), "kind": type(error).__name__})
             if not args.json:
-                print(f"hubcache: error: {error}", file=sys.stderr)
+                _say(f"hubcache: error: {error}", err=True)
             continue
         results.append({"handle": handle, "path": path})
         if not args.json:
-            print(path, flush=True)
+            _say(path, flush=True)
     if args.json:
         _print_json(results)
     return 1 if failed else 0
@@ -116,8 +152,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows)
     for row in rows:
         value = "-" if row["value"] is None else row["value"]
-        print(f"{row['name']:<{width}}  {value}  [{row['source']}]")
-    print(f"{'installed backends':<{width}}  {', '.join(sorted(registry.backends))}")
+        _say(f"{row['name']:<{width}}  {value}  [{row['source']}]")
+    _say(f"{'installed backends':<{width}}  {', '.join(sorted(registry.backends))}")
     return 0
 
 
@@ -134,17 +170,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         _print_json(rows)
         return 0
     if not rows:
-        print("no third-party plugins installed (`hubcache plugins --all` shows the built-in ones)")
+        _say("no third-party plugins installed (`hubcache plugins --all` shows the built-in ones)")
         return 0
     for row in rows:
         origin = f"{row['distribution']} {row['version']}".strip() or row["module"]
-        print(f"{row['name']}  ({origin}{', built-in' if row['builtin'] else ''})  {row['status']}")
+        _say(f"{row['name']}  ({origin}{', built-in' if row['builtin'] else ''})  {row['status']}")
         if row["backends"]:
-            print(f"    backends: {', '.join(row['backends'])}")
+            _say(f"    backends: {', '.join(row['backends'])}")
         if row["hooks"]:
-            print(f"    hooks:    {', '.join(row['hooks'])}")
+            _say(f"    hooks:    {', '.join(row['hooks'])}")
         if row["error"]:
-            print(f"    error:    {row['error']}")
+            _say(f"    error:    {row['error']}")
     return 0
 
 
@@ -179,10 +215,11 @@ def _duration_arg(text: str) -> float:
 
 
 def _table(rows: list[list[str]], right: Sequence[int] = ()) -> None:
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        print("  ".join(cells).rstrip())
+        _say("  ".join(cells).rstrip())
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -210,15 +247,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
             rows.append([format_size(e.size), str(len(e.manifest.files)) if e.manifest else "-",
                          ago(e.last_used), state, item.backend, e.handle or f"(unknown handle) {e.key}"])
         _table(rows, right=(0, 1))
-        print()
+        _say()
     for name, total in totals.items():
         states = ", ".join(f"{n} {s}" for s, n in sorted(total["states"].items()))
         count = f"{total['entries']} entr{'y' if total['entries'] == 1 else 'ies'}"
-        print(f"{name}: {count}, {format_size(total['bytes'])} in {total['root']}"
+        _say(f"{name}: {count}, {format_size(total['bytes'])} in {total['root']}"
               + (f" ({states})" if states else ""))
     debris = sum(n for t in totals.values() for s, n in t["states"].items() if s in ("damaged", "in progress"))
     if debris:
-        print(f"{debris} damaged or unfinished entries: `hubcache prune` removes them "
+        _say(f"{debris} damaged or unfinished entries: `hubcache prune` removes them "
               "(a resolve also rebuilds a damaged entry)")
     return 0
 
@@ -233,42 +270,42 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     location = info["location"]
-    print(f"handle    {info['handle']}")
-    print(f"key       {info['key']}" + (f"  (pinned {info['pin']})" if info["pin"] else ""))
-    print(f"backend   {info['backend']}  (selected by {info['backend_reason']})"
+    _say(f"handle    {info['handle']}")
+    _say(f"key       {info['key']}" + (f"  (pinned {info['pin']})" if info["pin"] else ""))
+    _say(f"backend   {info['backend']}  (selected by {info['backend_reason']})"
           + ("  [offline]" if info["offline"] else ""))
     if "error" in location:
-        print(f"source    cannot be located: {location['error']}")
+        _say(f"source    cannot be located: {location['error']}")
     else:
-        print(f"source    {location['kind']} {location['url']}")
+        _say(f"source    {location['kind']} {location['url']}")
     for tier in info["tiers"]:
         name = tier["backend"]
         if "note" in tier and "root" not in tier:
-            print(f"{name:<9} {tier['note']}")
+            _say(f"{name:<9} {tier['note']}")
             continue
         if tier.get("note"):
-            print(f"{name:<9} {tier['note']}")
+            _say(f"{name:<9} {tier['note']}")
         if not tier.get("cached"):
             state = tier.get("state", "not cached")
-            print(f"{name:<9} {state}: would be at {tier['path']}")
-            print(f"{'':<9} run `hubcache prefetch {info['handle']}` to download it now")
+            _say(f"{name:<9} {state}: would be at {tier['path']}")
+            _say(f"{'':<9} run `hubcache prefetch {info['handle']}` to download it now")
             continue
         files = tier.get("manifest", {}).get("files", "?")
         busy = f", {tier['busy']}" if tier.get("busy") else ""
-        print(f"{name:<9} cached at {tier['path']}")
-        print(f"{'':<9} {tier['state']}, {format_size(tier['bytes'])} in {files} files, "
+        _say(f"{name:<9} cached at {tier['path']}")
+        _say(f"{'':<9} {tier['state']}, {format_size(tier['bytes'])} in {files} files, "
               f"last used {ago(tier.get('last_used_unix'))}{busy}")
         manifest = tier.get("manifest")
         if manifest:
             archive = manifest["archive"]
             if archive.get("sha256"):
-                print(f"{'':<9} archive sha256 {archive['sha256']}, "
+                _say(f"{'':<9} archive sha256 {archive['sha256']}, "
                       f"{format_size(int(archive.get('bytes', 0)))} {archive.get('format', '')}")
             if manifest["source"]:
-                print(f"{'':<9} from {manifest['source']}")
-            print(f"{'':<9} created {manifest['created']} by {manifest['creator'] or 'unknown'}")
+                _say(f"{'':<9} from {manifest['source']}")
+            _say(f"{'':<9} created {manifest['created']} by {manifest['creator'] or 'unknown'}")
         if tier.get("pin_matches") is False:
-            print(f"{'':<9} the pinned digest does NOT match: `hubcache rm` it to download again")
+            _say(f"{'':<9} the pinned digest does NOT match: `hubcache rm` it to download again")
     return 0
 
 
@@ -283,12 +320,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
     else:
         for r in results:
             if r["outcome"] == "removed":
-                print(f"removed  {format_size(int(r['bytes']))}  {r['handle']}  [{r['backend']}]")
+                _say(f"removed  {format_size(int(r['bytes']))}  {r['handle']}  [{r['backend']}]")
             elif r["outcome"] == "kept":
-                print(f"hubcache: kept {r['handle']} [{r['backend']}]: {r['reason']}; "
-                      "try again when it is done", file=sys.stderr)
+                _say(f"hubcache: kept {r['handle']} [{r['backend']}]: {r['reason']}; "
+                      "try again when it is done", err=True)
             else:
-                print(f"hubcache: not cached: {r['handle']} [{r['backend']}]", file=sys.stderr)
+                _say(f"hubcache: not cached: {r['handle']} [{r['backend']}]", err=True)
     return 1 if any(r["outcome"] == "kept" for r in results) else 0
 
 
@@ -316,17 +353,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for a in r.actions:
             what = a.entry.handle or a.entry.key
             if a.outcome == "kept":
-                print(f"kept          {format_size(a.entry.size):>10}  {what}: {a.kept_because}")
+                _say(f"kept          {format_size(a.entry.size):>10}  {what}: {a.kept_because}")
             elif a.outcome != "gone":
-                print(f"{a.outcome:<13} {format_size(a.entry.size):>10}  {what}  "
+                _say(f"{a.outcome:<13} {format_size(a.entry.size):>10}  {what}  "
                       f"(last used {ago(a.entry.last_used)}; {a.reason})")
         verb = "would free" if r.dry_run else "freed"
-        print(f"{r.backend}: {verb} {format_size(r.freed)} in {len(r.removed)} entries; "
+        _say(f"{r.backend}: {verb} {format_size(r.freed)} in {len(r.removed)} entries; "
               f"{format_size(r.total_after)} {'would ' if r.dry_run else ''}remain in {r.root}"
               + (" (dry run: nothing was removed)" if r.dry_run else ""))
         if r.over_budget:
-            print(f"{r.backend}: still over the budget of {format_size(r.max_size)}: "
-                  f"{len(r.kept)} entries are in use", file=sys.stderr)
+            _say(f"{r.backend}: still over the budget of {format_size(r.max_size)}: "
+                  f"{len(r.kept)} entries are in use", err=True)
     return 0
 
 
@@ -346,11 +383,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 with open(name, encoding="utf-8") as f:
                     handles += read_handle_list(f)
             except OSError as error:
-                print(f"hubcache: error: cannot read {name}: {error.strerror}", file=sys.stderr)
+                _say(f"hubcache: error: cannot read {name}: {error.strerror}", err=True)
                 return 2
     handles = list(dict.fromkeys(handles))
     if not handles:
-        print("hubcache: error: no handles to prefetch (give some, or -f FILE)", file=sys.stderr)
+        _say("hubcache: error: no handles to prefetch (give some, or -f FILE)", err=True)
         return 2
     display = BarObserver(handles) if progress.enabled() else Observer(handles)
     lock = threading.Lock()
@@ -361,10 +398,10 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             if args.json:
                 return
             if result.error is not None:
-                display.write(f"hubcache: error: {result.error}", sys.stderr)
+                display.write(printable(f"hubcache: error: {result.error}"), sys.stderr)
             else:
                 size = format_size(result.downloaded) if result.downloaded else ""
-                display.write(f"{result.status:<8} {size:>10}  {result.handle}", sys.stdout)
+                display.write(printable(f"{result.status:<8} {size:>10}  {result.handle}"), sys.stdout)
 
     started = time.monotonic()
     with progress.muted():
@@ -378,10 +415,10 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         _print_json([r.to_json() for r in results])
     else:
         fetched = [r for r in results if r.status == "fetched"]
-        print(f"{len(results)} handles in {seconds:.1f} s: {len(fetched)} downloaded "
+        _say(f"{len(results)} handles in {seconds:.1f} s: {len(fetched)} downloaded "
               f"({format_size(sum(r.downloaded for r in fetched))}), "
               f"{sum(r.status == 'cached' for r in results)} already cached, {len(failed)} failed",
-              file=sys.stderr)
+              err=True)
     return 1 if failed else 0
 
 
@@ -400,13 +437,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             detail = "; ".join(r.problems) if r.problems and r.status not in ("repaired", "cleaned") else ""
             if r.status == "repair failed":
                 detail = r.error or detail
-            print(f"{r.status:<13} {what}  [{r.backend}]" + (f": {detail}" if detail else ""))
+            elif r.status == "removed":
+                detail = ("damaged, removed; not downloaded again because its handle was read from the cache: "
+                          "`hubcache verify --repair HANDLE` or the next resolve downloads it")
+            _say(f"{r.status:<13} {what}  [{r.backend}]" + (f": {detail}" if detail else ""))
         bad = [r for r in results if not r.good]
-        print(f"{len(results)} entr{'y' if len(results) == 1 else 'ies'} checked "
+        _say(f"{len(results)} entr{'y' if len(results) == 1 else 'ies'} checked "
               f"({'sizes and CRC-32' if args.full else 'sizes'}): "
               f"{len(results) - len(bad)} good, {len(bad)} with problems"
               + ("" if args.repair or not bad else "; `hubcache verify --repair` fixes them"),
-              file=sys.stderr)
+              err=True)
     return 0 if all(r.good for r in results) else 1
 
 
@@ -530,13 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "manifest: every file present with its recorded size, or with --full also its "
                           "CRC-32 (reads every byte). A pinned handle (#sha256=..., or HUBCACHE_PINS) must "
                           "come from an archive with that digest. Leftovers of interrupted downloads are "
-                          "reported too. --repair removes what is damaged or left over and downloads it "
-                          "again, as the next resolve would. Exits 1 if a problem remains."),
+                          "reported too; with --full also files or objects in an entry that its manifest "
+                          "does not list.\n\n--repair removes what is damaged or left over. It downloads "
+                          "again only the HANDLEs named on the command line, as the next resolve would: "
+                          "with no HANDLEs (or cache keys) it only cleans up and never fetches a handle read "
+                          "from the cache, since a manifest or descriptor in a shared cache or bucket may be "
+                          "planted (naming a local file or an intranet URL). Exits 1 if a problem remains."),
         epilog="examples:\n  hubcache verify\n  hubcache verify --full https://tfhub.dev/google/spice/2\n"
                "  hubcache verify --repair --json")
     p.add_argument("handles", nargs="*", metavar="HANDLE", help="handle or 40-hex-digit cache key")
     p.add_argument("--full", action="store_true", help="also compare every file's CRC-32 (reads all bytes)")
-    p.add_argument("--repair", action="store_true", help="rebuild damaged entries, remove leftovers")
+    p.add_argument("--repair", action="store_true", help="remove damaged entries and leftovers; download "
+                   "again only the HANDLEs given (never a handle read from the cache)")
     p.add_argument("--backend", action="append", metavar="NAME",
                    help="cache backend(s) to check (default: the selected one)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {handle, key, status, problems}")
@@ -552,14 +597,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="hubcache: %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PrintableFormatter("hubcache: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         return args.func(args)
     except HubcacheError as error:
-        print(f"hubcache: error: {error}", file=sys.stderr)
+        _say(f"hubcache: error: {error}", err=True)
         return 1
     except KeyboardInterrupt:
-        print("hubcache: interrupted", file=sys.stderr)
+        _say("hubcache: interrupted", err=True)
         return 130
     except BrokenPipeError:
         return 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .events import emit
 from .store import EntryInfo, Store
@@ -93,6 +93,29 @@ def timestamp(value: object) -> float | None:
     return float(value) if -(1 << 40) < value < (1 << 40) else None
 
 
+def real_size(store: Store, entry: EntryInfo) -> int:
+    """The bytes ``entry`` really occupies, not what its manifest says.
+
+    A local entry is measured on disk (:func:`hubcache.core.treewalk.disk_usage`, links not
+    followed); an object store entry by listing its objects. Other stores: the listed size.
+    Neither a claim too small (bytes hidden from the budget) nor too large (a forged ``1e18``
+    that would evict every other entry) counts.
+    """
+    from .localstore import LocalStore
+    from .objectstore import ObjectStore
+
+    try:
+        if isinstance(store, LocalStore):
+            from . import treewalk
+
+            return treewalk.disk_usage(entry.path)
+        if isinstance(store, ObjectStore):
+            return sum(store.list_objects(store.object_path(entry.key)).values())
+    except OSError as error:  # counted as listed; the budget is best effort
+        logger.warning("could not measure %s: %s", entry.path, error)
+    return max(entry.size, 0)
+
+
 def _age(entry: EntryInfo) -> float:
     # Unknown or nonsense times count as oldest: a forged time must not make an entry immortal.
     when = timestamp(entry.last_used)
@@ -146,6 +169,10 @@ def prune_store(store: Store, *, backend: str = "", max_size: int | None = None,
     """
     now = time.time() if now is None else now
     entries = list(store.entries())
+    if max_size is not None:
+        # The budget decides on what the entries really occupy: a manifest's sizes are a claim
+        # (files it does not list are not in it), and a forged one must not hide bytes.
+        entries = [replace(e, size=real_size(store, e)) for e in entries]
     report = PruneReport(backend, store.root, dry_run, max_size=max_size)
     total = report.total_before = sum(e.size for e in entries)
     chosen: set[str] = set()

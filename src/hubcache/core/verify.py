@@ -5,9 +5,15 @@ By default every file's size is compared with the manifest (what a resolve check
 reading the bytes reveals. A pinned handle's entry must also come from an archive with the
 pinned digest.
 
-Repair does now what the next resolve would do: under the entry's download lock it removes what
-a dead writer left and the damaged entry, then downloads and commits the handle afresh through
-its backend, and checks the result in full.
+``full`` also reports what an entry holds that its manifest does not list (files planted in a
+local entry, objects in a bucket entry): a listing that lies about an entry hides bytes from the
+size budget and from checks.
+
+Repair removes what a dead writer left and the damaged entry, under the entry's download lock.
+It downloads again only the handles the user named on the command line: a handle read from a
+cache (a manifest or descriptor, which anyone who can write a shared cache or bucket can plant)
+is never fetched, so a planted ``file:///...`` or intranet URL cannot make a maintenance host
+read its own files or call an address of the attacker's choosing.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from typing import Sequence
 from .backend import CacheBackend
 from .errors import HubcacheError
 from .handles import parse_handle
+from .manifest import Manifest
+from .store import Store
 
 #: statuses that need no action
-GOOD = ("ok", "foreign", "downloading", "repaired", "cleaned")
+GOOD = ("ok", "foreign", "downloading", "repaired", "cleaned", "removed")
 
 
 @dataclass
@@ -36,7 +44,9 @@ class Verified:
             ``damaged``, ``pin mismatch`` (complete, but not from the pinned archive, or from an
             archive whose digest hubcache did not verify itself), ``leftover`` (a dead writer's
             temp files), ``downloading`` (another process is writing it), ``not cached``; after a
-            repair ``repaired``, ``cleaned`` or ``repair failed``.
+            repair ``repaired`` (downloaded again: only handles named by the user), ``removed``
+            (a damaged entry removed, not downloaded again), ``cleaned`` (leftovers removed) or
+            ``repair failed``.
         problems: what is wrong, one item per problem.
         checked: ``sizes`` or ``sizes+crc32``.
         error: why a repair failed.
@@ -86,6 +96,8 @@ def _check(backend: CacheBackend, key: str, handle: str | None, pin: tuple[str, 
     mismatch = False
     if info.manifest is not None or not leftover:
         damage = store.verify(key, full=full)
+        if full and info.manifest is not None:
+            damage.extend(f"{name} is not in the manifest" for name in unlisted(store, key, info.manifest))
         if not damage and pin is not None and info.manifest is not None:
             archive = info.manifest.archive
             actual = archive.get(pin[0])
@@ -103,11 +115,61 @@ def _check(backend: CacheBackend, key: str, handle: str | None, pin: tuple[str, 
     return result
 
 
-def _repair(backend: CacheBackend, result: Verified) -> None:
+_MAX_UNLISTED = 20  # named in a report; more are counted
+
+
+def unlisted(store: Store, key: str, manifest: Manifest) -> list[str]:
+    """What the entry of ``key`` holds that ``manifest`` does not list (relative paths, sorted).
+
+    A local entry is walked without following links (files, links, folders and anything else
+    not named by the manifest); an object store is asked for its ``unlisted_objects(key,
+    manifest)`` if it has one, else the objects under the entry's prefix are listed. Stores of
+    other kinds report nothing. At most ``_MAX_UNLISTED`` names, then a count of the rest.
+    """
+    from .localstore import LocalStore
+    from .objectstore import ObjectStore
+
+    found: list[str] = []
+    if isinstance(store, LocalStore):
+        from . import treewalk
+
+        known = {f.path for f in manifest.files} | set(manifest.symlinks) | set(manifest.dirs)
+        parents = {p for name in known for p in _parents_of(name)}
+        for d in treewalk.walk(store.entry_path(key)):
+            base = d.path + "/" if d.path else ""
+            for name in d.files + d.symlinks + d.other:
+                if base + name not in known:
+                    found.append(base + name)
+            for name in list(d.dirs):
+                if base + name not in known and base + name not in parents:
+                    found.append(base + name + "/")
+                    d.dirs.remove(name)  # its contents are unlisted too: the folder says it
+    elif isinstance(store, ObjectStore):
+        custom = getattr(store, "unlisted_objects", None)
+        if custom is not None:
+            found = list(custom(key, manifest))
+        else:
+            known = {f.path for f in manifest.files} | set(manifest.symlinks)
+            prefix = store.object_path(key) + "/"
+            found = [p[len(prefix):] for p in store.list_objects(store.object_path(key))
+                     if p.startswith(prefix) and p[len(prefix):] not in known]
+    found.sort()
+    if len(found) > _MAX_UNLISTED:
+        found[_MAX_UNLISTED:] = [f"and {len(found) - _MAX_UNLISTED} more"]
+    return found
+
+
+def _parents_of(name: str) -> list[str]:
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _repair(backend: CacheBackend, result: Verified, *, fetch: bool) -> None:
+    """Repair one entry; ``fetch``: the user named its handle, so it may be downloaded again."""
     from .plugins import get_registry
 
     store = backend.store
-    if result.handle is None and result.status != "leftover":
+    if fetch and result.handle is None and result.status != "leftover":
         result.status = "repair failed"
         result.error = f"the handle is unknown (no manifest or descriptor names it): `hubcache rm {result.key}`"
         return
@@ -118,6 +180,10 @@ def _repair(backend: CacheBackend, result: Verified) -> None:
                 store.remove(result.key)
         if result.status == "leftover":
             result.status = "cleaned"
+            return
+        if not fetch:
+            # The handle came from the cache, not from the user: never fetch it (see the module doc).
+            result.status = "removed"
             return
         handle = parse_handle(result.handle or "")
         location = get_registry().hook.hubcache_locate(handle=handle, load_format="COMPRESSED")
@@ -139,7 +205,8 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
     """Check (and with ``repair`` fix) the entries of ``handles``, or every entry if none given.
 
     Handles may also be cache keys (40 hex digits). Pins apply: the handle's own, and those of
-    ``HUBCACHE_PINS``.
+    ``HUBCACHE_PINS``. ``repair`` downloads again only entries whose handle is in ``handles``
+    (not a key, not a handle read from the cache): other damaged entries are removed.
 
     Raises:
         HubcacheError: for a malformed handle or pins file.
@@ -162,6 +229,6 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
         for key, handle, pin in targets:
             result = _check(backend, key, handle, pin, full)
             if repair and not result.good:
-                _repair(backend, result)
+                _repair(backend, result, fetch=handle is not None)
             results.append(result)
     return results
