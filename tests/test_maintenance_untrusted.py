@@ -92,11 +92,11 @@ def test_repair_without_handles_never_fetches_a_handle_a_planted_manifest_names(
     origin.reset_counts()
 
     out = hubcache("verify", "--repair", "--json")
+    assert origin.count() == 0, "verify --repair fetched a handle read from the cache"
+    assert entries_on_disk(home) == [], "the damaged entries are removed, nothing is rebuilt"
     assert out.returncode == 0, out.stdout + out.stderr
     statuses = {r["key"]: r["status"] for r in json.loads(out.stdout)}
     assert statuses == {PLANTED: "removed", cache_key(target): "removed"}
-    assert origin.count() == 0, "verify --repair fetched a handle read from the cache"
-    assert entries_on_disk(home) == [], "the damaged entries are removed, nothing is rebuilt"
 
     # The text output says why it was not downloaded again, and the handle still works by name.
     plant_manifest(home, PLANTED, damaged_manifest(target))
@@ -124,9 +124,9 @@ def test_repair_without_handles_never_unpacks_a_local_file_a_manifest_names(home
     plant_manifest(home, cache_key(handle), damaged_manifest(handle))
 
     out = hubcache("verify", "--repair", "--json")
+    assert entries_on_disk(home) == [], "nothing may be unpacked from the host's own files"
     assert out.returncode == 0, out.stdout + out.stderr
     assert {r["status"] for r in json.loads(out.stdout)} == {"removed"}
-    assert entries_on_disk(home) == [], "nothing may be unpacked from the host's own files"
 
 
 def test_verify_help_says_repair_fetches_only_named_handles():
