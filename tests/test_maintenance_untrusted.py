@@ -286,3 +286,25 @@ def test_prune_budget_counts_real_bytes_in_a_bucket():
     report = prune_store(store, max_size=1 << 20, dry_run=True)
     assert report.total_before >= 2 << 20
     assert [a.outcome for a in report.actions] == ["would remove"]
+
+
+def test_bucket_entries_through_the_cli(origin, tmp_path, monkeypatch):
+    """The gcs backend end to end (real emulator, real processes): a planted object is named by
+    ``verify --full``; a planted manifest naming an origin URL is removed by ``verify --repair``
+    and the origin gets no request."""
+    root = fresh_root()
+    monkeypatch.setenv("TFHUB_CACHE_DIR", root)
+    model = build_model_dir(tmp_path / "m", weights_bytes=20_000)
+    url = origin.add("/bucket/m.tar.gz", archive_of(model))
+    resolved(url)
+    prefix = root.split("://", 1)[1]
+    gcs().pipe(f"{prefix}/{cache_key(url)}/variables/planted.bin", b"x" * 100)
+    gcs().pipe(f"{prefix}/{PLANTED}.manifest.json", damaged_manifest(url + "?planted").to_json())
+    full = json.loads(hubcache("verify", "--full", "--json").stdout)
+    problems = {r["key"]: r["problems"] for r in full}
+    assert "variables/planted.bin is not in the manifest" in problems[cache_key(url)]
+    origin.reset_counts()
+    repair = hubcache("verify", "--repair", "--json")
+    assert origin.count() == 0
+    assert {r["key"]: r["status"] for r in json.loads(repair.stdout)}[PLANTED] == "removed", repair.stdout
+    assert not gcs().exists(f"{prefix}/{PLANTED}.manifest.json")
