@@ -97,7 +97,10 @@ def _check(backend: CacheBackend, key: str, handle: str | None, pin: tuple[str, 
     if info.manifest is not None or not leftover:
         damage = store.verify(key, full=full)
         if full and info.manifest is not None:
-            damage.extend(f"{name} is not in the manifest" for name in unlisted(store, key, info.manifest))
+            try:
+                damage.extend(f"{name} is not in the manifest" for name in unlisted(store, key, info.manifest))
+            except OSError as error:  # a bucket listing that failed: say so, check the rest
+                damage.append(f"could not list what the entry holds: {error}")
         if not damage and pin is not None and info.manifest is not None:
             archive = info.manifest.archive
             actual = archive.get(pin[0])
