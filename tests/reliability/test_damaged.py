@@ -139,7 +139,7 @@ def test_verify_reports_and_repairs(model, cache_root, figures):
         text = hubcache_cli("verify", "--full", urls["shard truncated"], urls["intact"])
         requests_before = origin.count()
         began = time.perf_counter()
-        repaired = hubcache_cli("verify", "--full", "--repair", "--json")
+        repaired = hubcache_cli("verify", "--full", "--repair", "--json", *urls.values())
         repair_s = time.perf_counter() - began
         downloads = origin.count() - requests_before
         after = hubcache_cli("verify", "--full", "--json")
