@@ -146,7 +146,9 @@ class LocalCacheBackend(CacheBackend):
             return
         probe = os.path.abspath(root)
         while not os.path.isdir(probe):
-            if os.path.lexists(probe):  # a file, a FIFO, a dangling link...
+            # A file, a FIFO, a dangling link... (isdir again: another thread or process may
+            # have made the directory between the two looks)
+            if os.path.lexists(probe) and not os.path.isdir(probe):
                 raise ConfigError(f"{setting.origin}={setting.value!r} cannot hold a cache: {probe} is not a "
                                   "directory", hint=f"point {setting.origin} at a directory, or move {probe} away")
             parent = os.path.dirname(probe)
