@@ -64,6 +64,16 @@ def manifest_of(directory: str, handle: str, sha256: str) -> Manifest:
     return manifest
 
 
+def plant_shared_root(machine_tmp: str, handle: str, source: str, *, mode: int, owner: int) -> tuple[str, str]:
+    """Another user (``owner``) made the default root ``<tmp>/tfhub_modules`` first, with ``mode``,
+    and planted a committed-looking entry of ``handle`` in it. Returns (the root, the entry)."""
+    shared = os.path.join(machine_tmp, "tfhub_modules")
+    planted = plant_entry(shared, handle, source)
+    os.chown(shared, owner, owner)
+    os.chmod(shared, mode)
+    return shared, planted
+
+
 def plant_entry(root: str, handle: str, source: str, *, sha256: str = "0" * 64, uid: int = NOBODY) -> str:
     """A committed-looking hubcache entry of ``handle`` holding ``source``'s files, owned by ``uid``."""
     os.makedirs(root, exist_ok=True)

@@ -25,7 +25,7 @@ from hubcache.core.handles import cache_key
 from hubcache.core.localstore import LocalStore
 from hubcache.testing import archive_of, tree_of
 from second_user import (NOBODY, cache, cli, evil, hold_flock, machine_tmp, manifest_of, needs_root,  # noqa: F401
-                         plant_entry, resolve_code, run_python, snapshot, stop, write_like_tensorflow_hub)
+                         plant_entry, plant_shared_root, resolve_code, run_python, snapshot, stop, write_like_tensorflow_hub)
 
 pytestmark = needs_root
 
@@ -37,10 +37,7 @@ pytestmark = needs_root
                          ids=["0777-nobody", "1777-nobody", "0755-nobody", "0777-root"])
 def test_a_default_root_made_by_another_user_is_never_used(machine_tmp, origin, model, evil, mode, owner, caplog):
     url = origin.add("/m.tar.gz", archive_of(model))
-    shared = os.path.join(machine_tmp, "tfhub_modules")
-    planted = plant_entry(shared, url, evil)
-    os.chown(shared, owner, owner)
-    os.chmod(shared, mode)
+    shared, planted = plant_shared_root(machine_tmp, url, evil, mode=mode, owner=owner)
     before = snapshot(shared)
     with caplog.at_level("INFO", logger="hubcache"):
         path = hubcache.resolve(url)

@@ -262,7 +262,9 @@ def test_a_pin_is_satisfied_by_a_local_tier_copy(chain, origin, model):
     assert origin.count() == 1, "copied down from the trusted local tier"
 
 
-def test_a_pin_is_never_satisfied_by_a_digest_read_from_a_bucket(origin, model, monkeypatch, tmp_path):
+def _fleet_second_host(origin, model, monkeypatch, tmp_path) -> tuple[str, str]:
+    """A ``home,gcs`` fleet: host 1 downloads the handle into its home tier and the bucket; then
+    this process becomes host 2 (an empty home tier). Returns the handle and its archive digest."""
     monkeypatch.setenv("TFHUB_CACHE_DIR", fresh_root())
     monkeypatch.setenv("HUBCACHE_BACKEND", "home,gcs")
     url = origin.add("/fleet.tar.gz", archive_of(model))
@@ -270,6 +272,11 @@ def test_a_pin_is_never_satisfied_by_a_digest_read_from_a_bucket(origin, model, 
     digest = tiers()[0].store.read_manifest(cache_key(url)).archive["sha256"]
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host2-cache"))
     resolver.clear_memo()
+    return url, digest
+
+
+def test_a_pin_is_never_satisfied_by_a_digest_read_from_a_bucket(origin, model, monkeypatch, tmp_path):
+    url, digest = _fleet_second_host(origin, model, monkeypatch, tmp_path)
     path = hubcache.resolve(f"{url}#sha256={digest}")
     assert origin.count() == 2, "the pin was checked against the downloaded archive, not the bucket's manifest"
     assert tree_of(path) == tree_of(model)
@@ -277,13 +284,7 @@ def test_a_pin_is_never_satisfied_by_a_digest_read_from_a_bucket(origin, model, 
 
 
 def test_a_pinned_resolve_replaces_an_unverified_copy_with_a_verified_download(origin, model, monkeypatch, tmp_path):
-    monkeypatch.setenv("TFHUB_CACHE_DIR", fresh_root())
-    monkeypatch.setenv("HUBCACHE_BACKEND", "home,gcs")
-    url = origin.add("/fleet.tar.gz", archive_of(model))
-    hubcache.resolve(url)
-    digest = tiers()[0].store.read_manifest(cache_key(url)).archive["sha256"]
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host2-cache"))
-    resolver.clear_memo()
+    url, digest = _fleet_second_host(origin, model, monkeypatch, tmp_path)
     path = hubcache.resolve(url)  # unpinned: the bucket's copy will do
     home = tiers()[0]
     assert origin.count() == 1 and home.store.read_manifest(cache_key(url)).archive["verified"] is False

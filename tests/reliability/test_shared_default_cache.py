@@ -30,7 +30,7 @@ from hubcache.core.errors import CacheError
 from hubcache.core.handles import cache_key
 from hubcache.testing import archive_of, tree_of
 from second_user import (NOBODY, VICTIM, cache, cli, evil, hold_flock, machine_tmp, needs_root,  # noqa: F401
-                         plant_entry, resolve_code, run_as, run_python, snapshot, stop, write_like_tensorflow_hub)
+                         plant_entry, plant_shared_root, resolve_code, run_as, run_python, snapshot, stop, write_like_tensorflow_hub)
 
 SCENARIO = "14. The shared default cache"
 pytestmark = needs_root
@@ -45,10 +45,7 @@ def test_a_non_root_victim_gets_its_own_root_too(machine_tmp, origin, model, evi
     """The victim runs as uid 65533 (a real process that dropped root); the root was made first by
     nobody, or by root (who ran hubcache first: safe, but not the victim's to write)."""
     url = origin.add("/m.tar.gz", archive_of(model))
-    shared = os.path.join(machine_tmp, "tfhub_modules")
-    planted = plant_entry(shared, url, evil)
-    os.chown(shared, owner, owner)
-    os.chmod(shared, mode)
+    shared, planted = plant_shared_root(machine_tmp, url, evil, mode=mode, owner=owner)
     before = snapshot(shared)
     began = time.monotonic()
     result = run_as(VICTIM, [url], {"TMPDIR": machine_tmp, "HOME": "/tmp"})[0]

@@ -74,15 +74,7 @@ class Meter:
             UnsafeArchiveError: more than ``limit`` bytes are left (default: :data:`MAX_TRAILER`):
                 an endless trailer ends in an error, not an endless read holding the lock.
         """
-        left = MAX_TRAILER if limit is None else limit
-        while True:
-            data = self.read(CHUNK)
-            if not data:
-                return
-            left -= len(data)
-            if left < 0:
-                raise UnsafeArchiveError(f"the archive goes on for more than {MAX_TRAILER if limit is None else limit} "
-                                         "bytes after its end (an endless trailer?)", member="")
+        _drain(self, MAX_TRAILER if limit is None else limit)
 
 
 @dataclass
@@ -191,16 +183,18 @@ def _check_end(reader: ForwardReader) -> None:
                            "marker", hint="the download was cut short or the file is incomplete")
 
 
-def _drain(decoded: Readable, limit: int) -> None:
+def _drain(reader: Readable, limit: int) -> None:
+    """Read ``reader`` to its end, refusing more than ``limit`` bytes: whatever follows an
+    archive's end is bounded (an endless trailer, a decompression bomb), never read forever."""
     left = limit
     while True:
-        data = decoded.read(CHUNK)
+        data = reader.read(CHUNK)
         if not data:
             return
         left -= len(data)
         if left < 0:
-            raise UnsafeArchiveError(f"the archive has more than {limit} bytes "
-                                     "after its end (a decompression bomb?)", member="")
+            raise UnsafeArchiveError(f"the archive goes on for more than {limit} bytes after its end "
+                                     "(an endless trailer or a decompression bomb?)", member="")
 
 
 def _unpack(tar: tarfile.TarFile, reader: ForwardReader, writer: EntryWriter, limits: Limits,

@@ -178,13 +178,21 @@ def open_file(path: str, trusted: Collection[int], *, flags: int = os.O_RDONLY, 
         if error.errno == errno.EISDIR:
             raise UnsafeFileError(path, "is not a regular file (a directory)") from None
         raise
+    def reason(st: os.stat_result) -> str | None:
+        found = problem(st, trusted, others_may_write=others_may_write)
+        if found is None and single_link and st.st_nlink > 1:
+            found = "has other hard links"
+        return found
+
+    return _checked(fd, path, reason)
+
+
+def _checked(fd: int, path: str, reason) -> int:
+    """``fd`` if ``reason(fstat(fd))`` finds nothing wrong; else it is closed and refused."""
     try:
-        st = os.fstat(fd)
-        reason = problem(st, trusted, others_may_write=others_may_write)
-        if reason is None and single_link and st.st_nlink > 1:
-            reason = "has other hard links"
-        if reason is not None:
-            raise UnsafeFileError(path, reason)
+        found = reason(os.fstat(fd))
+        if found is not None:
+            raise UnsafeFileError(path, found)
     except BaseException:
         os.close(fd)
         raise
@@ -227,14 +235,7 @@ def open_dir(path: str, trusted: Collection[int], *, dir_fd: int | None = None,
         if error.errno == errno.ENOTDIR:
             raise UnsafeFileError(path, "is not a directory") from None
         raise
-    try:
-        reason = problem(os.fstat(fd), trusted, kind="dir", others_may_write=others_may_write)
-        if reason is not None:
-            raise UnsafeFileError(path, reason)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _checked(fd, path, lambda st: problem(st, trusted, kind="dir", others_may_write=others_may_write))
 
 
 def open_lock(path: str, trusted: Collection[int], *, mode: int = 0o600, create: bool = True,
