@@ -29,6 +29,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from .errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
+from .handles import origin_of
 from .redact import split_credentials
 
 USER_AGENT = "hubcache"
@@ -299,7 +300,7 @@ class HttpSource(Source):
             except urllib3.exceptions.LocationValueError:
                 raise self._fail(f"the server redirected to an invalid URL ({_describe_location(location)})",
                                  status=response.status) from None
-            if "Authorization" in headers and _origin(target) != _origin(url):
+            if "Authorization" in headers and origin_of(target) != origin_of(url):
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
             url = target
 
@@ -475,16 +476,6 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
     if not (start.isdigit() and end.isdigit()) or not (total.isdigit() or total == "*"):
         return None
     return int(start), int(end), int(total) if total.isdigit() else None
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return scheme, parts.hostname, port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _shutdown(connection) -> None:

@@ -62,7 +62,7 @@ class Handle:
         if not self.userinfo:
             return url
         shown, hidden = split_credentials(url)
-        if hidden != HIDDEN or _origin(shown) != _origin(self.url):
+        if hidden != HIDDEN or origin_of(shown) != origin_of(self.url):
             return url
         scheme, rest = shown.split("://", 1)
         return f"{scheme}://{self.userinfo}{rest[len(HIDDEN):]}"
@@ -91,13 +91,16 @@ def has_pin(text: str) -> bool:
     return _PIN.search(text.strip()) is not None
 
 
-def _origin(url: str) -> tuple[str, str | None, int | None]:
+def origin_of(url: str) -> tuple[str, str | None, int | None]:
+    """A URL's origin: (scheme, host, port), the port defaulted for http and https. Credentials
+    are given to one origin only."""
     parts = urlsplit(url)
+    scheme = parts.scheme.lower()
     try:
         port = parts.port
     except ValueError:
         port = None
-    return parts.scheme.lower(), parts.hostname, port
+    return scheme, parts.hostname, port or {"http": 80, "https": 443}.get(scheme)
 
 
 def cache_key(handle: str) -> str:
