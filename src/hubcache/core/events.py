@@ -19,6 +19,7 @@ KINDS = {
     "committed": "path",
     "evicted": "path, bytes, reason",
     "copied": "path (in this tier), source (the tier it came from), bytes",
+    "copy_skipped": "path (in this tier), reason (e.g. who holds its lock: the copy is left to them)",
     "adopted": "path",
     "repaired": "path, problems",
 }
@@ -63,6 +64,8 @@ def describe(event: Event) -> str:
         return f"removed {h}: {_size(d.get('bytes'))} at {d.get('path')}{reason}{where}"
     if event.kind == "copied":
         return f"copied {h} ({_size(d.get('bytes'))}) from {d.get('source')} to {d.get('path')}{where}"
+    if event.kind == "copy_skipped":
+        return f"not copying {h} to {d.get('path')}: {d.get('reason')} (left to the holder){where}"
     if event.kind == "adopted":
         return f"adopted the tensorflow_hub entry of {h} at {d.get('path')}{where}"
     if event.kind == "repaired":

@@ -13,10 +13,11 @@ commit. Locks only save bandwidth; correctness never depends on them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from .errors import HubcacheError
 from .manifest import Manifest
 
 
@@ -102,6 +103,28 @@ class Store(ABC):
         """Hold off other writers of ``key`` (bandwidth only). ``on_wait(holder)`` is called once
         if someone else holds it."""
 
+    @contextmanager
+    def try_lock(self, key: str) -> Iterator[str | None]:
+        """:meth:`lock` without waiting: yields ``None`` while holding it, or, without taking it,
+        why not (``"locked by <holder>"``) if another live writer holds it. Never waits.
+
+        This default gives up wherever :meth:`lock` would wait. A store whose lock can be left
+        behind by a dead holder (an object store's lease) should override it to take such a lock
+        over at once, as its :meth:`guard` does.
+        """
+
+        def refuse(holder: str) -> None:
+            raise _Held(holder)
+
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.lock(key, refuse))
+        except _Held as held:
+            yield f"locked by {held.holder or 'another process'}"
+            return
+        with stack:
+            yield None
+
     @abstractmethod
     def writer(self, key: str, handle: str) -> EntryWriter:
         """A private writer for a new entry."""
@@ -156,3 +179,12 @@ class Store(ABC):
         why not, like :meth:`busy`. Never blocks.
         """
         return nullcontext(None)
+
+
+class _Held(HubcacheError):
+    """Raised from :meth:`Store.try_lock`'s ``on_wait``: someone else holds the lock. A
+    :class:`HubcacheError`, so stores that turn other exceptions into a ``CacheError`` let it by."""
+
+    def __init__(self, holder: str):
+        super().__init__(f"locked by {holder}")
+        self.holder = holder

@@ -7,6 +7,11 @@
   contacted.
 - A miss everywhere downloads once, into the first writable tier, then copies the entry up into
   every other writable tier, so the next host finds it in the shared one.
+- A copy up never waits: if another process holds the target tier's lock (a host downloading
+  the same model into the shared bucket holds its lease), the copy is skipped (a
+  ``copy_skipped`` event) and the local path returned at once; the holder fills that tier. A
+  copy down does wait for the earlier tier's lock, like a single backend: that copy is the path
+  this resolve returns, and its holder (a local process) is committing the same entry.
 - A tier that cannot be written (a read-only team cache, a bucket without write access) is still
   read; copies into it are skipped with a log message.
 
@@ -142,7 +147,7 @@ class TieredBackend(Backend):
             # Copy down: the earliest tier that takes the copy serves this and every later call.
             try:
                 for upper in reversed(self.tiers[:index]):
-                    copied = self._copy(handle, tier.store, path, manifest, upper)
+                    copied = self._copy(handle, tier.store, path, manifest, upper, wait=True)
                     if copied is not None:
                         tier, (path, manifest) = upper, copied
             except SourceUnusable as error:
@@ -169,7 +174,7 @@ class TieredBackend(Backend):
                 continue
             for other in self.tiers[index + 1:]:
                 try:
-                    self._copy(handle, tier.store, path, manifest, other)
+                    self._copy(handle, tier.store, path, manifest, other, wait=False)
                 except SourceUnusable as error:  # our own fresh entry: damaged since, e.g. by a cleaner
                     logger.warning("%s: could not copy it into tier %s: %s", handle.raw, other.name, error.message)
                     break
@@ -192,8 +197,12 @@ class TieredBackend(Backend):
             raise SourceUnusable(error.message) from None
 
     def _copy(self, handle: Handle, source: Store, path: str, manifest: Manifest,
-              target: CacheBackend) -> tuple[str, Manifest] | None:
+              target: CacheBackend, *, wait: bool = True) -> tuple[str, Manifest] | None:
         """Copy a committed entry into ``target``'s store.
+
+        Args:
+            wait: wait for ``target``'s lock if another process holds it (a copy down, which
+                serves this resolve); else skip the copy at once (a copy up: the holder fills it).
 
         Returns:
             The copy's path and manifest, or ``None`` if the target tier cannot take it
@@ -212,7 +221,10 @@ class TieredBackend(Backend):
             emit("waiting", handle.raw, target.name, path=store.entry_path(key), holder=holder)
 
         try:
-            with store.lock(key, on_wait):
+            with store.lock(key, on_wait) if wait else store.try_lock(key) as busy:
+                if busy is not None:
+                    emit("copy_skipped", handle.raw, target.name, path=store.entry_path(key), reason=busy)
+                    return None
                 found = store.lookup(key, handle.url)  # another process may have copied it meanwhile
                 if found is not None:
                     return found
