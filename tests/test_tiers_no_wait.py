@@ -143,9 +143,6 @@ def test_the_holder_fills_the_bucket_and_the_next_host_gets_it_from_there(bucket
     assert read_tree(tiers()[1].store.entry_path(cache_key(url))) == tree_of(model)
 
 
-@pytest.mark.xfail(strict=True, reason="needs ObjectStore.try_lock = its non-waiting guard (objectstore.py is "
-                                       "the lead's; see /tmp/hubcache-docs/12d-tier-no-wait.md): the default "
-                                       "try_lock gives up on a dead lease instead of taking it over")
 def test_a_dead_lease_is_taken_over_without_waiting(bucket, origin, model, monkeypatch, events):
     """A lease whose holder died long ago (its heartbeat time 700 s old) does not keep the bucket
     empty: the copy up takes it over at once and fills the bucket."""

@@ -23,7 +23,8 @@ costs ``hubcache plugins`` and every other command nothing.
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+from typing import IO, Any
 
 import hubcache
 from hubcache import ConfigError, MissingDependencyError
@@ -140,6 +141,52 @@ class S3ObjectStore(ObjectStore):
                 raise PreconditionFailed(path) from None
             raise
         return str(out["ETag"])
+
+    def version_of(self, info: dict) -> str:
+        """The ETag (the version ``If-Match`` takes), as s3fs lists it."""
+        return str(info.get("ETag") or "")
+
+    def stat_version(self, path: str) -> str | None:
+        """The object's ETag, from one ``HeadObject``."""
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            return str(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"])
+        except FileNotFoundError:
+            return None
+
+    def put_versioned(self, path: str, data: bytes | IO[bytes], expected: str) -> str:
+        """``PutObject`` with ``If-None-Match: *`` (``expected == ""``) or ``If-Match: <ETag>``.
+
+        A stream (a large file) is written through s3fs's ``"xb"`` mode, which sends the final
+        request (``PutObject`` or ``CompleteMultipartUpload``) with ``If-None-Match: *``; to
+        replace an object at ``expected`` it is first deleted with ``If-Match``, so a writer
+        racing in between makes the create, and so this call, fail.
+
+        Raises:
+            PreconditionFailed: the object is not at ``expected``.
+        """
+        bucket, key, _ = self.fs.split_path(path)
+        if isinstance(data, (bytes, bytearray)):
+            condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+            try:
+                return str(self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=bytes(data),
+                                           **condition)["ETag"])
+            except FileNotFoundError:  # If-Match on a key that is gone: 404 NoSuchKey
+                raise PreconditionFailed(path) from None
+            except OSError as error:
+                if _refused(error):
+                    raise PreconditionFailed(path) from None
+                raise
+        if expected:
+            self.delete_versioned(path, expected)
+        try:
+            with self.fs.open(path, "xb") as out:
+                shutil.copyfileobj(data, out, 1 << 20)
+        except OSError as error:
+            if _refused(error):
+                raise PreconditionFailed(path) from None
+            raise
+        return self.stat_version(path) or ""
 
     def delete_versioned(self, path: str, version: str) -> None:
         """``DeleteObject`` with ``If-Match: <ETag>`` (gone already is fine).

@@ -490,6 +490,46 @@ class ObjectStoreConformance(CacheBackendConformance):
         assert store.read_object(store._lease_path(holder.key)) is None
 
 
+    @pytest.mark.parametrize("stall_at", ["upload", "commit"])
+    def test_a_stalled_writer_never_overwrites_a_committed_entry(self, backend, tmp_path, stall_at):
+        """Writer A (a real process) downloads version 1 of a model and is stopped with SIGSTOP in
+        the middle of its upload (``upload``: before its second object; ``commit``: after its
+        last lease check, just before it creates the manifest). The origin republishes the model
+        (version 2, other bytes and sizes); B (this process) takes the silent lease over,
+        downloads version 2 and commits it. A then gets SIGCONT: none of its pending writes may
+        land on B's entry; A withdraws what it wrote, waits for B's commit and returns B's entry."""
+        import hashlib
+
+        from hubcache.core.handles import cache_key
+
+        self.object_store(backend)
+        old = build_model_dir(tmp_path / "v1", weights_bytes=200_000, shards=2, seed=1)
+        new = build_model_dir(tmp_path / "v2", weights_bytes=300_000, shards=3, seed=2)
+        with OriginServer() as origin:
+            url = origin.add("/republished.tar.gz", archive_of(old))
+            new_archive = archive_of(new)
+            m = stalled_writer_republished(backend, str(tmp_path), url, self.LEASE_TTL, stall_at,
+                                           republish=lambda: origin.add("/republished.tar.gz", new_archive))
+            downloads = origin.count("/republished.tar.gz")
+        key = cache_key(url)
+        store = self.fresh(backend).store
+        manifest = store.read_manifest(key)
+        assert m["a"]["event"] == "resolved", m["a"]
+        assert m["a"]["path"] == m["b_path"] == store.entry_path(key)
+        assert manifest is not None and manifest.archive["sha256"] == hashlib.sha256(new_archive).hexdigest()
+        assert m["a"]["sha256"] == manifest.archive["sha256"], "A returned B's entry"
+        problems = store.verify(key, full=True)
+        assert problems == [], f"every object is B's, as its manifest says: {problems}"
+        assert self.read(backend, store.entry_path(key)) == tree_of(new)
+        listed = set(store._relative(key, store.list_objects(store.object_path(key))))
+        assert listed == {f.path for f in manifest.files}, "no object of A's is left in the entry"
+        assert downloads == 2, "A and B downloaded once each; A's second try found B's commit"
+        assert m["a_lost"], "A learned that it lost the lease"
+        print(f"\n{type(backend).name}: A stopped at {stall_at}; B took over and committed "
+              f"{m['b_seconds']:.2f} s after A stopped; A returned B's entry {m['a_seconds']:.2f} s after "
+              f"SIGCONT; 0 of A's writes landed on the committed entry")
+
+
 class LeaseHolder:
     """A real child process holding the download lease of a fresh key of ``backend``'s store
     (with its own ``lease_ttl``, heartbeat going) until the ``with`` block ends.
@@ -683,6 +723,81 @@ def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
     }
 
 
+def stalled_writer_republished(backend, workdir: str, url: str, lease_ttl: float, stall_at: str,
+                               republish) -> dict:
+    """Run the stalled-writer scenario against ``backend``'s object store; return what happened.
+
+    Writer A, a real child process, resolves ``url`` through ``backend`` (each file its own
+    upload) and stops itself with ``SIGSTOP`` at ``stall_at`` (``"upload"``: just before its
+    second upload of an entry object; ``"commit"``: just before it creates the manifest). Once A
+    is stopped, ``republish()`` is called (the caller changes the origin's archive) and B (this
+    process, a backend instance of its own) resolves ``url``: it waits out A's silent lease,
+    takes it over, downloads and commits. Then A gets ``SIGCONT`` and finishes its resolve.
+
+    Returns:
+        ``a`` (A's last report: ``{"event": "resolved", "path", "sha256"}`` or ``{"event":
+        "failed", "error"}``), ``a_lost`` (A saw its lease taken over), ``b_path``,
+        ``b_seconds`` (A stopped to B's commit), ``a_seconds`` (SIGCONT to A's answer).
+    """
+    import base64
+    import json
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from hubcache.core.handles import parse_handle
+    from hubcache.core.locate import locate
+
+    config = backend.config.replace(lease_ttl=lease_ttl)
+    cls = type(backend)
+    stderr_path = os.path.join(workdir, f"writer-{stall_at}-stderr.txt")
+    with open(stderr_path, "w") as stderr:
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _STALLING_WRITER, cls.__module__, cls.__qualname__,
+             base64.b64encode(pickle.dumps(config)).decode(), url, stall_at],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "TMPDIR": workdir})
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in writer.stdout],
+                              daemon=True)
+    reader.start()
+
+    def wait_for(*events: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in lines if line["event"] in events]
+            if found:
+                return found[0]
+            if writer.poll() is not None and not reader.is_alive():
+                break
+            time.sleep(0.01)
+        with open(stderr_path) as f:
+            raise AssertionError(f"writer A never said {events}: {lines}, {f.read()[-3000:]}")
+
+    try:
+        wait_for("stalling", timeout=60)
+        _wait_stopped(writer.pid)
+        stopped_at = time.time()
+        republish()
+        handle = parse_handle(url)
+        b_path = cls(config).resolve(handle, locate(handle, "COMPRESSED"))
+        b_seconds = time.time() - stopped_at
+        os.kill(writer.pid, signal.SIGCONT)
+        resumed_at = time.time()
+        a = wait_for("resolved", "failed", timeout=30 + 10 * lease_ttl)
+        a_seconds = time.time() - resumed_at
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            os.kill(writer.pid, signal.SIGCONT)
+            writer.kill()
+            writer.wait()
+    return {"a": a, "a_lost": any(line["event"] == "lost" for line in lines), "b_path": b_path,
+            "b_seconds": b_seconds, "a_seconds": a_seconds}
+
+
 def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
     """Wait until the process is in the stopped state (``T`` in /proc/PID/stat)."""
     import time
@@ -740,4 +855,77 @@ with store.lock(key, lambda holder: None):
     threading.Thread(target=watch, daemon=True).start()
     sys.stdin.readline()
     say("done", lost=store.lease_lost(key))
+"""
+
+
+# A writer that stops itself with a real SIGSTOP in the middle of its upload or its commit. Only
+# the moment is chosen by wrapping the store's calls; the stop and the resume are real.
+_STALLING_WRITER = r"""
+import base64, importlib, json, os, pickle, signal, sys, threading, time
+
+module, qualname, config, url, stall_at = sys.argv[1:6]
+cls = importlib.import_module(module)
+for part in qualname.split("."):
+    cls = getattr(cls, part)
+from hubcache.core.handles import parse_handle
+from hubcache.core.locate import locate
+
+backend = cls(pickle.loads(base64.b64decode(config)))
+store = backend.store
+store.batch_files = 1  # each file its own upload
+handle = parse_handle(url)
+prefix = store.object_path(handle.key) + "/"
+manifest_path = store.object_path(handle.key + ".manifest.json")
+uploads = []
+
+def say(event, **data):
+    print(json.dumps({"event": event, "time": time.time(), **data}), flush=True)
+
+def stall():
+    say("stalling")
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+def wrap(name, paths_of):
+    original = getattr(store, name)
+
+    def call(first, *args, **kwargs):
+        if stall_at == "upload" and any(p.startswith(prefix) for p in paths_of(first)):
+            uploads.append(name)
+            if len(uploads) == 2:
+                stall()
+        if stall_at == "commit" and name == "create_object" and first == manifest_path:
+            stall()
+        return original(first, *args, **kwargs)
+
+    setattr(store, name, call)
+
+for name, paths_of in (("put_batch_versioned", list), ("put_versioned", lambda path: [path]),
+                       ("put_objects", list), ("put_stream", lambda path: [path]),
+                       ("create_object", lambda path: [])):
+    if hasattr(store, name):
+        wrap(name, paths_of)
+
+def watch():
+    while not store.lease_lost(handle.key):
+        time.sleep(0.01)
+    say("lost")
+
+threading.Thread(target=watch, daemon=True).start()
+confirm = getattr(store, "confirm_lease", None)
+
+def confirm_lease(key):
+    try:
+        confirm(key)
+    except Exception as error:
+        if type(error).__name__ == "LeaseLostError":
+            say("lost")
+        raise
+
+if confirm is not None:
+    store.confirm_lease = confirm_lease
+try:
+    path = backend.resolve(handle, locate(handle, "COMPRESSED"))
+    say("resolved", path=path, sha256=store.read_manifest(handle.key).archive.get("sha256"))
+except Exception as error:
+    say("failed", error=f"{type(error).__name__}: {error}")
 """

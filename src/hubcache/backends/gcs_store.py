@@ -6,6 +6,8 @@ Imported by the ``gcs`` backend when it builds its store (not when plugins load)
 from __future__ import annotations
 
 import json
+import os
+from typing import IO, AsyncIterator
 from urllib.parse import quote
 
 from hubcache.core.objectstore import ObjectStore, PreconditionFailed
@@ -37,21 +39,80 @@ class GcsObjectStore(ObjectStore):
             raise OSError(f"no generation in the response for gs://{path}")
         return bytes(data), str(generation)
 
+    def version_of(self, info: dict) -> str:
+        """The generation (gcsfs puts it in every listing's and ``info``'s record)."""
+        return str(info.get("generation") or "")
+
+    def stat_version(self, path: str) -> str | None:
+        """The object's generation, from one fresh metadata read."""
+        bucket, key = self._split(path)
+        try:
+            return str(self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)["generation"])
+        except FileNotFoundError:
+            return None
+
     def replace_object(self, path: str, data: bytes, version: str) -> str:
         """Upload ``data`` with ``ifGenerationMatch=version``; return the new generation."""
+        return self.put_versioned(path, data, version)
+
+    async def _put(self, path: str, data: bytes | IO[bytes], expected: str) -> str:
         bucket, key = self._split(path)
-        boundary = "==hubcache=="
-        body = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-                f"{json.dumps({'name': key})}\r\n--{boundary}\r\n"
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--".encode()
+        body = _MultipartBody(key, data)
         try:
-            out = self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
-                               uploadType="multipart", ifGenerationMatch=str(version), data=body,
-                               headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
-                               json_out=True)
+            out = await self.fs._call(
+                "POST", f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                uploadType="multipart", ifGenerationMatch=expected or "0", data=body,
+                headers={"Content-Type": f'multipart/related; boundary="{_BOUNDARY}"',
+                         "Content-Length": str(body.size)},
+                json_out=True)
         except (FileExistsError, FileNotFoundError):  # gcsfs raises FileExistsError for a 412
             raise PreconditionFailed(path) from None
         return str(out["generation"])
+
+    def put_versioned(self, path: str, data: bytes | IO[bytes], expected: str) -> str:
+        """One multipart upload with ``ifGenerationMatch`` (``0`` to create only), its body
+        streamed from ``data``: the upload type whose preconditions GCS and fake-gcs-server
+        both enforce (a resumable upload's are ignored by the emulator)."""
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._put, path, data, expected)
+
+    def put_batch_versioned(self, batch: dict[str, tuple[bytes, str]]) -> dict[str, str | None]:
+        """The batch's conditional uploads sent concurrently on gcsfs's event loop."""
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def one(path: str, data: bytes, expected: str) -> str | None:
+            try:
+                return await self._put(path, data, expected)
+            except PreconditionFailed:
+                return None
+
+        async def every() -> list[str | None]:
+            return await asyncio.gather(*(one(p, d, e) for p, (d, e) in batch.items()))
+
+        return dict(zip(batch, sync(self.fs.loop, every)))
+
+    def copy_versioned(self, source: str, target: str, expected: str) -> str:
+        """A server-side rewrite with ``ifGenerationMatch`` on the target (``0``: create only).
+
+        GCS enforces the precondition; fake-gcs-server ignores it on rewrites, so the target's
+        generation is compared first as well (one metadata read; links are rare in models)."""
+        if (self.stat_version(target) or "") != expected:
+            raise PreconditionFailed(target)
+        src_bucket, src_key = self._split(source)
+        bucket, key = self._split(target)
+        params: dict[str, str] = {"ifGenerationMatch": expected or "0"}
+        try:
+            while True:
+                out = self.fs.call("POST", "b/{}/o/{}/rewriteTo/b/{}/o/{}", src_bucket, src_key, bucket, key,
+                                   json_out=True, **params)
+                if out.get("done", True):
+                    return str(out["resource"]["generation"])
+                params["rewriteToken"] = out["rewriteToken"]  # a large object takes several calls
+        except FileExistsError:  # a 412
+            raise PreconditionFailed(target) from None
 
     def delete_versioned(self, path: str, version: str) -> None:
         """Delete with ``ifGenerationMatch=version``.
@@ -69,3 +130,43 @@ class GcsObjectStore(ObjectStore):
             return
         except FileExistsError:  # a 412 from GCS
             raise PreconditionFailed(path) from None
+
+
+_BOUNDARY = "==hubcache=="
+
+
+class _MultipartBody:
+    """A multipart upload's body: the metadata part, then ``data`` (bytes, or a seekable local
+    file read in 1 MiB chunks, so a large object is streamed, not held in memory).
+
+    An async iterable for aiohttp, with ``size`` for the Content-Length and ``seek(0)``, which
+    gcsfs calls before each retry of a request: the body is then produced again from the start.
+    """
+
+    def __init__(self, key: str, data: bytes | IO[bytes]):
+        self.head = (f"--{_BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                     f"{json.dumps({'name': key})}\r\n--{_BOUNDARY}\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n").encode()
+        self.tail = f"\r\n--{_BOUNDARY}--".encode()
+        self.data = data
+        if isinstance(data, (bytes, bytearray)):
+            length = len(data)
+        else:
+            self.start = data.tell()
+            length = os.fstat(data.fileno()).st_size - self.start
+        self.size = len(self.head) + length + len(self.tail)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if not isinstance(self.data, (bytes, bytearray)):
+            self.data.seek(self.start)
+        return 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        if isinstance(self.data, (bytes, bytearray)):
+            yield bytes(self.data)
+        else:
+            self.data.seek(self.start)
+            while chunk := self.data.read(1 << 20):  # a local temp file: a short blocking read
+                yield chunk
+        yield self.tail

@@ -7,7 +7,7 @@ from typing import Callable
 
 from .._version import __version__
 from .config import DEFAULT_DOWNLOAD_DEADLINE, Config
-from .errors import ArchiveError, IntegrityError, OfflineError, SourceChangedError
+from .errors import ArchiveError, IntegrityError, LeaseLostError, OfflineError, SourceChangedError
 from .events import emit
 from .extract import Limits, Meter, extract
 from .fetch import Deadline, open_source
@@ -86,17 +86,30 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
     def on_wait(holder: str) -> None:
         emit("waiting", handle.raw, backend, path=store.entry_path(key), holder=holder)
 
-    with store.lock(key, on_wait):
-        found = store.lookup(key, handle.url)  # another process may have finished meanwhile
-        if found is not None and check_pin(handle, found[1], unverified_is_miss=True):
-            return found
-        store.cleanup(key)
-        path, manifest = _download_and_commit(store, key, handle, location, config, backend)
+    for attempt in range(MAX_LEASE_LOSSES + 1):
+        try:
+            with store.lock(key, on_wait):
+                found = store.lookup(key, handle.url)  # another process may have finished meanwhile
+                if found is not None and check_pin(handle, found[1], unverified_is_miss=True):
+                    return found
+                store.cleanup(key)
+                path, manifest = _download_and_commit(store, key, handle, location, config, backend)
+            break
+        except LeaseLostError as error:
+            # This process stalled past the lease's TTL and another host took the entry over:
+            # what we wrote is withdrawn; wait for that host's commit (the lock) and use it.
+            if attempt == MAX_LEASE_LOSSES:
+                raise
+            emit("download_retry", handle.raw, backend, url=location.url, attempt=attempt + 1,
+                 error=f"{error.message}; waiting for the new holder's commit", offset=0)
     emit("committed", handle.raw, backend, path=path)
     if on_commit is not None:
         on_commit(handle, path, manifest)
     return path, manifest
 
+
+#: Times a resolve waits for another holder's commit after losing its download lease to it.
+MAX_LEASE_LOSSES = 2
 
 #: Downloads from byte 0 again after the file changed on the origin during a download (or a
 #: resume could not be shown to continue the same file); one more change fails the resolve.

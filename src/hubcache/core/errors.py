@@ -110,3 +110,9 @@ class OfflineError(HubcacheError):
 
 class CacheError(HubcacheError):
     """The cache cannot be used (read-only, full, or damaged beyond repair)."""
+
+
+class LeaseLostError(CacheError):
+    """This process's download lease on an entry was taken over by another host while it was
+    writing (it stalled past the lease's TTL): what it wrote is withdrawn, the entry is the new
+    holder's, and the resolver waits for that holder's commit instead."""

@@ -83,7 +83,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from . import paths
-from .errors import ArchiveError, CacheError, HubcacheError, UnsafeArchiveError
+from .errors import ArchiveError, CacheError, HubcacheError, LeaseLostError, UnsafeArchiveError
 from .localstore import WRITER_TAG
 from .manifest import FileRecord, Manifest, crc_hex
 from .store import EntryInfo, EntryWriter, Store
@@ -272,6 +272,11 @@ class ObjectStore(Store):
 
     def list_objects(self, path: str) -> dict[str, int]:
         """Every object under the prefix ``path/``, as ``{path: size}`` (a fresh listing)."""
+        return {p: size for p, (size, _) in self.list_versioned(path).items()}
+
+    def list_versioned(self, path: str) -> dict[str, tuple[int, str]]:
+        """Every object under the prefix ``path/``, as ``{path: (size, version)}`` (a fresh
+        listing; versions as :meth:`version_of` reads them)."""
         self.fs.invalidate_cache(path)
         try:
             found = self.fs.find(path, detail=True)
@@ -280,7 +285,7 @@ class ObjectStore(Store):
         # Only what is under "path/": gcsfs 2024.12's find("x/key"), when nothing is under it,
         # returns the siblings "x/key.lock", "x/key.descriptor.txt"... that share its prefix.
         prefix = path.rstrip("/") + "/"
-        return {p: int(info.get("size") or 0) for p, info in found.items()
+        return {p: (int(info.get("size") or 0), self.version_of(info)) for p, info in found.items()
                 if info.get("type") != "directory" and p.startswith(prefix)}
 
     def delete_objects(self, paths: Iterable[str]) -> None:
@@ -334,6 +339,81 @@ class ObjectStore(Store):
         if found[1] != version:
             raise PreconditionFailed(path)
         self.delete_objects([path])
+
+    # An entry's objects are written under the same preconditions (see ObjectWriter): every
+    # upload names the version it expects to replace ("" for none), so a writer that lost its
+    # lease can never overwrite an object another writer wrote after it.
+
+    def version_of(self, info: dict[str, Any]) -> str:
+        """An object's version from its fsspec info (a listing's or :meth:`stat_version`'s);
+        ``""`` if the info names none. Must agree with :meth:`read_versioned` and with what
+        :meth:`put_versioned` returns. The default takes the first field the common fsspec
+        filesystems fill in; a store for a given service overrides it."""
+        for name in ("generation", "ETag", "etag", "checksum", "mtime", "LastModified"):
+            if info.get(name):
+                return str(info[name])
+        return ""
+
+    def stat_version(self, path: str) -> str | None:
+        """The object's current version (a fresh metadata read), or ``None`` if there is none."""
+        self.fs.invalidate_cache(path)
+        try:
+            return self.version_of(self.fs.info(path))
+        except FileNotFoundError:
+            return None
+
+    def put_versioned(self, path: str, data: bytes | IO[bytes], expected: str) -> str:
+        """Upload ``data`` (bytes, or a seekable local file to stream) to ``path`` only if the
+        object is at version ``expected`` (``""``: only if there is no object); return the new
+        version.
+
+        The default only emulates the precondition (a check one round trip before the write,
+        and a real create-only write for ``""`` and bytes); a store whose service enforces it
+        server-side overrides this, as gcs (``ifGenerationMatch``) and hubcache-s3
+        (``If-None-Match``/``If-Match``) do.
+
+        Raises:
+            PreconditionFailed: the object is not at ``expected`` (written, created or deleted
+                by someone else since).
+        """
+        if expected == "" and isinstance(data, (bytes, bytearray)):
+            try:
+                self.create_object(path, bytes(data))
+            except FileExistsError:
+                raise PreconditionFailed(path) from None
+        else:
+            if (self.stat_version(path) or "") != expected:
+                raise PreconditionFailed(path)
+            if isinstance(data, (bytes, bytearray)):
+                self.write_object(path, bytes(data))
+            else:
+                self.put_stream(path, data)
+        return self.stat_version(path) or ""
+
+    def put_batch_versioned(self, batch: dict[str, tuple[bytes, str]]) -> dict[str, str | None]:
+        """:meth:`put_versioned` for many small objects (``{path: (data, expected)}``); returns
+        ``{path: new version}``, ``None`` for each one whose precondition failed. Async
+        filesystems override it to send the uploads concurrently."""
+        out: dict[str, str | None] = {}
+        for path, (data, expected) in batch.items():
+            try:
+                out[path] = self.put_versioned(path, data, expected)
+            except PreconditionFailed:
+                out[path] = None
+        return out
+
+    def copy_versioned(self, source: str, target: str, expected: str) -> str:
+        """:meth:`copy_object` to ``target`` only if it is at version ``expected`` (``""``: only
+        if there is none); return the target's new version. The default emulates the
+        precondition (a check just before the copy).
+
+        Raises:
+            PreconditionFailed: the target is not at ``expected``.
+        """
+        if (self.stat_version(target) or "") != expected:
+            raise PreconditionFailed(target)
+        self.copy_object(source, target)
+        return self.stat_version(target) or ""
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -456,6 +536,33 @@ class ObjectStore(Store):
         """True if this process's lease on ``key`` was taken over by another host meanwhile."""
         lease = self._leases.get(key)
         return lease is not None and lease.lost
+
+    def confirm_lease(self, key: str) -> None:
+        """Check (one read of the lease object) that the lease this process holds on ``key`` is
+        still its own; nothing to check when it holds none (a writer used without :meth:`lock`).
+
+        A writer calls it *after* learning the versions its uploads will be conditional on: a
+        version read before a successful check cannot be one that a later holder wrote (a holder
+        writes only after taking the lease over), so those uploads never overwrite its objects.
+
+        Raises:
+            LeaseLostError: another host took the lease over (this one stalled past its TTL).
+        """
+        lease = self._leases.get(key)
+        if lease is None:
+            return
+        if not lease.lost:
+            state = self._read_lease(key)
+            if state is not None and state.lease == lease.id:
+                return
+            lease.lost = True
+        state = self._read_lease(key)
+        raise LeaseLostError(
+            f"the download lease of {self.entry_path(key)} was taken over by "
+            f"{state.owner if state is not None else 'another host'} while this process was writing "
+            "(it stalled past the lease's TTL); what it wrote is withdrawn",
+            hint="nothing to do: the new holder commits the entry (raise HUBCACHE_LEASE_TTL if this "
+                 "host often stalls that long)")
 
     def _lease_path(self, key: str) -> str:
         return self.object_path(f"{key}.lock")
@@ -607,6 +714,11 @@ class ObjectStore(Store):
         finally:
             self._leases.pop(key, None)
             lease.release()
+
+    def try_lock(self, key: str) -> contextlib.AbstractContextManager[str | None]:
+        """The lease without waiting: exactly :meth:`guard` (a dead lease is taken over; a live
+        one's holder is named and nothing is taken)."""
+        return self.guard(key)
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -771,9 +883,39 @@ class _Lease:
             self.store.delete_versioned(self.path, self.version)
 
 
+#: Times an upload refused by its precondition is tried again (after learning the object's new
+#: version and checking the lease is still ours) before the commit gives up.
+MAX_CONFLICTS = 3
+
+
+def _same_contents(raw: bytes, ours: Manifest) -> bool:
+    """Whether the manifest ``raw`` (read from the store) is a safe one describing the same
+    files, folders and links as ``ours`` (a racing writer's commit of the same archive)."""
+    try:
+        theirs = Manifest.from_json(raw)
+        paths.validate_manifest(theirs, _NO_LIMITS)
+    except (ValueError, RecursionError, UnsafeArchiveError):
+        return False
+    return ([(f.path, f.size, f.crc32) for f in theirs.files] == [(f.path, f.size, f.crc32) for f in ours.files]
+            and theirs.symlinks == ours.symlinks and sorted(theirs.dirs) == sorted(ours.dirs))
+
+
 class ObjectWriter(EntryWriter):
     """Uploads an entry's files in parallel to their final names; the manifest, created last,
-    commits them (see the module docstring)."""
+    commits them (see the module docstring).
+
+    **Committed objects are immutable.** Every upload is conditional on the version of the object
+    it replaces (:meth:`ObjectStore.put_versioned`; ``""``: create only). The writer knows a
+    version only from (a) its listing of the entry taken when it starts, *before* it checks that
+    its lease is still its own (:meth:`ObjectStore.confirm_lease`), (b) its own uploads, or (c)
+    an object's version read after a refused upload, again before the lease check. A later
+    holder writes only after taking the lease over, i.e. after those checks, so every version it
+    writes is unknown to this writer, and this writer's uploads over its objects are refused.
+    A writer that stalled past its TTL (paused, swapped out) therefore finds its uploads refused
+    when it resumes, learns it lost the lease, withdraws what it wrote (each object only at the
+    version it wrote) and raises :class:`~hubcache.core.errors.LeaseLostError`; the resolver
+    then waits for the new holder's commit.
+    """
 
     def __init__(self, store: ObjectStore, key: str, handle: str):
         self.store = store
@@ -787,9 +929,79 @@ class ObjectWriter(EntryWriter):
         self._batch_bytes = 0
         self._files: dict[str, int] = {}  # relative path -> size, regular files
         self._links: dict[str, str] = {}  # relative path -> the (relative) path it links to
-        self._uploaded: set[str] = set()
+        self._versions: dict[str, str] = {}  # object path -> its version as this writer knows it
+        self._written: dict[str, str] = {}  # object path -> the version this writer wrote
+        self._versions_lock = threading.Lock()
+        self._started = False
         self._closed = False
         self._committed = False
+
+    # -- versions and the lease ---------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Learn the versions of what the entry holds now (a crashed writer's leftovers), then
+        check the lease is still ours; see the class docstring for why in this order."""
+        if self._started:
+            return
+        store = self.store
+        with store._io(f"reading {store.entry_path(self.key)}"):
+            versions = {p: v for p, (_, v) in store.list_versioned(self.prefix).items()}
+            descriptor = store.object_path(f"{self.key}.descriptor.txt")
+            found = store.stat_version(descriptor)
+            if found is not None:
+                versions[descriptor] = found
+            store.confirm_lease(self.key)
+        self._versions = versions
+        self._started = True
+
+    def _expected(self, target: str) -> str:
+        with self._versions_lock:
+            return self._versions.get(target, "")
+
+    def _wrote(self, target: str, version: str) -> None:
+        with self._versions_lock:
+            self._versions[target] = self._written[target] = version
+
+    def _conflict(self, target: str) -> None:
+        """An upload to ``target`` was refused: learn the object's version now, *then* check the
+        lease is still ours. If it is, the object is a leftover of a writer that lost the lease
+        (or a retried request of ours), ours to replace; if not, :class:`LeaseLostError`."""
+        version = self.store.stat_version(target)
+        self.store.confirm_lease(self.key)
+        with self._versions_lock:
+            self._versions[target] = version or ""
+
+    def _put(self, target: str, data: bytes | IO[bytes]) -> None:
+        for _ in range(MAX_CONFLICTS):
+            if not isinstance(data, (bytes, bytearray)):
+                data.seek(0)
+            try:
+                self._wrote(target, self.store.put_versioned(target, data, self._expected(target)))
+                return
+            except PreconditionFailed:
+                self._conflict(target)
+        raise CacheError(f"{self.store.url(target)} was rewritten by another writer on each of "
+                         f"{MAX_CONFLICTS} uploads", hint="try again")
+
+    def _put_batch(self, batch: dict[str, bytes]) -> None:
+        results = self.store.put_batch_versioned({t: (d, self._expected(t)) for t, d in batch.items()})
+        for target, data in batch.items():
+            version = results.get(target)
+            if version is None:
+                self._conflict(target)
+                self._put(target, data)
+            else:
+                self._wrote(target, version)
+
+    def _copy(self, source: str, target: str) -> None:
+        for _ in range(MAX_CONFLICTS):
+            try:
+                self._wrote(target, self.store.copy_versioned(source, target, self._expected(target)))
+                return
+            except PreconditionFailed:
+                self._conflict(target)
+        raise CacheError(f"{self.store.url(target)} was rewritten by another writer on each of "
+                         f"{MAX_CONFLICTS} copies", hint="try again")
 
     # -- the upload pipeline ------------------------------------------------------------------
 
@@ -805,6 +1017,8 @@ class ObjectWriter(EntryWriter):
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._check_failed()
+        if self.store.lease_lost(self.key):
+            self.store.confirm_lease(self.key)  # raises: the heartbeat saw it taken over
         self._slots.acquire()  # bounds memory (batches) and local disk (spooled files)
         try:
             future = self._pool.submit(fn, *args)
@@ -817,7 +1031,7 @@ class ObjectWriter(EntryWriter):
     def _flush(self) -> None:
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, {}, 0
-            self._submit(self.store.put_objects, batch)
+            self._submit(self._put_batch, batch)
 
     def _wait(self) -> None:
         with self.store._io(f"uploading to {self.store.entry_path(self.key)}"):
@@ -827,7 +1041,7 @@ class ObjectWriter(EntryWriter):
 
     def _upload_spooled(self, path: str, spool: IO[bytes]) -> None:
         with spool:
-            self.store.put_stream(path, spool)
+            self._put(path, spool)
 
     def _checked(self, path: str) -> str:
         """``path`` if it is a name inside the entry in normal form (``a/b/c``), else refused.
@@ -858,6 +1072,7 @@ class ObjectWriter(EntryWriter):
 
     def add_file(self, path: str, chunks: Iterable[bytes], executable: bool = False) -> None:
         self._forget(self._checked(path))
+        self._start()
         buffer = bytearray()
         spool: IO[bytes] | None = None
         size = 0
@@ -880,7 +1095,6 @@ class ObjectWriter(EntryWriter):
                              hint="free space in the temp dir (TMPDIR)") from None
         target = f"{self.prefix}/{path}"
         self._files[path] = size
-        self._uploaded.add(target)
         if spool is not None:
             spool.seek(0)
             self._submit(self._upload_spooled, target, spool)
@@ -925,8 +1139,20 @@ class ObjectWriter(EntryWriter):
                            hint=hint)
 
     def commit(self, manifest: Manifest) -> str:
+        """Check every object landed, then create the manifest (the commit).
+
+        Before creating it the lease is checked once more; after creating it, the objects are
+        listed again: if one is no longer at the version this writer wrote (another holder
+        rewrote it in between, this writer having stalled past the TTL), the manifest is
+        withdrawn (deleted at the version created) and :class:`LeaseLostError` raised. A manifest
+        already there describing the same files is a racing writer's commit of the same archive
+        (its objects are ours too); another one (a writer that lost the lease to us committed
+        over our objects, or an unreadable one) is replaced, conditionally, while the lease is
+        still ours.
+        """
         store = self.store
         url = store.entry_path(self.key)
+        self._start()
         with store._io(f"uploading to {url}"):
             self._flush()
             self._wait()
@@ -935,33 +1161,79 @@ class ObjectWriter(EntryWriter):
                 source = self._link_source(path)
                 target = f"{self.prefix}/{path}"
                 sizes[target] = self._files[source]
-                self._uploaded.add(target)
-                self._submit(store.copy_object, f"{self.prefix}/{source}", target)
+                self._submit(self._copy, f"{self.prefix}/{source}", target)
             self._wait()
-            # Every object must be there, whole, before the manifest says so.
-            listing = store.list_objects(self.prefix)
+            # Every object must be there, whole, at the version written, before the manifest says so.
+            listing = store.list_versioned(self.prefix)
             for target, size in sorted(sizes.items()):
-                if listing.get(target) != size:
-                    found = "missing" if target not in listing else f"{listing[target]} bytes, expected {size}"
-                    raise CacheError(f"the upload of {store.url(target)} did not land ({found})",
+                found = listing.get(target)
+                if found is None or found[0] != size:
+                    store.confirm_lease(self.key)  # pulled from under us by a new holder?
+                    what = "missing" if found is None else f"{found[0]} bytes, expected {size}"
+                    raise CacheError(f"the upload of {store.url(target)} did not land ({what})", hint="try again")
+                if found[1] != self._written.get(target):
+                    store.confirm_lease(self.key)
+                    raise CacheError(f"{store.url(target)} was rewritten by another writer during the upload",
                                      hint="try again")
             descriptor = (f"Module: {self.handle}\nDownload Time: {time.ctime()}\n"
                           f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
-            store.write_object(store.object_path(f"{self.key}.descriptor.txt"), descriptor.encode())
+            self._put(store.object_path(f"{self.key}.descriptor.txt"), descriptor.encode())
             manifest_path = store.object_path(f"{self.key}.manifest.json")
+            ours = manifest.to_json()
+            store.confirm_lease(self.key)
             try:
-                store.create_object(manifest_path, manifest.to_json())  # the commit
+                store.create_object(manifest_path, ours)  # the commit
             except FileExistsError:
-                if store.read_manifest(self.key) is not None:
-                    self._committed = True  # a racing writer won; its objects are ours too
+                if self._adopt_existing(manifest_path, manifest, ours, sizes):
+                    self._committed = True
                     self._close()
                     return url
-                store.write_object(manifest_path, manifest.to_json())  # replace an unreadable one
             self._committed = True
+            after = store.list_versioned(self.prefix)
+            if any(after.get(t, (0, ""))[1] != self._written.get(t) for t in sizes):
+                self._withdraw(manifest_path, ours)
             # Objects of an earlier, different archive under the same key are no part of this entry.
-            store.delete_objects(set(listing) - set(sizes))
+            store.delete_objects(set(after) - set(sizes))
         self._close()
         return url
+
+    def _adopt_existing(self, manifest_path: str, manifest: Manifest, ours: bytes,
+                        sizes: dict[str, int]) -> bool:
+        """After a refused manifest creation: ``True`` if the manifest there is a racing writer's
+        commit of the same files (nothing more to do); else replace it with ours while the lease
+        is ours and our objects are intact (``False``: committed by the replacement)."""
+        store = self.store
+        found = store.read_versioned(manifest_path)
+        if found is not None and _same_contents(found[0], manifest):
+            return True
+        listing = store.list_versioned(self.prefix)
+        store.confirm_lease(self.key)
+        if any(listing.get(t, (0, ""))[1] != self._written.get(t) for t in sizes):
+            raise CacheError(f"the objects of {store.entry_path(self.key)} were rewritten by another writer "
+                             "during the commit", hint="try again")
+        try:
+            if found is None:
+                store.create_object(manifest_path, ours)
+            else:
+                store.replace_object(manifest_path, ours, found[1])
+        except (FileExistsError, PreconditionFailed):
+            store.confirm_lease(self.key)
+            raise CacheError(f"the manifest of {store.entry_path(self.key)} was rewritten by another writer "
+                             "during the commit", hint="try again") from None
+        return False
+
+    def _withdraw(self, manifest_path: str, ours: bytes) -> None:
+        """Our manifest went in after another holder rewrote some of our objects (we stalled
+        between the last lease check and the creation): delete it, at the version we created,
+        and give the entry up to that holder."""
+        self._committed = False
+        with contextlib.suppress(PreconditionFailed):
+            found = self.store.read_versioned(manifest_path)
+            if found is not None and found[0] == ours:
+                self.store.delete_versioned(manifest_path, found[1])
+        self.store.confirm_lease(self.key)  # raises LeaseLostError: the only way this happens
+        raise CacheError(f"the objects of {self.store.entry_path(self.key)} were rewritten by another writer "
+                         "during the commit", hint="try again")
 
     def _close(self) -> None:
         if not self._closed:
@@ -969,16 +1241,34 @@ class ObjectWriter(EntryWriter):
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def abort(self) -> None:
-        """Stop the uploads and delete what this writer uploaded, unless the entry got committed."""
+        """Stop the uploads and withdraw what this writer uploaded, unless the entry got
+        committed. Each object is deleted only at the version this writer wrote, so an object
+        another writer replaced since stays. If the lease was lost, the new holder owns the
+        entry: only objects its committed manifest does not list are withdrawn (none while it
+        has not committed; its commit removes leftovers), because a version is not always unique
+        (an S3 ETag is the MD5 of the bytes, so the new holder's upload of identical bytes has
+        the version this writer wrote)."""
         self._close()
-        if self._committed or not self._uploaded:
+        written, self._written = dict(self._written), {}
+        if self._committed or not written:
             return
-        if self.store.lease_lost(self.key):
-            # Another host took the lease over and writes the same keys now: deleting "ours"
-            # would delete its objects. Leftovers are removed by the next holder's cleanup.
-            self._uploaded = set()
-            return
-        with contextlib.suppress(Exception):
-            if self.store.read_object(self.store.object_path(f"{self.key}.manifest.json")) is None:
-                self.store.delete_objects(self._uploaded)
-        self._uploaded = set()
+        try:
+            self.store.confirm_lease(self.key)
+        except Exception:  # LeaseLostError, or the lease cannot be read: assume the worst
+            try:
+                committed = self.store.read_manifest(self.key)
+            except Exception:
+                committed = None
+            if committed is None:
+                return
+            listed = {f"{self.prefix}/{name}" for name in
+                      [f.path for f in committed.files] + list(committed.symlinks)}
+            descriptor = self.store.object_path(f"{self.key}.descriptor.txt")
+            written = {p: v for p, v in written.items() if p not in listed and p != descriptor}
+
+        def withdraw(item: tuple[str, str]) -> None:
+            with contextlib.suppress(Exception):  # PreconditionFailed: another writer's now
+                self.store.delete_versioned(*item)
+
+        with ThreadPoolExecutor(max_workers=self.store.workers, thread_name_prefix="hubcache-abort") as pool:
+            list(pool.map(withdraw, sorted(written.items())))
