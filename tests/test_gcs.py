@@ -152,9 +152,9 @@ def test_hit_costs_one_request(origin, model, gcs_root):
     class Counting(GcsObjectStore):
         calls: list[str] = []
 
-        def read_object(self, path):
+        def read_object(self, path, limit=None):
             self.calls.append(f"read {path}")
-            return super().read_object(path)
+            return super().read_object(path, limit)
 
         def list_objects(self, path):
             self.calls.append(f"list {path}")

@@ -103,21 +103,32 @@ class S3ObjectStore(ObjectStore):
         with self.fs.open(path, "xb") as out:
             out.write(data)
 
-    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
-        """The object's bytes and ETag, from one ``GetObject``."""
+    def read_versioned(self, path: str, limit: int | None = None) -> tuple[bytes, str] | None:
+        """The object's bytes (at most ``limit + 1`` with ``limit``) and ETag, from one
+        ``GetObject``."""
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(path)
 
-        async def get() -> tuple[bytes, str]:
-            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async def get(**ranged: str) -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **ranged)
             try:
                 return await response["Body"].read(), str(response["ETag"])
             finally:
                 response["Body"].close()
 
         try:
-            return sync(self.fs.loop, get)
+            if limit is None:
+                return sync(self.fs.loop, get)
+            try:
+                return sync(self.fs.loop, get, Range=f"bytes=0-{limit}")
+            except FileNotFoundError:
+                raise
+            except OSError as error:  # 416 InvalidRange: a range on an empty object
+                code = (getattr(error.__cause__, "response", None) or {}).get("Error", {}).get("Code")
+                if code != "InvalidRange":
+                    raise
+                return sync(self.fs.loop, get)
         except FileNotFoundError:
             return None
 

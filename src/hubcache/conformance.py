@@ -490,6 +490,55 @@ class ObjectStoreConformance(CacheBackendConformance):
         assert store.read_object(store._lease_path(holder.key)) is None
 
 
+    def test_what_others_wrote_is_read_with_a_cap_and_unlisted_objects_are_reported(
+            self, backend, origin, model, monkeypatch):
+        """Objects others wrote into the bucket are read with a cap: a manifest that is a valid
+        one followed by a megabyte of padding (so that, read whole, it would parse) is larger
+        than the cap, hence a damaged entry, downloaded again and replaced, after reading no more
+        than the cap plus one byte of it; a lease object padded the same way is read capped too.
+        An object planted in an entry that its manifest does not list is named by
+        ``verify --full``."""
+        import json
+
+        from hubcache.core import objectstore
+        from hubcache.core.handles import cache_key
+        from hubcache.core.verify import verify
+
+        store = self.object_store(backend)
+        monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 16 << 10)
+        url = origin.add("/capped.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        manifest_path = store.object_path(f"{key}.manifest.json")
+        padded = store.read_object(manifest_path) + b" " * (1 << 20)
+        store.write_object(manifest_path, padded)
+        lease_path = store._lease_path(key)
+        store.write_object(lease_path, json.dumps({"owner": "planted", "lease": "x", "time": 0}).encode()
+                           + b" " * (1 << 20))
+        fresh = self.fresh(backend).store
+        sizes: list[int] = []
+        for name in ("read_object", "read_versioned"):
+            original = getattr(fresh, name)
+
+            def counted(*args, _original=original, **kwargs):
+                out = _original(*args, **kwargs)
+                if out is not None:
+                    sizes.append(len(out if isinstance(out, bytes) else out[0]))
+                return out
+
+            setattr(fresh, name, counted)
+        assert fresh.lookup(key, url) is None, "a manifest over the cap is not trusted"
+        assert fresh.verify(key), "verify reports it"
+        assert fresh.busy(key) is None, "the planted lease is long dead"
+        assert sizes and max(sizes) <= max(objectstore.MAX_MANIFEST_BYTES, objectstore.MAX_SMALL_OBJECT) + 1, sizes
+        assert self.resolve(self.fresh(backend), url) == path
+        assert origin.count("/capped.tar.gz") == 2, "downloaded again"
+        assert len(store.read_object(manifest_path)) < len(padded), ("the manifest was replaced", len(store.read_object(manifest_path)), len(padded))
+
+        store.write_object(f"{store.object_path(key)}/planted.bin", b"not in the manifest")
+        [result] = verify([self.fresh(backend)], [url], full=True)
+        assert any("planted.bin" in problem for problem in result.problems), result.problems
+
     @pytest.mark.parametrize("stall_at", ["upload", "commit"])
     def test_a_stalled_writer_never_overwrites_a_committed_entry(self, backend, tmp_path, stall_at):
         """Writer A (a real process) downloads version 1 of a model and is stopped with SIGSTOP in

@@ -27,11 +27,21 @@ class GcsObjectStore(ObjectStore):
         bucket, key, _ = self.fs.split_path(path)
         return bucket, key
 
-    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
-        """The object's bytes and generation, from one media download."""
+    def read_versioned(self, path: str, limit: int | None = None) -> tuple[bytes, str] | None:
+        """The object's bytes (at most ``limit + 1`` with ``limit``) and generation, from one
+        media download."""
         bucket, key = self._split(path)
+        ranged = {"headers": {"Range": f"bytes=0-{limit}"}} if limit is not None else {}
         try:
-            headers, data = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+            try:
+                headers, data = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media", **ranged)
+            except FileNotFoundError:
+                raise
+            except Exception as error:
+                if not ranged or getattr(error, "code", None) != 416:
+                    raise
+                # GCS answers a range on an empty object with 416.
+                headers, data = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
         except FileNotFoundError:
             return None
         generation = headers.get("X-Goog-Generation") or headers.get("x-goog-generation")

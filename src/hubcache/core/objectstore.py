@@ -109,6 +109,12 @@ TAKEOVER_SPREAD = 5.0
 #: drawn uniformly from the upper half of the current step, so a fleet does not poll in step):
 #: a waiting host starts within about a second of the commit, at about 1.3 manifest reads/s.
 MAX_POLL = 1.0
+#: The most bytes read of a manifest from a store (a bucket others can write): a larger one is a
+#: damaged entry. 64 MiB holds several hundred thousand file records.
+MAX_MANIFEST_BYTES = 64 << 20
+#: The most bytes read of a lease or a descriptor (a few hundred bytes when hubcache writes them;
+#: a larger lease reads as unreadable, i.e. long dead).
+MAX_SMALL_OBJECT = 64 << 10
 _MARKERS = ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb")
 #: Checking a manifest read from the bucket: only its shape (names, targets, kinds) matters here;
 #: the size and member limits were applied when the entry was written.
@@ -246,10 +252,26 @@ class ObjectStore(Store):
         """
         self.fs.pipe_file(path, data, mode="create")
 
-    def read_object(self, path: str) -> bytes | None:
-        """The object's bytes, or ``None`` if there is none (always a fresh read)."""
+    def read_object(self, path: str, limit: int | None = None) -> bytes | None:
+        """The object's bytes, or ``None`` if there is none (always a fresh read).
+
+        With ``limit``, at most ``limit + 1`` bytes are read (one ranged request): more than
+        ``limit`` means the object is larger, and the caller refuses it. What others wrote into a
+        shared bucket is read with a cap, so a planted object of gigabytes costs a few bytes.
+        """
         try:
-            return self.fs.cat_file(path)
+            if limit is None:
+                return self.fs.cat_file(path)
+            try:
+                return self.fs.cat_file(path, start=0, end=limit + 1)
+            except FileNotFoundError:
+                raise
+            except Exception:
+                # GCS answers a range on an empty object with 416: only then was the range the problem.
+                self.fs.invalidate_cache(path)
+                if self.fs.info(path).get("size"):
+                    raise
+                return b""
         except FileNotFoundError:
             return None
 
@@ -306,13 +328,14 @@ class ObjectStore(Store):
     # has a server-side precondition overrides all three, as gcs (ifGenerationMatch) and
     # hubcache-s3 (If-Match) do.
 
-    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+    def read_versioned(self, path: str, limit: int | None = None) -> tuple[bytes, str] | None:
         """The object's bytes and its version, from one read, or ``None`` if there is none.
 
         A version is an opaque string that changes whenever the object is written (GCS: the
-        generation; S3: the ETag); :meth:`replace_object` takes it back.
+        generation; S3: the ETag); :meth:`replace_object` takes it back. ``limit`` caps the
+        bytes read as in :meth:`read_object`.
         """
-        data = self.read_object(path)
+        data = self.read_object(path, limit)
         return None if data is None else (data, hashlib.sha256(data).hexdigest())
 
     def replace_object(self, path: str, data: bytes, version: str) -> str:
@@ -458,9 +481,11 @@ class ObjectStore(Store):
         members are (:func:`hubcache.core.paths.validate_manifest`): names in normal form and
         inside the entry, link targets inside it and not through other links, no name twice.
         """
-        raw = self.read_object(self.object_path(f"{key}.manifest.json"))
+        raw = self.read_object(self.object_path(f"{key}.manifest.json"), MAX_MANIFEST_BYTES)
         if raw is None:
             return None, None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            return None, f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes"
         try:
             manifest = Manifest.from_json(raw)
         except ValueError as error:
@@ -479,7 +504,7 @@ class ObjectStore(Store):
         return self.entry_path(key), manifest
 
     def _is_foreign(self, key: str) -> bool:
-        raw = self.read_object(self.object_path(f"{key}.descriptor.txt"))
+        raw = self.read_object(self.object_path(f"{key}.descriptor.txt"), MAX_SMALL_OBJECT)
         return raw is not None and b"Writer: hubcache" not in raw
 
     def _relative(self, key: str, listing: dict[str, int]) -> dict[str, int]:
@@ -578,7 +603,7 @@ class ObjectStore(Store):
         # The version the first heartbeat is conditional on: read back, and ours only if the
         # bytes are ours (create_object does not return one; this costs one read per lease).
         try:
-            found = self.read_versioned(lease.path)
+            found = self.read_versioned(lease.path, MAX_SMALL_OBJECT)
         except Exception:  # a transient error: the heartbeat reads it again
             found = (payload, "")
         if found is None or found[0] != payload:
@@ -588,7 +613,7 @@ class ObjectStore(Store):
         return lease
 
     def _read_lease(self, key: str) -> LeaseState | None:
-        found = self.read_versioned(self._lease_path(key))
+        found = self.read_versioned(self._lease_path(key), MAX_SMALL_OBJECT)
         return None if found is None else LeaseState.parse(*found)
 
     def _acquire(self, key: str, on_wait: Callable[[str], None]) -> _Lease | None:
@@ -610,7 +635,7 @@ class ObjectStore(Store):
         read_at = -math.inf
         waited = False
         while True:
-            if self.read_object(manifest_path) is not None:
+            if self.read_object(manifest_path, 0) is not None:  # one byte says it is there
                 return None  # committed by the holder: the caller's lookup finds it
             now = time.monotonic()
             ttl = state.judged_ttl(self.lease_ttl) if state is not None else MIN_LEASE_TTL
@@ -772,7 +797,7 @@ class ObjectStore(Store):
         else:
             return None  # only a descriptor or lease debris
         if handle is None and ".descriptor.txt" in names:
-            raw = self.read_object(self.object_path(f"{key}.descriptor.txt")) or b""
+            raw = self.read_object(self.object_path(f"{key}.descriptor.txt"), MAX_SMALL_OBJECT) or b""
             match = re.search(rb"^Module: (.+)$", raw, re.MULTILINE)
             handle = match.group(1).decode("utf-8", "replace").strip() if match else None
         size = manifest.total_bytes if manifest else sum(files.values())
@@ -781,7 +806,7 @@ class ObjectStore(Store):
     def remove(self, key: str) -> bool:
         with self._io(f"removing {self.entry_path(key)}"):
             manifest = self.object_path(f"{key}.manifest.json")
-            existed = self.read_object(manifest) is not None
+            existed = self.read_object(manifest, 0) is not None
             self.delete_objects([manifest])  # first: the entry is never seen half-removed
             objects = self.list_objects(self.object_path(key))
             existed = existed or bool(objects)
@@ -864,7 +889,7 @@ class _Lease:
         lease object holds bytes this holder wrote (a retried request whose first attempt landed);
         if so, its version becomes ours. ``None`` if it could not be read (try again next beat)."""
         try:
-            found = self.store.read_versioned(self.path)
+            found = self.store.read_versioned(self.path, MAX_SMALL_OBJECT)
         except Exception:
             logger.debug("reading the lease %s failed", self.path, exc_info=True)
             return None
@@ -1203,8 +1228,8 @@ class ObjectWriter(EntryWriter):
         commit of the same files (nothing more to do); else replace it with ours while the lease
         is ours and our objects are intact (``False``: committed by the replacement)."""
         store = self.store
-        found = store.read_versioned(manifest_path)
-        if found is not None and _same_contents(found[0], manifest):
+        found = store.read_versioned(manifest_path, MAX_MANIFEST_BYTES)
+        if found is not None and len(found[0]) <= MAX_MANIFEST_BYTES and _same_contents(found[0], manifest):
             return True
         listing = store.list_versioned(self.prefix)
         store.confirm_lease(self.key)
@@ -1228,7 +1253,7 @@ class ObjectWriter(EntryWriter):
         and give the entry up to that holder."""
         self._committed = False
         with contextlib.suppress(PreconditionFailed):
-            found = self.store.read_versioned(manifest_path)
+            found = self.store.read_versioned(manifest_path, MAX_MANIFEST_BYTES)
             if found is not None and found[0] == ours:
                 self.store.delete_versioned(manifest_path, found[1])
         self.store.confirm_lease(self.key)  # raises LeaseLostError: the only way this happens
