@@ -360,100 +360,25 @@ class ObjectStoreConformance(CacheBackendConformance):
         """A waiter (even with a tiny TTL of its own) polls a live lease's entry at about one
         manifest read a second (backoff with jitter, capped at 1 s) and reads the lease a few
         times per TTL of the holder; it notices the commit within about a second."""
-        import threading
-        import time
-
         self.object_store(backend)
-        window = 8.0
-        with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0) as holder:
-            waiter = type(backend)(backend.config.replace(lease_ttl=0.4, lock_timeout=120.0)).store
-            manifest_path = waiter.object_path(f"{holder.key}.manifest.json")
-            lease_path = waiter._lease_path(holder.key)
-            reads: dict[str, list[float]] = {"manifest": [], "lease": []}
-            for name in ("read_object", "read_versioned"):
-                original = getattr(waiter, name)
-
-                def counted(path, *args, _original=original, **kwargs):
-                    kind = {manifest_path: "manifest", lease_path: "lease"}.get(path)
-                    if kind:
-                        reads[kind].append(time.monotonic())
-                    return _original(path, *args, **kwargs)
-
-                setattr(waiter, name, counted)
-            result: list = []
-
-            def wait() -> None:
-                with waiter.lock(holder.key, lambda owner: None):
-                    # Entered without a lease of its own: the entry got committed meanwhile.
-                    result.append("lease" if holder.key in waiter._leases else time.monotonic())
-
-            started = time.monotonic()
-            thread = threading.Thread(target=wait, daemon=True)
-            thread.start()
-            time.sleep(window)
-            manifest_rate = sum(t - started < window for t in reads["manifest"]) / window
-            # After the backoff reached its cap (0.1 + 0.2 + 0.4 + 0.8 s of steps at most).
-            steady_rate = sum(2 <= t - started < window for t in reads["manifest"]) / (window - 2)
-            lease_reads = sum(t - started < window for t in reads["lease"])
-            waiter.create_object(manifest_path, b"{}")  # "the commit": the waiter only needs it to exist
-            committed = time.monotonic()
-            thread.join(10)
-        assert result and result[0] != "lease", result
-        latency = result[0] - committed
-        print(f"\n{type(backend).name}: a waiter made {manifest_rate:.2f} manifest reads/s over {window:g} s "
-              f"({steady_rate:.2f}/s after the first 2 s) and {lease_reads} lease reads; it noticed the "
-              f"commit after {latency:.2f} s")
+        m = waiter_request_rate(backend, str(tmp_path))
+        print(f"\n{type(backend).name}: a waiter made {m['manifest_rate']:.2f} manifest reads/s over "
+              f"{m['window']:g} s ({m['steady_rate']:.2f}/s after the first 2 s) and {m['lease_reads']} lease "
+              f"reads; it noticed the commit after {m['latency']:.2f} s")
         # Sleeps are drawn from [0.5, 1] s (mean 0.75 s: 1.33 reads/s); 2/s is the most possible.
-        assert manifest_rate <= 2.2 and steady_rate <= 1.8, reads
-        assert lease_reads <= 3, reads
-        assert latency < 1.5
+        assert m["manifest_rate"] <= 2.2 and m["steady_rate"] <= 1.8, m
+        assert m["lease_reads"] <= 3, m
+        assert m["latency"] < 1.5
 
     def test_a_fleet_takes_a_dead_lease_over_with_few_rewrites(self, backend):
         """Sixteen waiters (threads standing for hosts: only the requests they send matter here,
         and each has a store of its own) find the same dead lease at the same moment: one takes
         it over, and the lease object gets a few takeover rewrites, not one per waiter."""
-        import json
-        import threading
-        import time
-        import uuid
-
         self.object_store(backend)
-        key = uuid.uuid4().hex + "0" * 8
-        config = backend.config.replace(lease_ttl=5.0, lock_timeout=60.0)
-        stores = [type(backend)(config).store for _ in range(16)]
-        lease_path = stores[0]._lease_path(key)
-        stores[0].create_object(lease_path, json.dumps(
-            {"owner": "dead", "lease": "x", "beat": 1, "time": time.time() - 1000, "ttl": 3}).encode())
-        attempts: list[float] = []
-        for store in stores:
-            original = store.replace_object
-
-            def counted(path, *args, _original=original, **kwargs):
-                if path == lease_path:
-                    attempts.append(time.monotonic())
-                return _original(path, *args, **kwargs)
-
-            store.replace_object = counted
-        start = threading.Barrier(len(stores))
-        winners: list[int] = []
-
-        def wait(i: int) -> None:
-            store = stores[i]
-            start.wait()
-            with store.lock(key, lambda owner: None):
-                if key in store._leases:
-                    winners.append(i)
-                    time.sleep(0.3)  # less than a heartbeat (5 / 3 s): no rewrite of its own
-                    store.create_object(store.object_path(f"{key}.manifest.json"), b"{}")
-
-        threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(len(stores))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        print(f"\n{type(backend).name}: {len(stores)} waiters on a dead lease: {len(attempts)} takeover rewrites")
-        assert len(winners) == 1, winners
-        assert 1 <= len(attempts) <= 4, attempts
+        m = fleet_takeover(backend, 16)
+        print(f"\n{type(backend).name}: {m['waiters']} waiters on a dead lease: {m['rewrites']} takeover rewrites")
+        assert m["winners"] == 1, m
+        assert 1 <= m["rewrites"] <= 4, m
 
     def test_rm_and_prune_keep_an_entry_whose_lease_is_alive(self, backend, tmp_path):
         """While another process holds the lease of an entry it is downloading (objects uploaded,
@@ -644,6 +569,98 @@ with store.lock(key, lambda holder: None):
     print(json.dumps({"lease": store._leases[key].id}), flush=True)
     sys.stdin.read()
 """
+
+
+def waiter_request_rate(backend, workdir: str, window: float = 8.0) -> dict:
+    """Measure what one waiting host sends while another process (a :class:`LeaseHolder` with a
+    30 s TTL) holds an entry's lease: its manifest reads per second over ``window`` seconds
+    (``manifest_rate``; ``steady_rate`` after the first 2 s of backoff), its lease reads
+    (``lease_reads``), and how long after the commit it noticed it (``latency``, seconds). The
+    waiter's own TTL is a tiny 0.4 s: it must judge the lease by the holder's."""
+    import threading
+    import time
+
+    with LeaseHolder(backend, workdir, lease_ttl=30.0) as holder:
+        waiter = type(backend)(backend.config.replace(lease_ttl=0.4, lock_timeout=120.0)).store
+        manifest_path = waiter.object_path(f"{holder.key}.manifest.json")
+        lease_path = waiter._lease_path(holder.key)
+        reads: dict[str, list[float]] = {"manifest": [], "lease": []}
+        for name in ("read_object", "read_versioned"):
+            original = getattr(waiter, name)
+
+            def counted(path, *args, _original=original, **kwargs):
+                kind = {manifest_path: "manifest", lease_path: "lease"}.get(path)
+                if kind:
+                    reads[kind].append(time.monotonic())
+                return _original(path, *args, **kwargs)
+
+            setattr(waiter, name, counted)
+        result: list = []
+
+        def wait() -> None:
+            with waiter.lock(holder.key, lambda owner: None):
+                # Entered without a lease of its own: the entry got committed meanwhile.
+                result.append("lease" if holder.key in waiter._leases else time.monotonic())
+
+        started = time.monotonic()
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        time.sleep(window)
+        manifest_rate = sum(t - started < window for t in reads["manifest"]) / window
+        # After the backoff reached its cap (0.1 + 0.2 + 0.4 + 0.8 s of steps at most).
+        steady_rate = sum(2 <= t - started < window for t in reads["manifest"]) / (window - 2)
+        lease_reads = sum(t - started < window for t in reads["lease"])
+        waiter.create_object(manifest_path, b"{}")  # "the commit": the waiter only needs it to exist
+        committed = time.monotonic()
+        thread.join(10)
+    assert result and result[0] != "lease", f"the waiter took the live lease: {result}"
+    return {"window": window, "manifest_rate": manifest_rate, "steady_rate": steady_rate,
+            "lease_reads": lease_reads, "latency": result[0] - committed}
+
+
+def fleet_takeover(backend, waiters: int = 16) -> dict:
+    """``waiters`` threads (standing for hosts: each has a store of its own) find the same dead
+    lease at the same moment; returns ``winners`` (how many got the lease) and ``rewrites`` (the
+    takeover rewrites the lease object received)."""
+    import json
+    import threading
+    import time
+    import uuid
+
+    key = uuid.uuid4().hex + "0" * 8
+    config = backend.config.replace(lease_ttl=5.0, lock_timeout=60.0)
+    stores = [type(backend)(config).store for _ in range(waiters)]
+    lease_path = stores[0]._lease_path(key)
+    stores[0].create_object(lease_path, json.dumps(
+        {"owner": "dead", "lease": "x", "beat": 1, "time": time.time() - 1000, "ttl": 3}).encode())
+    attempts: list[float] = []
+    for store in stores:
+        original = store.replace_object
+
+        def counted(path, *args, _original=original, **kwargs):
+            if path == lease_path:
+                attempts.append(time.monotonic())
+            return _original(path, *args, **kwargs)
+
+        store.replace_object = counted
+    start = threading.Barrier(len(stores))
+    winners: list[int] = []
+
+    def wait(i: int) -> None:
+        store = stores[i]
+        start.wait()
+        with store.lock(key, lambda owner: None):
+            if key in store._leases:
+                winners.append(i)
+                time.sleep(0.3)  # less than a heartbeat (5 / 3 s): no rewrite of its own
+                store.create_object(store.object_path(f"{key}.manifest.json"), b"{}")
+
+    threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return {"waiters": waiters, "winners": len(winners), "rewrites": len(attempts)}
 
 
 def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
