@@ -12,10 +12,16 @@ Layout (the same as on a local disk, and as tensorflow_hub writes it)::
 names under ``<key>/`` (each upload is atomic: an object appears whole or not at all), lists them
 to check that every one arrived, writes the descriptor, and then *creates* the manifest with a
 create-only precondition (:meth:`ObjectStore.create_object`; gcsfs sends ``ifGenerationMatch=0``).
-Readers trust only entries with a manifest, so a crash at any point leaves nothing trusted, and
-the next writer overwrites what it finds. Two writers racing upload identical objects (the same
-archive gives the same bytes); one manifest creation wins and the other returns the committed
-path.
+Readers trust only entries with a manifest, so a crash at any point leaves nothing trusted.
+
+**Committed objects are immutable.** Every upload names the version of the object it replaces
+(:meth:`ObjectStore.put_versioned`: gcs ``ifGenerationMatch``, S3 ``If-Match``/``If-None-Match``),
+and a writer knows only versions it read *before* its last check that the lease is still its own
+(:meth:`ObjectStore.confirm_lease`) or wrote itself. A host that took the lease over writes only
+after that, so a writer that stalled past its TTL (paused, swapped out) and resumed finds every
+write over the new holder's objects refused: it withdraws what it wrote and waits for the new
+holder's commit (:class:`~hubcache.core.errors.LeaseLostError`; see :class:`ObjectWriter`). A
+crashed writer's leftovers are overwritten by the next one (their versions are in its listing).
 
 **Lease.** ``<key>.lock`` is created with the same precondition and holds its owner, a lease id
 and a heartbeat that a thread refreshes every ``max(1, lease_ttl / 3)`` seconds. Every heartbeat is a
