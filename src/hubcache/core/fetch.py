@@ -5,8 +5,9 @@ a plain streaming GET needs): redirects are followed (to http and https URLs onl
 failures (connection errors, 429/5xx, a stall, a reset mid-body) are retried with backoff, and a
 body cut short resumes with a ``Range`` request where that provably continues the same file, so
 the decompressor downstream just sees one continuous stream. Local paths use ``open``; any other
-URL goes through ``fsspec``. Every source stops at an overall deadline
-(``HUBCACHE_DOWNLOAD_DEADLINE``), however steadily bytes arrive.
+URL goes through ``fsspec``, pinned to the object's version seen at open (``core/objectread.py``).
+Every source stops at an overall deadline (``HUBCACHE_DOWNLOAD_DEADLINE``), however steadily bytes
+arrive.
 
 Resuming never splices two versions of a file. The first response's strong ``ETag`` (else its
 ``Last-Modified``) goes into ``If-Range``; the answer must be a 206 whose ``Content-Range`` starts
@@ -30,6 +31,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from .errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
 from .handles import origin_of
+from .objectread import open_pinned
 from .redact import split_credentials
 
 USER_AGENT = "hubcache"
@@ -559,8 +561,11 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
         raise HandleError(f"no installed filesystem reads {url.split('://', 1)[0]}:// URLs ({error})",
                           hint="check the handle's scheme, or install the fsspec implementation for it") from None
     try:
-        f = fs.open(path, "rb", block_size=1 << 22)
-        size = getattr(f, "size", None)
+        # One version for the whole read (objectread): a replaced object is a restart, never a splice.
+        f = open_pinned(fs, path, shown)
+        size = f.size
+    except SourceChangedError:
+        raise
     except FileNotFoundError:
         raise DownloadError(f"no such file: {shown}", url=shown) from None
     except Exception as error:
