@@ -14,8 +14,7 @@ unverified; with a single ``gcs`` backend a pinned handle is compared with the d
 bucket's manifest, which a bucket writer can forge. There the bucket's ACL is the trust boundary.
 An entry whose objects were damaged behind a well-formed manifest stays in the bucket (each
 ``home,gcs`` host misses it and downloads from the origin) until ``hubcache verify --repair``
-removes it. Two manifest shapes still break every command of the bucket; their case is an xfail
-naming the fix.
+removes it.
 """
 
 from __future__ import annotations
@@ -172,14 +171,11 @@ SHAPES = {
     "a JSON list, not an object": lambda d: [d],
     "nested 100000 levels deep": None,  # raw text, below
 }
-#: Shapes that still break every command of the bucket (see the xfail reason).
-SHAPES_NOT_HANDLED = {
+#: Shapes whose numbers or containers break the parser itself (OverflowError, AttributeError).
+SHAPES_OF_BROKEN_TYPES = {
     "a size of 1e400 (infinity)": lambda d: {**d, "files": [["saved_model.pb", 1e400, "00000000"]]},
     "symlinks as a list": lambda d: {**d, "symlinks": ["l"]},
 }
-NOT_HANDLED = ("Manifest.from_json lets OverflowError (int(1e400)) and AttributeError (a list's .items) escape; "
-               "the bucket's ObjectStore wraps them as a CacheError: resolve of the handle and ls/verify/info/rm "
-               "of the whole bucket fail. Fix: also catch OverflowError and AttributeError in from_json")
 
 
 def planted_bytes(shape: str, table: dict, real: dict) -> bytes:
@@ -190,18 +186,16 @@ def planted_bytes(shape: str, table: dict, real: dict) -> bytes:
 
 @pytest.mark.parametrize("group", [
     "wrong types, absurd sizes, deep nesting",
-    pytest.param("infinite size, symlinks as a list", marks=pytest.mark.xfail(strict=True, reason=NOT_HANDLED)),
+    "infinite size, symlinks as a list",
 ])
 def test_a_manifest_of_the_wrong_shape_is_a_damaged_entry(group, origin, model, monkeypatch, figures):
     """Manifests that are valid JSON of the wrong shape (wrong types, absurd numbers, nested
     deeper than the parser recurses) planted in a ``gs://`` cache, one per handle: each resolve
     is a miss (the origin serves, the manifest is replaced); ``ls`` and ``verify`` (real
     processes) report them damaged and the other entry good; ``rm`` removes them and keeps it."""
-    table = SHAPES if group.startswith("wrong") else SHAPES_NOT_HANDLED
+    table = SHAPES if group.startswith("wrong") else SHAPES_OF_BROKEN_TYPES
     figures.update(run=f"gcs backend; {len(table)} planted manifests ({'; '.join(table)}), then "
                        "resolve each, `hubcache ls`, `verify`, `rm` as processes")
-    if table is SHAPES_NOT_HANDLED:
-        figures.update(known_gap=NOT_HANDLED)
     monkeypatch.setenv("TFHUB_CACHE_DIR", fresh_root())
     archive = archive_of(model)
     good = origin.add("/good.tar.gz", archive)

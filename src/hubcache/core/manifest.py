@@ -82,7 +82,7 @@ class Manifest:
                 created=float(data.get("created", 0.0)),
                 creator=str(data.get("creator", "")),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as error:
             raise ValueError(f"malformed manifest: {error}") from None
 
 
