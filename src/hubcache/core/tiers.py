@@ -231,7 +231,7 @@ class TieredBackend(Backend):
                 store.cleanup(key)
                 writer = store.writer(key, handle.url)
                 try:
-                    _fill(writer, path, manifest, self._limits().max_bytes)
+                    _fill(writer, path, manifest, self._limits().max_bytes, getattr(source, "fs", None))
                     copied = writer.commit(manifest)
                 except BaseException:
                     writer.abort()
@@ -248,10 +248,12 @@ class TieredBackend(Backend):
 
 class _Source:
     """Reads the files of a source entry: local ones beneath its directory without following
-    links, others through fsspec."""
+    links, others through the source store's own filesystem (its credentials and endpoint; a
+    plain ``fsspec.open`` would look credentials up again, or reach another endpoint)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, fs=None):
         self.root = root
+        self.fs = fs
         self.tree = None
         if "://" not in root:
             from .treewalk import Beneath
@@ -264,9 +266,12 @@ class _Source:
     def open(self, rel: str):
         if self.tree is not None:
             return os.fdopen(self.tree.open_file(rel), "rb")
+        url = self.root.rstrip("/") + "/" + rel
+        if self.fs is not None:
+            return self.fs.open(self.fs._strip_protocol(url), "rb")
         import fsspec
 
-        return fsspec.open(self.root.rstrip("/") + "/" + rel, "rb").open()
+        return fsspec.open(url, "rb").open()
 
     def close(self) -> None:
         if self.tree is not None:
@@ -301,14 +306,14 @@ class _Source:
             raise SourceUnusable(f"{rel} has CRC-32 {crc_hex(crc)}, but its manifest says {expected_crc}")
 
 
-def _fill(writer, root: str, manifest: Manifest, max_bytes: int) -> None:
+def _fill(writer, root: str, manifest: Manifest, max_bytes: int, fs=None) -> None:
     """Write the validated ``manifest``'s entry from ``root``: directories, files, then links (so
     nothing is ever written through a link)."""
     dirs = set(manifest.dirs)
     for record in manifest.files:
         parts = record.path.split("/")[:-1]
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    source = _Source(root)
+    source = _Source(root, fs)
     budget = [max_bytes]
     try:
         for d in sorted(dirs):
