@@ -240,7 +240,13 @@ def _checked(fs: Any, path: str, url: str, block_size: int) -> PinnedObject:
         fs.invalidate_cache(path)
         return str(fs.ukey(path))
 
-    version = current()
+    try:
+        version = current()
+    except FileNotFoundError:
+        raise
+    except Exception:  # a filesystem that can name no version (no info/ls): nothing to compare
+        f = fs.open(path, "rb", block_size=block_size)
+        return PinnedObject(url, f, None, current, check_each_block=False, block_size=block_size)
     f = fs.open(path, "rb", block_size=block_size)
     return PinnedObject(url, f, version, current, check_each_block=True, block_size=block_size)
 
