@@ -31,13 +31,27 @@ BUCKET = "hubcache-test"
 _SYSTEM_TMP = tempfile.gettempdir()
 _server = None
 _buckets: set[str] = set()
-#: The emulator's last log lines, for a look when a test fails.
-log: collections.deque[bytes] = collections.deque(maxlen=200)
+#: The emulator's last log lines, for a look when a test fails, or to count requests.
+log: collections.deque[bytes] = collections.deque(maxlen=5000)
+_appended = 0  # lines ever appended to ``log``
 
 
 def _drain(stream) -> None:
+    global _appended
     for line in iter(stream.readline, b""):
         log.append(line)
+        _appended += 1
+
+
+def log_mark() -> int:
+    """A mark for :func:`log_since`: the count of log lines so far."""
+    return _appended
+
+
+def log_since(mark: int) -> list[bytes]:
+    """The log lines written after ``mark`` (those the bounded log still holds)."""
+    lines = list(log)
+    return lines[max(0, len(lines) - (_appended - mark)):]
 
 
 def emulator_url() -> str:

@@ -154,7 +154,7 @@ def _lines_for(key: str, since: int) -> list[bytes]:
     """The emulator's log lines about object ``key`` since line ``since``."""
     quoted = key.replace("/", "%2F").encode()
     marks = (b"/o/" + quoted + b" ", b"/o/" + quoted + b"?", b"prefix=" + key.encode() + b"/")
-    return [line for line in list(gcs_emulator.log)[since:] if any(mark in line for mark in marks)]
+    return [line for line in gcs_emulator.log_since(since) if any(mark in line for mark in marks)]
 
 
 def _requests_for(key: str, since: int) -> dict[str, int]:
@@ -186,7 +186,7 @@ def test_unchanged_object_resolves_without_restarts_and_counts_its_requests(mode
     # counted as the other's), each read to the end in 1 MiB reads.
     def requests_of(name: str, read) -> tuple[dict[str, int], list[bytes]]:
         time.sleep(0.5)  # the emulator's log is drained by a thread
-        since = len(gcs_emulator.log)
+        since = gcs_emulator.log_mark()
         read()
         return _requests_for(name, since), _lines_for(name, since)
 
