@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 
 import pytest
 
@@ -503,6 +504,162 @@ class ObjectStoreConformance(CacheBackendConformance):
               f"{m['b_seconds']:.2f} s after A stopped; A returned B's entry {m['a_seconds']:.2f} s after "
               f"SIGCONT; 0 of A's writes landed on the committed entry")
 
+    # -- a tier chain over this store (issue 12) -------------------------------------------------
+    #
+    # What a host with a local tier in front of this store (``HUBCACHE_BACKEND=home,<backend>``)
+    # must do when others can write the bucket: an entry planted or damaged there is a miss (the
+    # origin serves, nothing is written outside the local tier), a digest read from the bucket
+    # never satisfies a pin, and the copy up never waits for another host's lease.
+
+    #: A resolve that does not wait: a 20 KB model downloaded locally, a few bucket requests.
+    TIER_AT_ONCE = 2.0
+
+    #: case -> how a bucket writer edits the entry's manifest (``abs_``: an absolute path).
+    TIER_LEAVING = {
+        "file ../../x": lambda m, abs_: m.files.append(_record("../../x", b"evil")),
+        "absolute file name": lambda m, abs_: m.files.append(_record(abs_, b"evil")),
+        "file a//b": lambda m, abs_: m.files.append(_record("variables//evil", b"evil")),
+        "link l -> ../../x": lambda m, abs_: m.symlinks.update(l="../../x"),
+    }
+
+    #: case -> how a bucket writer damages an object (``path``) behind its well-formed manifest.
+    TIER_DAMAGE = {
+        "missing": lambda store, path, data: store.delete_objects([path]),
+        "one byte longer": lambda store, path, data: store.write_object(path, data + b"!"),
+        "same size, other bytes": lambda store, path, data: store.write_object(
+            path, bytes(b ^ 0xFF for b in data[:64]) + data[64:]),
+    }
+
+    @pytest.fixture
+    def tier_model(self, tmp_path):
+        return build_model_dir(tmp_path / "tier-model", weights_bytes=20_000)
+
+    def tier_chain(self, backend, local_root, **settings):
+        """A fresh two-tier chain: a local (``home``) cache on ``local_root``, then ``backend``'s
+        store (a new instance on the same root), built directly from ``backend.config``."""
+        from hubcache.backends.home import HomeBackend
+        from hubcache.core.tiers import TieredBackend
+
+        config = backend.config.replace(**settings)
+        local = HomeBackend(config.replace(cache_dir=str(local_root)))
+        return TieredBackend(config, [local, type(backend)(config)])
+
+    def filled_bucket(self, backend, origin, model) -> tuple[str, str]:
+        """Resolve a handle of ``model`` with ``backend`` alone (a host filled the bucket), then
+        forget the origin's request count. Returns the handle and its cache key."""
+        from hubcache.core.handles import cache_key
+
+        url = origin.add("/tiers/m.tar.gz", archive_of(model))
+        self.resolve(backend, url)
+        origin.reset_counts()
+        return url, cache_key(url)
+
+    def resolve_through_chain(self, backend, origin, model, tmp_path, url: str) -> str:
+        """A second host (an empty local tier) resolves ``url`` through the chain. Asserts that
+        the bucket's entry was a miss: nothing under ``tmp_path`` outside the local tier changed
+        (victims wait where ``../../x`` of the local writer and an absolute name point), only the
+        entry is in the local tier, the origin served once, the served files are the model's and
+        their digest is one this process verified."""
+        from hubcache.core.handles import parse_handle
+
+        local_root = tmp_path / "host2" / "cache"
+        chain = self.tier_chain(backend, local_root)
+        local = chain.tiers[0].store
+        os.makedirs(local.root)
+        for victim, data in ((local_root.parent / "x", b"victim"), (tmp_path / "abs-victim", b"v")):
+            victim.write_bytes(data)
+        before = _state_outside(str(tmp_path), local.root)
+        path = self.resolve(chain, url)
+        after = _state_outside(str(tmp_path), local.root)
+        key = parse_handle(url).key
+        changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+        assert not changed, f"written or removed outside the local tier: {changed[:5]}"
+        assert not [n for n in os.listdir(local.root) if not n.startswith(key) or n.endswith(".tmp")]
+        assert path == local.entry_path(key), path
+        assert tree_of(path) == tree_of(model), "the served files are not the model's"
+        assert origin.count() == 1, "the bucket's entry must not serve; the origin does"
+        assert local.read_manifest(key).archive.get("verified", True) is not False
+        return path
+
+    @pytest.mark.parametrize("case", sorted(TIER_LEAVING))
+    def test_tier_chain_a_planted_manifest_leaving_the_entry_is_a_miss(self, backend, origin, tier_model,
+                                                                       tmp_path, case):
+        """A bucket writer adds a name that leaves the entry (``..``, absolute, not in normal
+        form, a link out) to a committed entry's manifest, and plants the announced bytes where
+        the name points: a host copying the entry down misses it, the origin serves, nothing is
+        written outside its local tier. Two checks stop it, each enough alone: the store's own
+        reading of a manifest (:meth:`ObjectStore.read_manifest`) and the chain's check of the
+        source entry before a copy (:mod:`hubcache.core.tiers`)."""
+        store = self.object_store(backend)
+        url, key = self.filled_bucket(backend, origin, tier_model)
+        edited = _edit_manifest(store, key, lambda m: self.TIER_LEAVING[case](m, str(tmp_path / "abs-victim")))
+        entry = store.object_path(key)
+        for name in {r.path for r in edited.files} - set(tree_of(tier_model)):
+            store.write_object(posixpath.normpath(f"{entry}/{name}"), b"evil")
+        self.resolve_through_chain(backend, origin, tier_model, tmp_path, url)
+
+    @pytest.mark.parametrize("damage", sorted(TIER_DAMAGE))
+    def test_tier_chain_an_object_damaged_behind_its_manifest_is_a_miss(self, backend, origin, tier_model,
+                                                                        tmp_path, damage):
+        """A weights object of a committed entry is removed, lengthened, or rewritten with other
+        bytes of the same size, its manifest left as it was: the copy down stops at the
+        mismatch, nothing of it is served, the origin serves the handle."""
+        store = self.object_store(backend)
+        url, key = self.filled_bucket(backend, origin, tier_model)
+        weights = max(store.read_manifest(key).files, key=lambda r: r.size).path
+        path = store.object_path(f"{key}/{weights}")
+        self.TIER_DAMAGE[damage](store, path, store.read_object(path))
+        self.resolve_through_chain(backend, origin, tier_model, tmp_path, url)
+
+    def test_tier_chain_a_forged_entry_never_satisfies_a_pin(self, backend, origin, tier_model, tmp_path):
+        """A bucket writer replaces an entry's objects with other bytes and its manifest with a
+        consistent one (sizes, CRC-32s) that still claims the real archive's sha256: a host
+        resolving the pinned handle through the chain downloads from the origin, checks the
+        archive against the pin and serves the real model."""
+        store = self.object_store(backend)
+        url, key = self.filled_bucket(backend, origin, tier_model)
+        digest = store.read_manifest(key).archive["sha256"]
+        forged = tree_of(build_model_dir(tmp_path / "forged", weights_bytes=20_000, seed=7))
+        assert forged != tree_of(tier_model)
+        for rel, data in forged.items():
+            store.write_object(store.object_path(f"{key}/{rel}"), data)
+
+        def claim(m) -> None:
+            m.files = [_record(rel, data) for rel, data in sorted(forged.items())]
+
+        assert _edit_manifest(store, key, claim).archive["sha256"] == digest
+        assert self.fresh(backend).store.lookup(key, url) is not None, "a consistent entry: a hit in the bucket"
+        self.resolve_through_chain(backend, origin, tier_model, tmp_path, f"{url}#sha256={digest}")
+
+    def test_tier_chain_copy_up_never_waits_for_a_live_lease(self, backend, origin, tier_model, tmp_path):
+        """Another process (a :class:`LeaseHolder`, heartbeat going) holds the bucket's lease of the
+        handle's key while this host downloads it: the resolve returns the local path at once
+        (the lock timeout is 60 s) and writes nothing under the key in the bucket."""
+        import json
+        import time
+
+        from hubcache.core.handles import cache_key
+
+        self.object_store(backend)
+        url = origin.add("/tiers/leased.tar.gz", archive_of(tier_model))
+        chain = self.tier_chain(backend, tmp_path / "local", lock_timeout=60.0)
+        local, bucket = (tier.store for tier in chain.tiers)
+        holder = LeaseHolder(backend, str(tmp_path), lease_ttl=30.0)
+        holder.key = cache_key(url)
+        with holder:
+            started = time.monotonic()
+            path = self.resolve(chain, url)
+            took = time.monotonic() - started
+            left = (bucket.list_objects(bucket.object_path(holder.key)),
+                    [bucket.read_object(bucket.object_path(holder.key + s)) for s in (".manifest.json", ".descriptor.txt")],
+                    json.loads(bucket.read_object(bucket._lease_path(holder.key)))["lease"])
+        print(f"\n{type(backend).name}: resolved through the chain in {took:.2f} s with the bucket lease held "
+              "elsewhere (lock timeout 60 s)")
+        assert took < self.TIER_AT_ONCE, f"waited {took:.1f} s for the bucket lease"
+        assert path == local.entry_path(holder.key) and tree_of(path) == tree_of(tier_model)
+        assert origin.count() == 1
+        assert left == ({}, [None, None], holder.lease), "the bucket holds nothing but the holder's lease"
+
 
 class LeaseHolder:
     """A real child process holding the download lease of a fresh key of ``backend``'s store
@@ -995,3 +1152,47 @@ try:
 except Exception as error:
     say("failed", error=f"{type(error).__name__}: {error}")
 """
+
+
+# -- helpers of the tier-chain cases ------------------------------------------------------------
+
+
+def _record(path: str, data: bytes):
+    """A manifest's record of a file ``path`` holding ``data``."""
+    import zlib
+
+    from hubcache.core.manifest import FileRecord, crc_hex
+
+    return FileRecord(path, len(data), crc_hex(zlib.crc32(data)))
+
+
+def _edit_manifest(store, key: str, edit):
+    """Rewrite ``key``'s manifest in an object ``store`` with ``edit(manifest)``, as a bucket
+    writer would; return the manifest written."""
+    from hubcache.core.manifest import Manifest
+
+    path = store.object_path(f"{key}.manifest.json")
+    manifest = Manifest.from_json(store.read_object(path))
+    edit(manifest)
+    store.write_object(path, manifest.to_json())
+    return manifest
+
+
+def _state_outside(base: str, skip: str) -> dict[str, str]:
+    """Every directory, file and link under ``base`` except the tree ``skip``: path -> what it is
+    (``dir``, a link's target, a file's sha256)."""
+    import hashlib
+
+    state: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != skip]
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                state[full] = "link to " + os.readlink(full)
+            elif os.path.isdir(full):
+                state[full] = "dir"
+            else:
+                with open(full, "rb") as f:
+                    state[full] = hashlib.sha256(f.read()).hexdigest()
+    return state
