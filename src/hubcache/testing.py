@@ -17,6 +17,7 @@ The suite needs pytest; nothing here touches the network beyond 127.0.0.1.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
@@ -29,7 +30,10 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
+
+from .core.hookspecs import hookimpl
 
 
 FORMATS = ("tar", "gz", "zst", "bz2", "xz")
@@ -531,6 +535,87 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
+
+
+# -- an object replaced in the middle of a download ----------------------------------------------
+
+def same_layout_models(root: str | os.PathLike, count: int = 3, *, weights_bytes: int = 12 << 20) -> list[str]:
+    """``count`` models with the same layout (file names and sizes) and different bytes, down to
+    the mtimes in their archives: a splice of two of their plain tar archives is itself a valid
+    tar archive, whose digest is neither's (what a read that is not pinned to one version of an
+    object would cache)."""
+    made = []
+    for i in range(count):
+        path = build_model_dir(os.path.join(os.fspath(root), f"v{i}"), weights_bytes=weights_bytes,
+                               shards=3, seed=i)
+        for dirpath, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.utime(os.path.join(dirpath, name), (1_600_000_000 + i, 1_600_000_000 + i))
+        made.append(path)
+    return made
+
+
+class ReplaceMidRead:
+    """Writes the next archive over a download's object once ``after`` bytes of the download went
+    downstream (the old version's bytes are in the pipeline; the rest is still to be read). The
+    download's source is the real one; only its ``readinto`` is watched. A hubcache plugin: it
+    records events through the public ``hubcache_event`` hook. Use :func:`replacing_mid_read`.
+
+    Attributes:
+        done: replacements written so far.
+        events: the events seen.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], replacements: list[bytes], after: int = 64 << 10):
+        self.write = write
+        self.replacements = list(replacements)
+        self.after = after
+        self.done = 0
+        self.events: list = []
+
+    def watch(self, source):
+        read, armed = source.readinto, [True]
+
+        def readinto(buffer) -> int:
+            n = read(buffer)
+            if armed[0] and source.position >= self.after and self.replacements:
+                armed[0] = False
+                self.write(self.replacements.pop(0))
+                self.done += 1
+            return n
+
+        source.readinto = readinto
+        return source
+
+    @hookimpl
+    def hubcache_event(self, event) -> None:
+        self.events.append(event)
+
+    def restarts(self) -> list:
+        """The downloads started again from byte 0."""
+        return [e for e in self.events if e.kind == "download_retry" and e.data.get("offset") == 0]
+
+
+@contextlib.contextmanager
+def replacing_mid_read(write: Callable[[bytes], None], replacements: list[bytes],
+                       after: int = 64 << 10) -> Iterator[ReplaceMidRead]:
+    """While the block runs, each download (one after the other) has its object replaced by the
+    next of ``replacements`` (``write(data)`` writes it, e.g. ``fs.pipe_file(path, data)``) once
+    ``after`` of its bytes went downstream."""
+    from hubcache.core import cache
+    from hubcache.core.plugins import get_registry
+
+    plugin = ReplaceMidRead(write, replacements, after)
+    registry = get_registry()
+    name = f"hubcache-testing-replace-mid-read-{id(plugin)}"
+    registry.pm.register(plugin, name=name)
+    real_open_source = cache.open_source
+    cache.open_source = lambda *a, **k: plugin.watch(real_open_source(*a, **k))
+    try:
+        yield plugin
+    finally:
+        cache.open_source = real_open_source
+        registry.pm.unregister(name=name)
 
 
 def __getattr__(name: str):

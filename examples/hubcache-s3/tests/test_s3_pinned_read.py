@@ -10,6 +10,7 @@ keeps changing — never a mix, never an error that does not say the object chan
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,18 +24,12 @@ import hubcache
 from hubcache.core import cache
 from hubcache.core.cache import MAX_RESTARTS
 from hubcache.core.errors import SourceChangedError
-from hubcache.core.events import Event
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry
-from hubcache.testing import SUFFIX, archive_of, build_model_dir, tree_of
+from hubcache.testing import (SUFFIX, ReplaceMidRead, archive_of, replacing_mid_read, same_layout_models,
+                              tree_of)
 
 #: Random (incompressible) weights: the archive spans several of the reader's 4 MiB blocks.
 WEIGHTS = 12 << 20
-#: The replacement lands once this many bytes of a download went downstream (past the first
-#: tar header, which is the same in every version).
-REPLACE_AFTER = 64 << 10
-
-
 @pytest.fixture
 def client(moto_endpoint, bucket):
     """The test's own s3fs client of moto (not hubcache's)."""
@@ -46,69 +41,20 @@ def client(moto_endpoint, bucket):
 
 @pytest.fixture
 def models(tmp_path) -> list[str]:
-    """Three models with the same layout (file names and sizes) and different bytes, down to the
-    mtimes in their archives: a splice of two of their plain tar archives is itself a valid tar
-    archive, whose digest is neither's."""
-    made = []
-    for i in range(3):
-        path = build_model_dir(tmp_path / f"v{i}", weights_bytes=WEIGHTS, shards=3, seed=i)
-        for dirpath, dirs, files in os.walk(path):
-            for name in dirs + files:
-                os.utime(os.path.join(dirpath, name), (1_600_000_000 + i, 1_600_000_000 + i))
-        made.append(path)
-    return made
-
-
-class ReplaceMidRead:
-    """Writes the next archive over the object once :data:`REPLACE_AFTER` bytes of a download were
-    read. The download's source is the real one (its bytes come from moto); only its ``readinto``
-    is watched. Events are recorded through the public ``hubcache_event`` hook."""
-
-    def __init__(self, client, path: str, replacements: list[bytes]):
-        self.client = client
-        self.path = path
-        self.replacements = list(replacements)
-        self.done = 0
-        self.events: list[Event] = []
-
-    def watch(self, source):
-        read, armed = source.readinto, [True]
-
-        def readinto(buffer) -> int:
-            n = read(buffer)
-            if armed[0] and source.position >= REPLACE_AFTER and self.replacements:
-                armed[0] = False
-                self.client.pipe_file(self.path, self.replacements.pop(0))
-                self.done += 1
-            return n
-
-        source.readinto = readinto
-        return source
-
-    @hubcache.hookimpl
-    def hubcache_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def restarts(self) -> list[Event]:
-        return [e for e in self.events if e.kind == "download_retry" and e.data.get("offset") == 0]
+    """Three models of one layout and different bytes (see ``same_layout_models``)."""
+    return same_layout_models(tmp_path, weights_bytes=WEIGHTS)
 
 
 @pytest.fixture
-def replacer(monkeypatch, client) -> Iterator:
-    registry = get_registry()
-    made: list[ReplaceMidRead] = []
-    real_open_source = cache.open_source
+def replacer(client) -> Iterator:
+    """``replacer(path, [archives])``: replace the object ``path`` (bucket/key) by the next archive
+    once 64 KiB of each download went downstream (``hubcache.testing.replacing_mid_read``)."""
+    with contextlib.ExitStack() as stack:
+        def make(path: str, replacements: list[bytes], write=None) -> ReplaceMidRead:
+            write = write or (lambda data: client.pipe_file(path, data))
+            return stack.enter_context(replacing_mid_read(write, replacements))
 
-    def make(path: str, replacements: list[bytes]) -> ReplaceMidRead:
-        plugin = ReplaceMidRead(client, path, replacements)
-        registry.pm.register(plugin, name=f"test-s3-replace-mid-read-{len(made)}")
-        made.append(plugin)
-        monkeypatch.setattr(cache, "open_source", lambda *a, **k: plugin.watch(real_open_source(*a, **k)))
-        return plugin
-
-    yield make
-    for plugin in made:
-        registry.pm.unregister(plugin)
+        yield make
 
 
 def manifest_of(path: str) -> dict:
