@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import hubcache
 from hubcache.core.hookspecs import HookSpecs
 from hubcache.testing import archive_of
 
@@ -182,3 +185,208 @@ def test_backend_declared_settings_are_shown_and_invalidate_the_memo(site, tmp_p
                             env=dict(os.environ, PYTHONPATH=str(site), HUBCACHE_BACKEND="echo"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["echo:" + str(tmp_path / "a" / "bert"), "echo:" + str(tmp_path / "b" / "bert")]
+
+
+# -- how plugins are loaded (issue 13) ------------------------------------------------------------
+
+
+def isolated_source_tree(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """A command prefix and environment running hubcache from a bare copy of ``src/`` with no
+    ``hubcache`` distribution metadata anywhere on ``sys.path``.
+
+    The venv installs hubcache editable: ``site`` reads ``__editable__.hubcache-*.pth`` (which puts
+    the checkout's ``src`` on the path) and ``hubcache-*.dist-info`` sits in site-packages (which
+    is where importlib.metadata finds the entry points). So the child runs with ``-S`` (no
+    ``site``: no .pth file is processed) and gets, on ``PYTHONPATH``, the copy of the package and a
+    directory of links to every other site-packages entry, so its dependencies (pluggy, fsspec,
+    ...) still import while hubcache's own metadata and editable finders are left out.
+    """
+    src = tmp_path / "bare-src"
+    shutil.copytree(ROOT / "src" / "hubcache", src / "hubcache",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for site_dir in {p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir()}:
+        for entry in site_dir.iterdir():
+            if entry.name.lower().startswith(("hubcache", "__editable__")) or entry.suffix == ".pth":
+                continue
+            if not (deps / entry.name).exists():
+                (deps / entry.name).symlink_to(entry)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), str(deps)])
+    return [sys.executable, "-S"], env
+
+
+def test_source_tree_without_metadata_still_has_the_builtins(tmp_path, model):
+    prefix, env = isolated_source_tree(tmp_path)
+    archive = tmp_path / "m.tar.gz"
+    archive.write_bytes(archive_of(model))
+    script = textwrap.dedent("""
+        import json, sys
+        from importlib import metadata
+        import hubcache
+        from hubcache.core.plugins import get_registry
+        registry = get_registry()
+        print(json.dumps({
+            "file": hubcache.__file__,
+            "entry_points": [ep.value for ep in metadata.entry_points(group="hubcache")],
+            "backends": sorted(registry.backends),
+            "errors": {p.name: p.error for p in registry.plugins.values() if p.error},
+            "path": hubcache.resolve(sys.argv[1]),
+        }))
+    """)
+    result = subprocess.run([*prefix, "-c", script, str(archive)], capture_output=True, text=True,
+                            env=dict(env, TMPDIR=str(tmp_path)), cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    # The isolation holds: the copy is imported and no metadata declares its plugins.
+    assert seen["file"] == str(tmp_path / "bare-src" / "hubcache" / "__init__.py")
+    assert seen["entry_points"] == []
+    assert {"tmp", "home", "gcs", "remote"} <= set(seen["backends"]) and not seen["errors"]
+    assert os.path.isfile(os.path.join(seen["path"], "saved_model.pb"))
+    # `hubcache plugins` says they are built in, from no distribution.
+    listed = subprocess.run([*prefix, "-m", "hubcache", "plugins", "--all", "--json"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert set(rows) == {"tmp", "home", "gcs", "remote", "progress"}
+    for name, row in rows.items():
+        assert (row["builtin"], row["status"], row["distribution"]) == (True, "loaded", ""), row
+    assert rows["progress"]["hooks"] == ["hubcache_event"] and rows["tmp"]["backends"] == ["tmp"]
+    # HUBCACHE_DISABLE_PLUGINS blocks a built-in by its name, as before.
+    blocked = subprocess.run([*prefix, "-m", "hubcache", "plugins", "--all", "--json"], capture_output=True,
+                             text=True, env=dict(env, HUBCACHE_DISABLE_PLUGINS="gcs"), cwd=tmp_path,
+                             timeout=60)
+    rows = {row["name"]: row for row in json.loads(blocked.stdout)}
+    assert rows["gcs"]["status"] == "disabled" and rows["tmp"]["status"] == "loaded"
+
+
+def test_builtins_are_listed_once_and_as_builtin_when_also_entry_points(site):
+    # The installed hubcache distribution declares its built-ins as entry points too.
+    from importlib import metadata
+
+    declared = {ep.name for ep in metadata.entry_points(group="hubcache") if ep.value.startswith("hubcache.")}
+    assert {"tmp", "progress"} <= declared, "this test needs hubcache's own entry points installed"
+    rows = json.loads(run(site, "plugins", "--all", "--json").stdout)
+    names = [row["name"] for row in rows]
+    assert len(names) == len(set(names))
+    by_name = {row["name"]: row for row in rows}
+    for name in ("tmp", "home", "gcs", "remote", "progress"):
+        assert by_name[name]["builtin"] and by_name[name]["distribution"] == "", by_name[name]
+    assert not by_name["echo"]["builtin"]
+
+
+def test_unmarked_register_backends_does_not_run():
+    from hubcache.core.backend import Backend
+    from hubcache.core.plugins import Registry
+
+    calls = []
+
+    class Unmarked(Backend):
+        name = "unmarked"
+
+    class Plugin:
+        """Names the hook but forgot ``@hubcache.hookimpl``: pluggy does not see it, nor may we."""
+
+        def hubcache_register_backends(self, register):
+            calls.append("ran")
+            register(Unmarked)
+
+    registry = Registry()  # a fresh one: the process-wide registry is left alone
+    registry.register(Plugin(), "forgot-the-marker")
+    assert calls == []
+    assert "unmarked" not in registry.backends
+    assert registry.plugins["forgot-the-marker"].hooks == []
+
+
+SPELLING_SOURCE = '''
+import hubcache
+from hubcache.core.backend import Backend
+
+
+class Never(Backend):
+    name = "never"
+
+
+@hubcache.hookimpl
+def hubcache_register_backend(register):  # misspelt: the hook is hubcache_register_backends
+    register(Never)
+
+
+@hubcache.hookimpl
+def hubcache_event(event):
+    print("TYPO-PLUGIN-SAW", event.kind, flush=True)
+'''
+
+
+def test_misspelt_hook_is_reported_and_the_plugin_skipped(tmp_path, model):
+    site = tmp_path / "site"
+    make_distribution(site, "hubcache-typo", "0.1", {"typo": "hubcache_typo"}, {"hubcache_typo": SPELLING_SOURCE})
+    result = run(site, "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    row = {row["name"]: row for row in json.loads(result.stdout)}["typo"]
+    assert row["status"] == "failed", row
+    for word in ("'typo'", "'hubcache_register_backend'", "hubcache_register_backends", "hubcache_locate",
+                 "hubcache_event"):
+        assert word in row["error"], (word, row["error"])
+    assert "\n" not in row["error"]
+    assert "hubcache_register_backend'" in run(site, "plugins").stdout
+    # Skipped entirely: hubcache still resolves, and none of the plugin's hooks runs.
+    archive = tmp_path / "m.tar.gz"
+    archive.write_bytes(archive_of(model))
+    resolved = run(site, "resolve", str(archive), TMPDIR=str(tmp_path))
+    assert resolved.returncode == 0, resolved.stderr
+    assert "TYPO-PLUGIN-SAW" not in resolved.stdout
+    assert os.path.isfile(os.path.join(resolved.stdout.strip(), "saved_model.pb"))
+
+
+def test_misspelt_hook_registered_in_process_is_a_config_error():
+    from hubcache.core.errors import ConfigError
+    from hubcache.core.plugins import Registry
+
+    class Typo:
+        @hubcache.hookimpl
+        def hubcache_evnet(self, event):
+            pass
+
+    registry = Registry()
+    with pytest.raises(ConfigError, match=r"'in-process'.*'hubcache_evnet'.*hubcache_event"):
+        registry.register(Typo(), "in-process")
+    assert registry.pm.get_plugin("in-process") is None  # not left half-registered
+
+
+def test_verbose_configures_the_hubcache_logger_not_the_root_logger(tmp_path, model):
+    archive = tmp_path / "m.tar.gz"
+    archive.write_bytes(archive_of(model))
+    script = textwrap.dedent("""
+        import json, logging, sys
+        from hubcache import cli
+        root = logging.getLogger()
+        before = (root.level, list(root.handlers))
+        status = cli.main(["-v", "resolve", sys.argv[1]])
+        print(json.dumps({"status": status, "root_unchanged": (root.level, list(root.handlers)) == before,
+                          "root_level": root.level, "root_handlers": len(root.handlers)}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(archive)], capture_output=True, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen == {"status": 0, "root_unchanged": True, "root_level": logging.WARNING, "root_handlers": 0}
+    # -v still shows hubcache's own log lines.
+    assert "hubcache: " in result.stderr and str(archive) in result.stderr
+
+
+def test_entry_point_claiming_a_builtin_name_is_reported_not_shadowing(tmp_path, model):
+    site = tmp_path / "site"
+    make_distribution(site, "hubcache-impostor", "9.9", {"tmp": "hubcache_impostor"},
+                      {"hubcache_impostor": PLUGIN_SOURCE})
+    rows = json.loads(run(site, "plugins", "--all", "--json").stdout)
+    tmp = [row for row in rows if row["name"] == "tmp"]
+    assert [(row["builtin"], row["status"]) for row in tmp] == [(True, "loaded"), (False, "failed")], tmp
+    assert "already taken by hubcache.backends.tmp" in tmp[1]["error"]
+    assert tmp[1]["distribution"] == "hubcache-impostor"
+    archive = tmp_path / "m.tar.gz"
+    archive.write_bytes(archive_of(model))
+    resolved = run(site, "resolve", str(archive), TMPDIR=str(tmp_path))
+    assert resolved.returncode == 0, resolved.stderr
+    assert "EVENT committed" not in resolved.stdout  # the impostor's hooks never run

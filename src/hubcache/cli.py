@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ._version import __version__
 from .core.errors import HubcacheError
@@ -596,10 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.verbose:
-        handler = logging.StreamHandler()
-        handler.setFormatter(_PrintableFormatter("hubcache: %(message)s"))
-        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    restore_logging = _log_to_stderr() if args.verbose else None
     try:
         return args.func(args)
     except HubcacheError as error:
@@ -610,6 +607,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    finally:
+        if restore_logging is not None:
+            restore_logging()
+
+
+def _log_to_stderr() -> Callable[[], None]:
+    """``-v``: the ``hubcache`` logger's INFO lines on stderr; returns what undoes it.
+
+    Only the ``hubcache`` logger is configured (not propagating, so a root handler an embedding
+    program set up does not print each line twice); the root logger's level and handlers are
+    the program's own. Undone after the command, so ``main()`` run twice in one process does
+    not print every line twice.
+    """
+    logger = logging.getLogger("hubcache")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("hubcache: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return restore
 
 
 if __name__ == "__main__":  # pragma: no cover

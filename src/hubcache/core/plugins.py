@@ -1,15 +1,22 @@
-"""The plugin manager: loads the ``hubcache`` entry points and collects their backends.
+"""The plugin manager: registers the built-in plugins and the ``hubcache`` entry points, and
+collects their backends.
 
-Loading is lazy (first use), thread-safe, and fault-isolated: a plugin that fails to import is
-recorded with its error and skipped, never breaking hubcache. ``HUBCACHE_DISABLE_PLUGINS=a,b``
-blocks plugins by entry-point name.
+The built-ins are registered by module name (:data:`hubcache.default_plugins.DEFAULT_PLUGINS`),
+so a source tree without installed metadata has them; an entry point naming the same module under
+the same name is the same plugin and skipped. Loading is lazy (first use), thread-safe, and
+fault-isolated: a plugin that fails to import, implements a hook hubcache does not have, or whose
+backends cannot be registered is recorded with its error, unregistered and skipped, never
+breaking hubcache. ``HUBCACHE_DISABLE_PLUGINS=a,b`` blocks plugins (built-in or not) by name.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import pluggy
 
@@ -19,6 +26,8 @@ from .locate import DefaultLocator
 
 ENTRY_POINT_GROUP = "hubcache"
 ENV_DISABLE = "HUBCACHE_DISABLE_PLUGINS"
+#: The hooks a plugin may implement (the specifications' names).
+KNOWN_HOOKS: tuple[str, ...] = tuple(sorted(n for n in vars(HookSpecs) if n.startswith(PROJECT + "_")))
 
 
 @dataclass
@@ -26,13 +35,17 @@ class PluginInfo:
     """One loaded (or failed, or disabled) plugin.
 
     Attributes:
-        name: the entry-point name.
-        value: the entry point's target (``module:attr``).
-        distribution: the distribution that declares it, and its version.
+        name: the plugin's name (its entry-point name, or its built-in name).
+        value: the module it was loaded from (an entry point's ``module:attr`` target).
+        distribution: the distribution that declares it, and its version (empty for built-ins,
+            which are registered by module name, whatever metadata is installed).
         backends: names of the backends it registered.
         hooks: names of the hooks it implements.
         error: why it could not be loaded, if it could not.
         disabled: true when blocked by ``HUBCACHE_DISABLE_PLUGINS``.
+        builtin: shipped inside hubcache (registered by module name, or declared by the
+            ``hubcache`` distribution itself; never by module name alone, so a third party's
+            ``hubcache.x`` namespace module is not mistaken for one).
     """
 
     name: str
@@ -43,18 +56,21 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     error: str = ""
     disabled: bool = False
-
-    @property
-    def builtin(self) -> bool:
-        """True for plugins shipped inside hubcache itself (by distribution, not module name, so a
-        third party's ``hubcache.x`` namespace module is not mistaken for one)."""
-        return self.distribution == "hubcache" or (not self.distribution and self.value.startswith("hubcache."))
+    builtin: bool = False
 
 
 class Registry:
-    """The loaded plugins and the backends they registered."""
+    """The loaded plugins and the backends they registered.
 
-    def __init__(self) -> None:
+    Args:
+        builtins: plugin name -> module of the plugins registered without metadata (default:
+            :data:`hubcache.default_plugins.DEFAULT_PLUGINS`).
+    """
+
+    def __init__(self, builtins: Mapping[str, str] | None = None) -> None:
+        if builtins is None:
+            from ..default_plugins import DEFAULT_PLUGINS as builtins
+        self.builtins: dict[str, str] = dict(builtins)
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(HookSpecs)
         self.pm.register(DefaultLocator(), name="hubcache.locate")
@@ -68,50 +84,115 @@ class Registry:
     def hook(self):
         return self.pm.hook
 
+    def load_builtins(self) -> None:
+        """Register the built-in plugins by module name (no metadata needed)."""
+        disabled = _disabled()
+        for name, module in self.builtins.items():
+            info = PluginInfo(name, module, builtin=True)
+            self._load(info, lambda module=module: importlib.import_module(module), disabled)
+
     def load_entry_points(self) -> None:
+        """Register the plugins of the ``hubcache`` entry-point group, skipping the built-ins."""
         from importlib import metadata  # ~30 ms: only when plugins are first needed
 
-        disabled = {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
+        disabled = _disabled()
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in self.plugins:  # the same entry point seen twice (e.g. editable + site)
+            known = self.plugins.get(ep.name)
+            if known is not None and known.value == ep.value:
+                # A built-in that hubcache's metadata declares too, or the same entry point seen
+                # twice (an editable install and a site copy): one plugin, registered once.
                 continue
             dist = getattr(ep, "dist", None)
-            info = PluginInfo(ep.name, ep.value, dist.metadata["Name"] if dist else "",
-                              dist.version if dist else "")
-            self.plugins[ep.name] = info
-            if ep.name in disabled:
-                info.disabled = True
-                self.pm.set_blocked(ep.name)
+            dist_name = dist.metadata["Name"] if dist else ""
+            info = PluginInfo(ep.name, ep.value, dist_name, dist.version if dist else "",
+                              builtin=dist_name == "hubcache")
+            if known is not None:  # a different module claiming a name that is taken
+                info.error = str(ConfigError(
+                    f"plugin name {ep.name!r} ({ep.value}) is already taken by {known.value}",
+                    hint=f"rename the entry point in {dist_name or 'its distribution'}"))
+                self.plugins[f"{ep.name} ({dist_name or ep.value})"] = info
                 continue
-            try:
-                self.register(ep.load(), ep.name)
-            except Exception as error:  # a broken plugin is reported, never fatal
-                info.error = f"{type(error).__name__}: {error}"
+            self._load(info, ep.load, disabled)
+
+    def _load(self, info: PluginInfo, load: Callable[[], Any], disabled: set[str]) -> None:
+        self.plugins[info.name] = info
+        if info.name in disabled:
+            info.disabled = True
+            self.pm.set_blocked(info.name)
+            return
+        try:
+            self.register(load(), info.name)
+        except Exception as error:  # a broken plugin is reported, never fatal
+            info.error = f"{type(error).__name__}: {error}"
 
     def register(self, plugin: object, name: str) -> None:
-        """Register a plugin object or module and collect its backends."""
+        """Register a plugin object or module and collect its backends.
+
+        All or nothing: on any error the plugin is unregistered and its backends forgotten.
+
+        Raises:
+            ConfigError: the plugin implements a hook hubcache does not have (a misspelt name),
+                with arguments its specification lacks, or registers a backend that is unnamed
+                or whose name another plugin registered.
+        """
         info = self.plugins.setdefault(name, PluginInfo(name, getattr(plugin, "__name__", repr(plugin))))
-        self.pm.register(plugin, name=name)
-        info.hooks = sorted(impl.name for impl in (self.pm.get_hookcallers(plugin) or []))
-        impl = getattr(plugin, "hubcache_register_backends", None)
-        if impl is None:
-            return
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as error:  # arguments the hook's spec does not have
+            lines = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise ConfigError(f"plugin {name!r} has an invalid hook implementation: {lines}",
+                              hint=f"the hooks and their arguments: {', '.join(KNOWN_HOOKS)} "
+                                   "in hubcache/core/hookspecs.py") from None
+        settings_before = self.setting_names
+        try:
+            self._check_pending(plugin, name)
+            info.hooks = sorted(caller.name for caller in (self.pm.get_hookcallers(plugin) or []))
 
-        def register_backend(cls: type) -> None:
-            backend_name = getattr(cls, "name", "")
-            if not backend_name:
-                raise ConfigError(f"plugin {name!r} registered a backend class without a name")
-            owner = self.backend_plugin.get(backend_name)
-            if owner is not None and owner != name:
-                raise ConfigError(f"backend {backend_name!r} is registered by both {owner!r} and {name!r}",
-                                  hint=f"disable one with {ENV_DISABLE}")
-            self.backends[backend_name] = cls
-            self.backend_plugin[backend_name] = name
-            info.backends.append(backend_name)
-            declared = tuple(getattr(cls, "settings", None) or ())
-            self.setting_names += tuple(n for n in declared if n not in self.setting_names)
+            def register_backend(cls: type) -> None:
+                backend_name = getattr(cls, "name", "")
+                if not backend_name:
+                    raise ConfigError(f"plugin {name!r} registered a backend class without a name")
+                owner = self.backend_plugin.get(backend_name)
+                if owner is not None and owner != name:
+                    raise ConfigError(f"backend {backend_name!r} is registered by both {owner!r} and {name!r}",
+                                      hint=f"disable one with {ENV_DISABLE}")
+                self.backends[backend_name] = cls
+                self.backend_plugin[backend_name] = name
+                info.backends.append(backend_name)
+                declared = tuple(getattr(cls, "settings", None) or ())
+                self.setting_names += tuple(n for n in declared if n not in self.setting_names)
 
-        impl(register=register_backend)
+            # Through the hook, so only @hookimpl-marked functions run; the subset caller is
+            # pm.hook.hubcache_register_backends without the other plugins, which attributes
+            # each backend to its plugin and isolates one plugin's failure from the rest.
+            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            self.pm.subset_hook_caller("hubcache_register_backends", others)(register=register_backend)
+        except BaseException:
+            self.pm.unregister(plugin)
+            for backend_name in info.backends:
+                self.backends.pop(backend_name, None)
+                self.backend_plugin.pop(backend_name, None)
+            info.backends.clear()
+            self.setting_names = settings_before
+            raise
+
+    def _check_pending(self, plugin: object, name: str) -> None:
+        """pluggy's ``check_pending``: every hook implementation must match a specification."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as error:
+            # Every plugin is checked as it is registered, so the culprit is normally ``plugin``;
+            # one registered with ``pm.register`` directly is named as itself.
+            culprit = error.plugin
+            culprit_name = self.pm.get_name(culprit) or name
+            unknown = sorted(caller.name for caller in (self.pm.get_hookcallers(culprit) or [])
+                             if not caller.has_spec())
+            close = [m for hook in unknown for m in difflib.get_close_matches(hook, KNOWN_HOOKS, n=1)]
+            guess = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"plugin {culprit_name!r} implements unknown hook{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}",
+                hint=f"{guess}known hooks: {', '.join(KNOWN_HOOKS)}") from None
 
     def backend_class(self, name: str) -> type:
         """The backend class called ``name``.
@@ -144,6 +225,7 @@ def _load() -> Registry:
     with _lock:
         if _registry is None:
             registry = Registry()
+            registry.load_builtins()
             registry.load_entry_points()
             _registry = registry
         return _registry
@@ -154,3 +236,8 @@ def reset_registry() -> None:
     global _registry
     with _lock:
         _registry = None
+
+
+def _disabled() -> set[str]:
+    """The plugin names ``HUBCACHE_DISABLE_PLUGINS`` blocks."""
+    return {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
