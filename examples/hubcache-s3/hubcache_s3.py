@@ -6,8 +6,8 @@ built-in ``gcs`` backend, and with the same protocol (:mod:`hubcache.core.object
 files are uploaded to their final names, the manifest object is created last and is the commit,
 and a lease object with a heartbeat saves the bandwidth of concurrent downloads.
 
-This module is a third-party plugin: it uses only hubcache's public API (``hubcache.hookimpl``,
-the errors exported by ``hubcache``, ``CacheBackend`` and ``ObjectStore``) and s3fs.
+This module is a third-party plugin: it imports only hubcache's stable plugin API,
+:mod:`hubcache.plugin` (``hookimpl``, ``ObjectStoreBackend``, ``ObjectStore``, the errors), and s3fs.
 
 Settings (environment):
     HUBCACHE_S3_ENDPOINT_URL: an S3-compatible endpoint (MinIO, moto, Ceph...). botocore's own
@@ -26,10 +26,13 @@ import os
 import shutil
 from typing import IO, Any
 
-import hubcache
-from hubcache import ConfigError, MissingDependencyError
-from hubcache.core.backend import CacheBackend
-from hubcache.core.objectstore import ObjectStore, PreconditionFailed
+from hubcache.plugin import (
+    MissingDependencyError,
+    ObjectStore,
+    ObjectStoreBackend,
+    PreconditionFailed,
+    hookimpl,
+)
 
 __version__ = "0.1.0"
 
@@ -142,16 +145,7 @@ class S3ObjectStore(ObjectStore):
         Raises:
             PreconditionFailed: if the object's ETag is another, or the object is gone.
         """
-        bucket, key, _ = self.fs.split_path(path)
-        try:
-            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
-        except FileNotFoundError:  # If-Match on a key that is gone: 404 NoSuchKey
-            raise PreconditionFailed(path) from None
-        except OSError as error:
-            if _refused(error):
-                raise PreconditionFailed(path) from None
-            raise
-        return str(out["ETag"])
+        return self.put_versioned(path, data, version)
 
     def version_of(self, info: dict) -> str:
         """The ETag (the version ``If-Match`` takes), as s3fs lists it."""
@@ -216,11 +210,11 @@ class S3ObjectStore(ObjectStore):
             raise
 
 
-class S3Backend(CacheBackend):
+class S3Backend(ObjectStoreBackend):
     """A cache in an S3 bucket (``TFHUB_CACHE_DIR=s3://bucket/prefix``), shared by many hosts."""
 
     name = "s3"
-    protocols = ("s3",)
+    scheme = "s3"  # owns s3:// cache dirs; messages and hints say s3://bucket/prefix
     description = "cache in an s3:// bucket shared by many hosts (TFHUB_CACHE_DIR=s3://bucket/prefix)"
     # Shown by `hubcache config`; changing one in a running process builds a new backend.
     settings = {
@@ -228,27 +222,20 @@ class S3Backend(CacheBackend):
         ENV_PROFILE: "AWS credentials profile (default: botocore's credential chain)",
     }
 
-    def default_root(self) -> str:
-        cache_dir = self.config.get("cache_dir")
-        found = f"TFHUB_CACHE_DIR is {cache_dir!r}, not an s3:// URL" if cache_dir else "TFHUB_CACHE_DIR is not set"
-        raise ConfigError(f"the s3 backend keeps its cache in a bucket, but {found}",
-                          hint="set TFHUB_CACHE_DIR=s3://bucket/prefix")
+    def filesystem(self) -> Any:
+        return s3_filesystem()
 
-    def make_store(self, root: str) -> S3ObjectStore:
-        if not root.split("://", 1)[-1].strip("/"):
-            raise ConfigError(f"cache dir {root!r} names no bucket", hint="set TFHUB_CACHE_DIR=s3://bucket/prefix")
-        return S3ObjectStore(root, s3_filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
-                             lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+    def store_class(self) -> type[S3ObjectStore]:
+        return S3ObjectStore
 
     def describe(self) -> dict[str, object]:
         facts = super().describe()
         facts["endpoint"] = endpoint_url() or "AWS (botocore default)"
         facts["profile"] = os.environ.get(ENV_PROFILE) or "botocore default credentials"
-        facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
         return facts
 
 
-@hubcache.hookimpl
+@hookimpl
 def hubcache_register_backends(register):
     """Register the ``s3`` backend."""
     register(S3Backend)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hubcache
-from hubcache.core.backend import CacheBackend
-from hubcache.core.errors import ConfigError, MissingDependencyError
-from hubcache.core.store import Store
+from hubcache.plugin import MissingDependencyError, ObjectStoreBackend, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover (at run time the store class is imported when it is built)
+    from hubcache.plugin import ObjectStore
 
 ENV_TOKEN = "HUBCACHE_GCS_TOKEN"
 
@@ -58,34 +58,29 @@ def gcs_filesystem() -> Any:
     return gcsfs.GCSFileSystem(token=token, use_listings_cache=False)
 
 
-class GcsBackend(CacheBackend):
+class GcsBackend(ObjectStoreBackend):
     """A cache in a Google Cloud Storage bucket, shared by every host that can read it."""
 
     name = "gcs"
+    scheme = "gs"
     protocols = ("gs", "gcs")
     description = "cache in a gs:// bucket shared by many hosts (TFHUB_CACHE_DIR=gs://bucket/prefix)"
     settings = {
         ENV_TOKEN: "gcsfs token: anon, google_default, cloud, or a service-account JSON file",
         "STORAGE_EMULATOR_HOST": "a GCS emulator's URL (tests), as for every Google client",
     }
+    cache_dir_hint = "(or --tfhub_cache_dir)"
 
-    def default_root(self) -> str:
-        cache_dir = self.config.get("cache_dir")
-        found = f"TFHUB_CACHE_DIR is {cache_dir!r}, not a gs:// URL" if cache_dir else "TFHUB_CACHE_DIR is not set"
-        raise ConfigError(f"the gcs backend keeps its cache in a bucket, but {found}",
-                          hint="set TFHUB_CACHE_DIR=gs://bucket/prefix (or --tfhub_cache_dir)")
+    def filesystem(self) -> Any:
+        return gcs_filesystem()
 
-    def make_store(self, root: str) -> Store:
+    def store_class(self) -> type[ObjectStore]:
         from hubcache.backends.gcs_store import GcsObjectStore  # lazily: plugins load on every command
 
-        if not root.split("://", 1)[-1].strip("/"):
-            raise ConfigError(f"cache dir {root!r} names no bucket", hint="set TFHUB_CACHE_DIR=gs://bucket/prefix")
-        return GcsObjectStore(root, gcs_filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
-                              lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+        return GcsObjectStore
 
     def describe(self) -> dict[str, object]:
         facts = super().describe()
-        facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
         default = "anon (an emulator takes none)" if emulator() else "gcsfs default credentials"
         facts["token"] = os.environ.get(ENV_TOKEN) or default
         if emulator():
@@ -93,6 +88,6 @@ class GcsBackend(CacheBackend):
         return facts
 
 
-@hubcache.hookimpl
+@hookimpl
 def hubcache_register_backends(register):
     register(GcsBackend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from .config import Config
 from .errors import ConfigError
@@ -13,6 +13,7 @@ from .locate import Location
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manifest import Manifest
+    from .objectstore import ObjectStore
     from .store import EntryInfo, Store
 
 
@@ -124,6 +125,95 @@ class CacheBackend(Backend):
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "description": self.description, "root": self.root}
+
+
+class ObjectStoreBackend(CacheBackend):
+    """A cache backend whose entries live in an object store reached through fsspec.
+
+    The shared glue of such backends: the cache root must be a URL of :attr:`scheme` naming a
+    bucket (anything else is a :class:`~hubcache.core.errors.ConfigError` saying so), the store
+    is an :class:`~hubcache.core.objectstore.ObjectStore` (or :meth:`store_class`) built with
+    ``lease_ttl`` and ``lock_timeout`` from the config, and :meth:`describe` adds ``lease_ttl``.
+    Subclasses set :attr:`scheme` and implement :meth:`filesystem`; a service with its own
+    conditional writes returns its store class from :meth:`store_class`.
+
+    Attributes:
+        scheme: the URL scheme of the cache root (``"s3"`` for ``s3://bucket/prefix``), as
+            messages spell it. :attr:`~Backend.protocols` defaults to ``(scheme,)``; set it as
+            well to own more spellings (``gcs`` owns ``gs`` and ``gcs``).
+        cache_dir_hint: extra words for the hint when no usable root is set, e.g. another way to
+            set one that this backend's users know (``gcs``: the absl flag, for Colab).
+    """
+
+    scheme: ClassVar[str] = ""
+    cache_dir_hint: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.scheme and not cls.protocols:
+            cls.protocols = (cls.scheme,)
+
+    @abstractmethod
+    def filesystem(self) -> Any:
+        """The fsspec filesystem the store talks through, configured from the environment.
+
+        Import the client library here, not at module level: every hubcache command loads every
+        plugin, and only the selected backend builds its store.
+
+        Raises:
+            MissingDependencyError: if the client library is not installed.
+        """
+
+    def store_class(self) -> type[ObjectStore]:
+        """The store class (default: the generic :class:`~hubcache.core.objectstore.ObjectStore`,
+        whose versioned primitives only emulate preconditions: override it for real ones)."""
+        from .objectstore import ObjectStore  # lazily: plugins load on every command
+
+        return ObjectStore
+
+    def _example_root(self) -> str:
+        return f"{self.scheme}://bucket/prefix"
+
+    def default_root(self) -> str:
+        """Refuse: an object-store cache has no default root, ``TFHUB_CACHE_DIR`` must name one.
+
+        Raises:
+            ConfigError: always, saying what ``TFHUB_CACHE_DIR`` is and what it should be.
+        """
+        cache_dir = self.config.get("cache_dir")
+        url = f"{_article(self.scheme)} {self.scheme}:// URL"
+        found = f"TFHUB_CACHE_DIR is {cache_dir!r}, not {url}" if cache_dir else "TFHUB_CACHE_DIR is not set"
+        extra = f" {self.cache_dir_hint}" if self.cache_dir_hint else ""
+        raise ConfigError(f"the {self.name} backend keeps its cache in a bucket, but {found}",
+                          hint=f"set TFHUB_CACHE_DIR={self._example_root()}{extra}")
+
+    def make_store(self, root: str) -> ObjectStore:
+        """Build :meth:`store_class` on :meth:`filesystem` for ``root``, with the config's
+        ``lease_ttl`` and ``lock_timeout``.
+
+        Raises:
+            ConfigError: ``root`` names no bucket.
+            MissingDependencyError: from :meth:`filesystem`.
+        """
+        if not root.split("://", 1)[-1].strip("/"):
+            raise ConfigError(f"cache dir {root!r} names no bucket",
+                              hint=f"set TFHUB_CACHE_DIR={self._example_root()}")
+        return self.store_class()(root, self.filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
+                                  lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+
+    def describe(self) -> dict[str, object]:
+        facts = super().describe()
+        facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
+        return facts
+
+
+def _article(scheme: str) -> str:
+    """``a`` or ``an`` before ``scheme``: one without vowels, or of up to three letters, is read
+    letter by letter (an s3, a gs, an hdfs), a longer one as a word (a memory, an azure)."""
+    if not scheme:
+        return "a"
+    spelled = len(scheme) <= 3 or not any(c in "aeiou" for c in scheme.lower())
+    return "an" if scheme[0].lower() in ("aefhilmnorsx" if spelled else "aeiou") else "a"
 
 
 class LocalCacheBackend(CacheBackend):
