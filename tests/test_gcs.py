@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -281,20 +282,27 @@ def test_racing_writers_one_manifest_same_objects(origin, model, gcs_root):
     assert store.verify(handle.key, full=True) == []
 
 
-def test_a_writer_whose_lease_was_taken_over_deletes_nothing_on_abort(origin, model, gcs_root):
-    """A holder that stalled past the TTL lost its lease to another host, which now uploads the
-    same keys: when the stale holder then fails, its abort must not delete those objects (the new
-    holder owns the entry; its commit removes what it does not use)."""
-    url = origin.add("/stale.tar.gz", archive_of(model))
+@contextlib.contextmanager
+def uploading(store, url: str):
+    """Under the lease of ``url``'s entry, a writer that uploaded the whole archive (no commit):
+    yields ``(writer, the object paths it wrote)``."""
     handle = parse_handle(url)
-    store = GcsObjectStore(gcs_root, gcs(), lease_ttl=0.6)
-    lease_object = f"{strip(gcs_root)}/{handle.key}.lock"
     with store.lock(handle.key, on_wait=lambda holder: None):
         writer = store.writer(handle.key, url)
         download_into(writer, handle, locate(handle, "COMPRESSED"), load_config())
         writer._flush()
         writer._wait()
-        uploaded = sorted(writer._written)
+        yield writer, sorted(writer._written)
+
+
+def test_a_writer_whose_lease_was_taken_over_deletes_nothing_on_abort(origin, model, gcs_root):
+    """A holder that stalled past the TTL lost its lease to another host, which now uploads the
+    same keys: when the stale holder then fails, its abort must not delete those objects (the new
+    holder owns the entry; its commit removes what it does not use)."""
+    url = origin.add("/stale.tar.gz", archive_of(model))
+    store = GcsObjectStore(gcs_root, gcs(), lease_ttl=0.6)
+    lease_object = f"{strip(gcs_root)}/{parse_handle(url).key}.lock"
+    with uploading(store, url) as (writer, uploaded):
         assert len(uploaded) > 2
         # Another host takes the lease over (as after a stall) and rewrites two of the objects.
         gcs().pipe_file(lease_object, json.dumps({"owner": "other-host pid 1", "lease": "other",
@@ -302,7 +310,7 @@ def test_a_writer_whose_lease_was_taken_over_deletes_nothing_on_abort(origin, mo
         rewritten = uploaded[:2]
         for path in rewritten:
             gcs().pipe_file(path, b"the new holder's bytes")
-        wait_for(lambda: store.lease_lost(handle.key), 5.0, "the heartbeat to notice the takeover")
+        wait_for(lambda: store.lease_lost(parse_handle(url).key), 5.0, "the heartbeat to notice the takeover")
         writer.abort()
     assert [gcs().cat_file(path) for path in rewritten] == [b"the new holder's bytes"] * 2
     assert all(gcs().exists(path) for path in uploaded), "the new holder's entry is left to it"
@@ -312,14 +320,7 @@ def test_an_abort_withdraws_only_the_versions_it_wrote(origin, model, gcs_root):
     """A writer that still holds its lease and fails withdraws its uploads, each only at the
     generation it wrote: an object rewritten since by someone else stays."""
     url = origin.add("/withdraw.tar.gz", archive_of(model))
-    handle = parse_handle(url)
-    store = GcsObjectStore(gcs_root, gcs())
-    with store.lock(handle.key, on_wait=lambda holder: None):
-        writer = store.writer(handle.key, url)
-        download_into(writer, handle, locate(handle, "COMPRESSED"), load_config())
-        writer._flush()
-        writer._wait()
-        uploaded = sorted(writer._written)
+    with uploading(GcsObjectStore(gcs_root, gcs()), url) as (writer, uploaded):
         gcs().pipe_file(uploaded[0], b"someone else's bytes")
         writer.abort()
     assert gcs().cat_file(uploaded[0]) == b"someone else's bytes"

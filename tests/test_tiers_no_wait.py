@@ -23,24 +23,14 @@ import pytest
 import hubcache
 from gcs_emulator import fresh_root  # first: it configures gcsfs before anything imports gcsfs
 from hubcache.conformance import LeaseHolder
-from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.testing import archive_of, read_tree, tree_of
+from test_tiers import fresh_resolve, tiers
 
 #: Far longer than any test here may take: a resolve that waits for the lease would show.
 LOCK_TIMEOUT = 60.0
 #: A resolve that does not wait (a local download of a 400 KB model and a few bucket requests).
 AT_ONCE = 2.0
-
-
-def tiers():
-    return resolver.current_backend()[1].tiers
-
-
-def fresh_resolve(url: str) -> str:
-    """Resolve as a new process would (nothing memoised)."""
-    resolver.clear_memo()
-    return hubcache.resolve(url)
 
 
 @pytest.fixture
