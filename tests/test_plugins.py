@@ -390,3 +390,30 @@ def test_entry_point_claiming_a_builtin_name_is_reported_not_shadowing(tmp_path,
     resolved = run(site, "resolve", str(archive), TMPDIR=str(tmp_path))
     assert resolved.returncode == 0, resolved.stderr
     assert "EVENT committed" not in resolved.stdout  # the impostor's hooks never run
+
+
+def test_an_unhashable_plugin_object_registers_and_hears_events(model):
+    """A plugin may be any object, hashable or not (a dataclass instance with ``eq`` is not):
+    registering one must work, and its hooks run."""
+    import dataclasses
+
+    from hubcache.core.plugins import get_registry
+
+    @dataclasses.dataclass
+    class Recorder:
+        kinds: list = dataclasses.field(default_factory=list)
+
+        @hubcache.hookimpl
+        def hubcache_event(self, event) -> None:
+            self.kinds.append(event.kind)
+
+    recorder = Recorder()
+    registry = get_registry()
+    registry.register(recorder, "test-unhashable")
+    try:
+        from hubcache.core.events import emit
+
+        emit("waiting", "h", "tmp", path="p", holder="x")
+    finally:
+        registry.pm.unregister(name="test-unhashable")
+    assert recorder.kinds == ["waiting"]

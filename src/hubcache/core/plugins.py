@@ -165,7 +165,9 @@ class Registry:
             # Through the hook, so only @hookimpl-marked functions run; the subset caller is
             # pm.hook.hubcache_register_backends without the other plugins, which attributes
             # each backend to its plugin and isolates one plugin's failure from the rest.
-            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            # (list_name_plugin, not get_plugins: that builds a set, and a plugin object need not
+            # be hashable, e.g. a dataclass instance.)
+            others = [p for _, p in self.pm.list_name_plugin() if p is not None and p is not plugin]
             self.pm.subset_hook_caller("hubcache_register_backends", others)(register=register_backend)
         except BaseException:
             self.pm.unregister(plugin)
