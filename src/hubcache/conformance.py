@@ -8,7 +8,7 @@ import posixpath
 
 import pytest
 
-from .testing import FORMATS, SUFFIX, OriginServer, archive_of, build_model_dir, hostile_archives, read_tree, tree_of
+from .testkit import FORMATS, SUFFIX, OriginServer, archive_of, build_model_dir, hostile_archives, read_tree, tree_of
 
 
 class CacheBackendConformance:
