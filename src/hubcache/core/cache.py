@@ -7,6 +7,7 @@ from typing import Callable
 
 from .._version import __version__
 from .config import DEFAULT_DOWNLOAD_DEADLINE, Config
+from .commit import commit_entry
 from .errors import ArchiveError, IntegrityError, LeaseLostError, OfflineError, SourceChangedError
 from .events import emit
 from .extract import Limits, Meter, extract
@@ -14,48 +15,8 @@ from .fetch import Deadline, open_source
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest
-from .store import Store
-
-
-def check_pin(handle: Handle, manifest: Manifest, *, unverified_is_miss: bool = False) -> bool:
-    """Check a pinned handle's cached entry against the archive digest hubcache verified for it.
-
-    Only a digest hubcache computed itself from the archive bytes counts: an entry adopted from
-    tensorflow_hub has none, and a manifest copied from another tier (a bucket others can write)
-    carries ``archive["verified"] = False``. Such an entry cannot vouch for a pin, whatever
-    digest its manifest shows.
-
-    Args:
-        handle: the handle (nothing to check without a pin).
-        manifest: the cached entry's manifest.
-        unverified_is_miss: return ``False`` for an entry that cannot vouch for the pin, so the
-            caller treats it as a miss (downloads and verifies the archive) instead of failing.
-
-    Returns:
-        ``True`` if there is no pin or the verified digest matches it; ``False`` (only with
-        ``unverified_is_miss``) if the entry cannot vouch for the pin.
-
-    Raises:
-        IntegrityError: the verified digest differs from the pin; or, without
-            ``unverified_is_miss``, the entry cannot vouch for it.
-    """
-    if handle.pin is None:
-        return True
-    algorithm, expected = handle.pin
-    actual = manifest.archive.get(algorithm)
-    if manifest.archive.get("verified", True) is False or not isinstance(actual, str) or not actual:
-        if unverified_is_miss:
-            return False
-        raise IntegrityError(
-            f"the cached entry has no {algorithm} that hubcache verified (it was adopted from tensorflow_hub "
-            f"or copied from another tier), so it cannot be checked against the pin {expected}",
-            hint="run `hubcache rm` on the handle to download and verify it again")
-    if actual != expected:
-        raise IntegrityError(
-            f"the cached entry was built from an archive whose {algorithm} is {actual}, "
-            f"but the handle pins {expected}",
-            hint="run `hubcache rm` on the handle to download it again")
-    return True
+from .pins import check_pin
+from .store import EntryWriter, Store
 
 
 def resolve_in_store(store: Store, handle: Handle, location: Location, config: Config,
@@ -88,12 +49,11 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
 
     for attempt in range(MAX_LEASE_LOSSES + 1):
         try:
-            with store.lock(key, on_wait):
-                found = store.lookup(key, handle.url)  # another process may have finished meanwhile
-                if found is not None and check_pin(handle, found[1], unverified_is_miss=True):
-                    return found
-                store.cleanup(key)
-                path, manifest = _download_and_commit(store, key, handle, location, config, backend)
+            fill, restart = _download(handle, location, config, backend)
+            # A pinned entry another process committed meanwhile must vouch for the pin, as above.
+            path, manifest, new = commit_entry(
+                store, handle, fill, on_wait=on_wait, restart=restart,
+                usable=lambda found: check_pin(handle, found, unverified_is_miss=True))
             break
         except LeaseLostError as error:
             # This process stalled past the lease's TTL and another host took the entry over:
@@ -102,6 +62,8 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
                 raise
             emit("download_retry", handle.raw, backend, url=location.url, attempt=attempt + 1,
                  error=f"{error.message}; waiting for the new holder's commit", offset=0)
+    if not new:
+        return path, manifest
     emit("committed", handle.raw, backend, path=path)
     if on_commit is not None:
         on_commit(handle, path, manifest)
@@ -116,30 +78,34 @@ MAX_LEASE_LOSSES = 2
 MAX_RESTARTS = 2
 
 
-def _download_and_commit(store: Store, key: str, handle: Handle, location: Location, config: Config,
-                         backend: str) -> tuple[str, Manifest]:
-    """Download into a fresh writer and commit; start again from byte 0 (a new writer, digest
-    and decoder) when the source raises :class:`SourceChangedError`, at most :data:`MAX_RESTARTS`
-    times. One :class:`Deadline` bounds all of it."""
-    deadline = Deadline(float(config.get("download_deadline", DEFAULT_DOWNLOAD_DEADLINE)))
-    restarts = 0
-    while True:
-        writer = store.writer(key, handle.url)
-        try:
-            manifest = download_into(writer, handle, location, config, backend, deadline=deadline)
-            return writer.commit(manifest), manifest
-        except SourceChangedError as error:
-            writer.abort()
-            if restarts >= MAX_RESTARTS:
-                raise SourceChangedError(
-                    f"{error.message}; the same on each of {restarts + 1} downloads from byte 0, so nothing "
-                    "was cached", url=error.url, attempts=error.attempts, hint=error.hint) from None
-            restarts += 1
-            emit("download_retry", handle.raw, backend, url=location.url, attempt=restarts,
-                 error=f"{error.message}; downloading it again from the start", offset=0)
-        except BaseException:
-            writer.abort()
-            raise
+def _download(handle: Handle, location: Location, config: Config, backend: str) -> tuple[
+        Callable[[EntryWriter], Manifest], Callable[[BaseException, int], bool]]:
+    """The ``fill`` and ``restart`` of one :func:`commit_entry` that downloads ``location``.
+
+    A :class:`SourceChangedError` starts the download again from byte 0 (a fresh writer, digest
+    and decoder), at most :data:`MAX_RESTARTS` times. One :class:`Deadline`, started by the
+    first download (not while waiting for the lock), bounds all of them.
+    """
+    deadline: Deadline | None = None
+
+    def fill(writer: EntryWriter) -> Manifest:
+        nonlocal deadline
+        if deadline is None:
+            deadline = Deadline(float(config.get("download_deadline", DEFAULT_DOWNLOAD_DEADLINE)))
+        return download_into(writer, handle, location, config, backend, deadline=deadline)
+
+    def restart(error: BaseException, restarts: int) -> bool:
+        if not isinstance(error, SourceChangedError):
+            return False
+        if restarts >= MAX_RESTARTS:
+            raise SourceChangedError(
+                f"{error.message}; the same on each of {restarts + 1} downloads from byte 0, so nothing "
+                "was cached", url=error.url, attempts=error.attempts, hint=error.hint) from None
+        emit("download_retry", handle.raw, backend, url=location.url, attempt=restarts + 1,
+             error=f"{error.message}; downloading it again from the start", offset=0)
+        return True
+
+    return fill, restart
 
 
 def download_into(writer, handle: Handle, location: Location, config: Config, backend: str = "", *,

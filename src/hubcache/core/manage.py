@@ -136,17 +136,15 @@ def describe_handle(handle: str, config: Config) -> dict[str, object]:
     Raises:
         HubcacheError: for a malformed handle or settings that select no backend.
     """
-    from .plugins import get_registry
-    from .resolver import select_backend_name
+    from .resolver import locate_handle, select_backend_name
 
     parsed = parse_handle(handle)
     name, why = select_backend_name(config)
     info: dict[str, object] = {"handle": handle, "url": parsed.url, "key": parsed.key,
                                "pin": "=".join(parsed.pin) if parsed.pin else None,
                                "backend": name, "backend_reason": why, "offline": bool(config.get("offline"))}
-    load_format = "UNCOMPRESSED" if config["load_format"] == "UNCOMPRESSED" else "COMPRESSED"
     try:
-        location = get_registry().hook.hubcache_locate(handle=parsed, load_format=load_format)
+        location = locate_handle(parsed, config)
         info["location"] = {"url": location.url, "kind": location.kind}
     except HubcacheError as error:
         info["location"] = {"error": str(error)}

@@ -1,4 +1,10 @@
-"""Pins given in configuration: ``HUBCACHE_PINS`` names a file of ``HANDLE DIGEST`` lines.
+"""Pins: the one place that decides what a handle is pinned to and whether an entry vouches for it.
+
+- :func:`apply_pins` / :func:`apply_configured_pins`: the pin ``HUBCACHE_PINS`` gives a handle;
+- :func:`require_checkable_pin`: a pinned handle must name an archive (bytes to check);
+- :func:`check_pin`: a cached entry's verified archive digest against the pin.
+
+``HUBCACHE_PINS`` names a file of ``HANDLE DIGEST`` lines.
 
 A pin in the handle itself (``...model.tar.gz#sha256=<hex>``) changes user code; a pins file
 pins the handles user code already has, e.g. a lock file checked in next to a training script::
@@ -18,10 +24,15 @@ import dataclasses
 import os
 import re
 import threading
+from typing import TYPE_CHECKING
 
 from .config import Config
-from .errors import ConfigError
-from .handles import Handle
+from .errors import ConfigError, IntegrityError
+from .handles import Handle, has_pin
+
+if TYPE_CHECKING:
+    from .locate import Location
+    from .manifest import Manifest
 
 ENV_PINS = "HUBCACHE_PINS"
 _LENGTHS = {"sha256": 64, "sha1": 40, "md5": 32}
@@ -105,3 +116,77 @@ def apply_pins(handle: Handle, config: Config) -> Handle:
                               f"{algorithm}={digest}", hint="make the two pins agree")
         return handle
     return dataclasses.replace(handle, pin=(algorithm, digest))
+
+
+def apply_configured_pins(parsed: Handle, config: Config) -> Handle:
+    """:func:`apply_pins`, also for a pins file that names a handle with its credentials, as the
+    user writes it (``parsed`` shows them as ``***``). What a resolve applies."""
+    if parsed.userinfo and config.get("pins"):
+        written = dataclasses.replace(parsed, url=parsed.reveal(parsed.url), raw=parsed.reveal(parsed.raw.strip()))
+        parsed = dataclasses.replace(parsed, pin=apply_pins(written, config).pin)
+    return apply_pins(parsed, config)
+
+
+def require_checkable_pin(handle: Handle, location: Location, config: Config) -> None:
+    """A pin is a promise about archive bytes: refuse a pinned handle that resolves to no archive
+    (a directory, or a model read in place), rather than return it unchecked.
+
+    Raises:
+        IntegrityError: the handle is pinned and ``location`` is not an archive.
+    """
+    if handle.pin is None or location.kind == "archive":
+        return
+    algorithm, digest = handle.pin
+    pins = config.get("pins")
+    from_file = pins and not has_pin(handle.raw)
+    if location.kind == "directory":
+        what = "names a directory, not an archive"
+        fix = "pin the archive's URL instead"
+    else:
+        fmt = config.settings["load_format"]
+        what = f"is read in place ({fmt.origin or 'load format'}=UNCOMPRESSED), not downloaded as an archive"
+        fix = f"set {fmt.origin or 'TFHUB_MODEL_LOAD_FORMAT'}=COMPRESSED to download and check the archive"
+    drop = f"remove its line from {pins}" if from_file else "remove the pin"
+    raise IntegrityError(f"the handle pins {algorithm}={digest}, but it {what}: there are no archive bytes "
+                         "whose digest could be checked", hint=f"{fix}, or {drop}")
+
+
+def check_pin(handle: Handle, manifest: Manifest, *, unverified_is_miss: bool = False) -> bool:
+    """Check a pinned handle's cached entry against the archive digest hubcache verified for it.
+
+    Only a digest hubcache computed itself from the archive bytes counts: an entry adopted from
+    tensorflow_hub has none, and a manifest copied from another tier (a bucket others can write)
+    carries ``archive["verified"] = False``. Such an entry cannot vouch for a pin, whatever
+    digest its manifest shows.
+
+    Args:
+        handle: the handle (nothing to check without a pin).
+        manifest: the cached entry's manifest.
+        unverified_is_miss: return ``False`` for an entry that cannot vouch for the pin, so the
+            caller treats it as a miss (downloads and verifies the archive) instead of failing.
+
+    Returns:
+        ``True`` if there is no pin or the verified digest matches it; ``False`` (only with
+        ``unverified_is_miss``) if the entry cannot vouch for the pin.
+
+    Raises:
+        IntegrityError: the verified digest differs from the pin; or, without
+            ``unverified_is_miss``, the entry cannot vouch for it.
+    """
+    if handle.pin is None:
+        return True
+    algorithm, expected = handle.pin
+    actual = manifest.archive.get(algorithm)
+    if manifest.archive.get("verified", True) is False or not isinstance(actual, str) or not actual:
+        if unverified_is_miss:
+            return False
+        raise IntegrityError(
+            f"the cached entry has no {algorithm} that hubcache verified (it was adopted from tensorflow_hub "
+            f"or copied from another tier), so it cannot be checked against the pin {expected}",
+            hint="run `hubcache rm` on the handle to download and verify it again")
+    if actual != expected:
+        raise IntegrityError(
+            f"the cached entry was built from an archive whose {algorithm} is {actual}, "
+            f"but the handle pins {expected}",
+            hint="run `hubcache rm` on the handle to download it again")
+    return True

@@ -6,16 +6,15 @@ costs a dictionary lookup and the backend's one-``stat`` validity check.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Callable
 
 from .backend import Backend
 from .config import Config, config_fingerprint, load_config
-from .errors import ConfigError, HubcacheError, IntegrityError
-from .handles import Handle, has_pin, parse_handle
+from .errors import ConfigError, HubcacheError
+from .handles import Handle, parse_handle
 from .locate import Location
-from .pins import apply_pins
+from .pins import apply_configured_pins, require_checkable_pin
 from .plugins import get_registry
 from .redact import redact
 
@@ -77,6 +76,23 @@ def make_backend(name: str, config: Config) -> Backend:
     return get_registry().backend_class(name)(config)
 
 
+def locate_handle(handle: Handle, config: Config, *, load_format: str | None = None) -> Location:
+    """Where ``handle``'s bytes are: the ``hubcache_locate`` hook's first answer.
+
+    Args:
+        handle: the parsed handle.
+        config: the settings; their load format is passed on (``AUTO`` as ``COMPRESSED``).
+        load_format: ``COMPRESSED`` or ``UNCOMPRESSED`` instead of the configured one (a repair
+            that must download an archive into a cache asks for ``COMPRESSED``).
+
+    Raises:
+        HubcacheError: as a locator raises it (e.g. a local path that does not exist).
+    """
+    if load_format is None:
+        load_format = "UNCOMPRESSED" if config["load_format"] == "UNCOMPRESSED" else "COMPRESSED"
+    return get_registry().hook.hubcache_locate(handle=handle, load_format=load_format)
+
+
 def resolve(handle: str) -> str:
     """Return a path from which the model named by ``handle`` can be loaded.
 
@@ -103,9 +119,8 @@ def resolve(handle: str) -> str:
         _memo.pop(memo_key, None)
     try:
         config, backend = current_backend()
-        parsed = _apply_pins(parse_handle(handle), config)  # HUBCACHE_PINS, for every backend
-        load_format = "UNCOMPRESSED" if config["load_format"] == "UNCOMPRESSED" else "COMPRESSED"
-        location = get_registry().hook.hubcache_locate(handle=parsed, load_format=load_format)
+        parsed = apply_configured_pins(parse_handle(handle), config)  # HUBCACHE_PINS, for every backend
+        location = locate_handle(parsed, config)
         require_checkable_pin(parsed, location, config)
         path, still_valid = backend.resolve_checked(parsed, location)
     except HubcacheError as error:
@@ -114,39 +129,6 @@ def resolve(handle: str) -> str:
         raise
     _memo[memo_key] = (path, still_valid)
     return path
-
-
-def _apply_pins(parsed: Handle, config: Config) -> Handle:
-    """``apply_pins``, also for a pins file that names a handle with its credentials, as the
-    user writes it (``parsed`` shows them as ``***``)."""
-    if parsed.userinfo and config.get("pins"):
-        written = dataclasses.replace(parsed, url=parsed.reveal(parsed.url), raw=parsed.reveal(parsed.raw.strip()))
-        parsed = dataclasses.replace(parsed, pin=apply_pins(written, config).pin)
-    return apply_pins(parsed, config)
-
-
-def require_checkable_pin(handle: Handle, location: Location, config: Config) -> None:
-    """A pin is a promise about archive bytes: refuse a pinned handle that resolves to no archive
-    (a directory, or a model read in place), rather than return it unchecked.
-
-    Raises:
-        IntegrityError: the handle is pinned and ``location`` is not an archive.
-    """
-    if handle.pin is None or location.kind == "archive":
-        return
-    algorithm, digest = handle.pin
-    pins = config.get("pins")
-    from_file = pins and not has_pin(handle.raw)
-    if location.kind == "directory":
-        what = "names a directory, not an archive"
-        fix = "pin the archive's URL instead"
-    else:
-        fmt = config.settings["load_format"]
-        what = f"is read in place ({fmt.origin or 'load format'}=UNCOMPRESSED), not downloaded as an archive"
-        fix = f"set {fmt.origin or 'TFHUB_MODEL_LOAD_FORMAT'}=COMPRESSED to download and check the archive"
-    drop = f"remove its line from {pins}" if from_file else "remove the pin"
-    raise IntegrityError(f"the handle pins {algorithm}={digest}, but it {what}: there are no archive bytes "
-                         "whose digest could be checked", hint=f"{fix}, or {drop}")
 
 
 def clear_memo() -> None:

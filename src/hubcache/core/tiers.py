@@ -51,14 +51,16 @@ import zlib
 from typing import Callable, Iterator
 
 from .backend import Backend, CacheBackend
-from .cache import check_pin, resolve_in_store
+from .cache import resolve_in_store
+from .commit import commit_entry
 from .config import Config
 from .errors import CacheError, ConfigError, HubcacheError, IntegrityError, OfflineError, UnsafeArchiveError
 from .events import emit
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest, crc_hex
-from .store import Store
+from .pins import check_pin
+from .store import EntryWriter, Store
 
 logger = logging.getLogger("hubcache")
 
@@ -220,27 +222,24 @@ class TieredBackend(Backend):
         def on_wait(holder: str) -> None:
             emit("waiting", handle.raw, target.name, path=store.entry_path(key), holder=holder)
 
+        def fill(writer: EntryWriter) -> Manifest:
+            _fill(writer, path, manifest, self._limits().max_bytes, getattr(source, "fs", None))
+            return manifest
+
         try:
-            with store.lock(key, on_wait) if wait else store.try_lock(key) as busy:
-                if busy is not None:
-                    emit("copy_skipped", handle.raw, target.name, path=store.entry_path(key), reason=busy)
-                    return None
-                found = store.lookup(key, handle.url)  # another process may have copied it meanwhile
-                if found is not None:
-                    return found
-                store.cleanup(key)
-                writer = store.writer(key, handle.url)
-                try:
-                    _fill(writer, path, manifest, self._limits().max_bytes, getattr(source, "fs", None))
-                    copied = writer.commit(manifest)
-                except BaseException:
-                    writer.abort()
-                    raise
+            # Another process may have copied it meanwhile: its committed entry is returned.
+            result = commit_entry(store, handle, fill, on_wait=on_wait, wait=wait)
+            if isinstance(result, str):  # not waiting, and another process holds the lock
+                emit("copy_skipped", handle.raw, target.name, path=store.entry_path(key), reason=result)
+                return None
         except SourceUnusable:
             raise
         except (HubcacheError, OSError) as error:
             logger.info("could not copy %s into tier %s: %s", handle.raw, target.name, error)
             return None
+        if not result.new:
+            return result.path, result.manifest
+        copied = result.path
         emit("copied", handle.raw, target.name, path=copied, source=path, bytes=manifest.total_bytes)
         target.after_commit(handle, copied, manifest)  # e.g. the home tier's size budget
         return copied, manifest

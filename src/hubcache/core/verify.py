@@ -169,7 +169,7 @@ def _parents_of(name: str) -> list[str]:
 
 def _repair(backend: CacheBackend, result: Verified, *, fetch: bool) -> None:
     """Repair one entry; ``fetch``: the user named its handle, so it may be downloaded again."""
-    from .plugins import get_registry
+    from .resolver import locate_handle
 
     store = backend.store
     if fetch and result.handle is None and result.status != "leftover":
@@ -189,7 +189,7 @@ def _repair(backend: CacheBackend, result: Verified, *, fetch: bool) -> None:
             result.status = "removed"
             return
         handle = parse_handle(result.handle or "")
-        location = get_registry().hook.hubcache_locate(handle=handle, load_format="COMPRESSED")
+        location = locate_handle(handle, backend.config, load_format="COMPRESSED")  # into a cache: an archive
         backend.resolve(handle, location)
     except HubcacheError as error:
         result.status = "repair failed"
