@@ -22,7 +22,7 @@ import zlib
 import pytest
 
 from hubcache import ArchiveError, DownloadError, UnsafeArchiveError
-from hubcache.core import formats, pipeline
+from hubcache.core import crc, formats
 from hubcache.core.extract import Limits, Meter, extract
 from hubcache.core.formats import open_decoder
 from hubcache.core.localstore import LocalStore
@@ -106,7 +106,7 @@ def test_the_stdlib_fallback_gives_identical_results(model_tar, tmp_path, monkey
     archive = compress(model_tar, "gz")
     fast, *_ = unpack(archive, tmp_path / "fast")
     monkeypatch.setattr(formats, "_inflate", zlib)  # as if isal were not installed
-    monkeypatch.setattr(pipeline, "_crc32", zlib.crc32)
+    monkeypatch.setattr(crc, "_crc32", zlib.crc32)  # the one CRC-32 selector (core/crc.py)
     slow, *_ = unpack(archive, tmp_path / "slow")
     assert fast.files == slow.files and fast.dirs == slow.dirs
 

@@ -29,11 +29,11 @@ import socket
 import stat
 import time
 import uuid
-import zlib
 from typing import Callable, Collection, Iterable, Iterator
 
-from .._version import __version__
-from . import paths, safefs, treewalk, usage
+from . import entry as layout, paths, safefs, treewalk, usage
+from .crc import file_crc32
+from .entry import WRITER_TAG, EntryState  # noqa: F401 - WRITER_TAG re-exported (tests/second_user.py)
 from .errors import CacheError, UnsafeArchiveError
 from .manifest import FileRecord, Manifest, crc_hex
 from .store import EntryInfo, EntryWriter, Store
@@ -45,9 +45,7 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger("hubcache")
 
-_KEY = re.compile(r"^[0-9a-f]{40}$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-WRITER_TAG = f"Writer: hubcache {__version__}"
 #: Checking an entry already on disk against its manifest: only the manifest's shape matters
 #: (the size and member limits were applied when the entry was written).
 _NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
@@ -91,38 +89,39 @@ def _printable(text: str) -> str:
 def describe_model_dir(path: str) -> list[str]:
     """Problems that make a directory an incomplete SavedModel or hub module (``[]``: complete).
 
-    Used to adopt entries written by tensorflow_hub, which have no manifest. Never follows a
-    link: a marker file that is a link (or a FIFO) does not count.
+    Used to adopt entries written by tensorflow_hub, which have no manifest: the directory's
+    listing (its top level and ``variables/``) judged by
+    :func:`hubcache.core.entry.model_dir_problems`. Never follows a link: a marker file that is
+    a link (or a FIFO) does not count.
     """
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             return ["the entry directory is not a directory"]
-        names = set(os.listdir(path))
+        files, others = _listing(path)
     except OSError:
         return ["the entry directory is missing"]
-    if not names:
+    if not files and not others:
         return ["the entry directory is empty"]
-    markers = [n for n in ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb") if n in names]
-    if not markers:
-        return ["no saved_model.pb, saved_model.pbtxt or tfhub_module.pb"]
-    problems = []
-    for marker in markers:
-        st = os.lstat(os.path.join(path, marker))
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{marker} is not a regular file")
-        elif st.st_size == 0:
-            problems.append(f"{marker} is empty")
     variables = os.path.join(path, "variables")
     with contextlib.suppress(OSError):
-        if stat.S_ISDIR(os.lstat(variables).st_mode) and \
-                stat.S_ISREG(os.lstat(os.path.join(variables, "variables.index")).st_mode):
-            shards = [n for n in os.listdir(variables) if n.startswith("variables.data-")]
-            match = re.match(r"variables\.data-\d+-of-(\d+)$", shards[0]) if shards else None
-            count = int(match.group(1)) if match else 1
-            for i in range(count):
-                if f"variables.data-{i:05d}-of-{count:05d}" not in shards:
-                    problems.append(f"variables shard {i} of {count} is missing")
-    return problems
+        if "variables" in others and stat.S_ISDIR(os.lstat(variables).st_mode):  # a real one, not a link
+            below, odd = _listing(variables, "variables/")
+            files.update(below)
+            others.extend(odd)
+    return layout.model_dir_problems(files, others)
+
+
+def _listing(path: str, prefix: str = "") -> tuple[dict[str, int], list[str]]:
+    """One directory's regular files (name -> size) and its other names, without following links."""
+    files: dict[str, int] = {}
+    others: list[str] = []
+    with os.scandir(path) as found:
+        for item in found:
+            if item.is_file(follow_symlinks=False):
+                files[prefix + item.name] = item.stat(follow_symlinks=False).st_size
+            else:
+                others.append(prefix + item.name)
+    return files, others
 
 
 def scan_files(path: str, *, digests: bool = True, trusted: Collection[int] | None = None) -> Manifest:
@@ -167,11 +166,8 @@ def scan_files(path: str, *, digests: bool = True, trusted: Collection[int] | No
                 manifest.files.append(FileRecord(prefix + name, st.st_size, crc_hex(0)))
                 continue
             fd = safefs.open_file(where, trusted, dir_fd=d.dir_fd)
-            crc = size = 0
             with os.fdopen(fd, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    crc = zlib.crc32(chunk, crc)
-                    size += len(chunk)
+                crc, size = file_crc32(f)
             manifest.files.append(FileRecord(prefix + name, size, crc_hex(crc)))
     manifest.files.sort(key=lambda f: f.path)
     manifest.dirs.sort()
@@ -261,17 +257,17 @@ class LocalStore(Store):
         return os.path.join(self.root, key)
 
     def manifest_path(self, key: str) -> str:
-        return os.path.join(self.root, f"{key}.manifest.json")
+        return os.path.join(self.root, layout.manifest_name(key))
 
     def descriptor_path(self, key: str) -> str:
-        return os.path.join(self.root, f"{key}.descriptor.txt")
+        return os.path.join(self.root, layout.descriptor_name(key))
 
     def lock_path(self, key: str) -> str:
-        return os.path.join(self.root, f"{key}.hubcache.lock")
+        return os.path.join(self.root, key + layout.HUBCACHE_LOCK_SUFFIX)
 
     def use_path(self, key: str) -> str:
         """The file whose shared locks mark the entry in use and whose mtime is its last use."""
-        return os.path.join(self.root, f"{key}.hubcache.use")
+        return os.path.join(self.root, key + layout.USE_SUFFIX)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -354,11 +350,8 @@ class LocalStore(Store):
             fd = tree.open_file(rel)
         except OSError as error:
             return f"unreadable ({error.strerror})"
-        crc = 0
         with os.fdopen(fd, "rb") as f:
-            while chunk := f.read(1 << 20):
-                crc = zlib.crc32(chunk, crc)
-        return crc_hex(crc)
+            return crc_hex(file_crc32(f)[0])
 
     def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         try:
@@ -384,8 +377,7 @@ class LocalStore(Store):
 
     def _is_foreign(self, key: str) -> bool:
         """True for an entry tensorflow_hub wrote (its descriptor does not name hubcache)."""
-        text = self._read_note(self.descriptor_path(key))
-        return text is not None and "Writer: hubcache" not in text
+        return layout.written_by_tensorflow_hub(self._read_note(self.descriptor_path(key)))
 
     def _adopt(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         path = self.entry_path(key)
@@ -410,7 +402,7 @@ class LocalStore(Store):
         # One stat per memoised hit, of the file TensorFlow opens first (a temp cleaner deleting
         # it is the "SavedModel file does not exist" failure); else the first file, or the dir.
         names = {f.path for f in manifest.files}
-        first = next((n for n in ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb") if n in names),
+        first = next((n for n in layout.MARKERS if n in names),
                      manifest.files[0].path if manifest.files else None)
         sentinel = os.path.join(path, first) if first else path
         use = self.use_path(os.path.basename(path))
@@ -437,7 +429,7 @@ class LocalStore(Store):
     def _foreign_download(self, key: str) -> str | None:
         # tensorflow_hub announces its download with a plain `<key>.lock` file (no OS lock).
         try:
-            st = os.lstat(os.path.join(self.root, f"{key}.lock"))
+            st = os.lstat(os.path.join(self.root, key + layout.LOCK_SUFFIX))
         except OSError:
             return None
         if safefs.problem(st, self.trusted, others_may_write=True) is not None:
@@ -587,7 +579,7 @@ class LocalStore(Store):
             lock.release()
 
     def _owner_path(self, key: str) -> str:
-        return os.path.join(self.root, f"{key}.hubcache.owner")
+        return os.path.join(self.root, key + layout.OWNER_SUFFIX)
 
     def _holder(self, key: str) -> str:
         text = self._read_note(self._owner_path(key))
@@ -631,7 +623,7 @@ class LocalStore(Store):
         keys: dict[str, set[str]] = {}
         for name in names:
             key = name.split(".", 1)[0]
-            if _KEY.match(key):
+            if layout.is_key(key):
                 keys.setdefault(key, set()).add(name[len(key):])
         for key, suffixes in keys.items():
             info = self._info(key, suffixes)
@@ -651,6 +643,7 @@ class LocalStore(Store):
         path = self.entry_path(key)
         manifest = self.read_manifest(key)
         in_progress = any(s.endswith(".tmp") for s in suffixes)
+        state: EntryState
         if manifest is not None and "" in suffixes and not self.check(path, manifest):
             state = "committed"
         elif (manifest is None and "" in suffixes and self._entry_problem(path) is None and self._is_foreign(key)
@@ -679,7 +672,7 @@ class LocalStore(Store):
     def remove(self, key: str) -> bool:
         existed = os.path.lexists(self.entry_path(key)) or os.path.lexists(self.manifest_path(key))
         self.discard(key)
-        for suffix in (".descriptor.txt", ".hubcache.owner"):
+        for suffix in (layout.DESCRIPTOR_SUFFIX, layout.OWNER_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.root, key + suffix))
         return existed
@@ -809,9 +802,7 @@ class LocalWriter(EntryWriter):
         entry = store.entry_path(key)
         wrote_descriptor = renamed = False
         try:
-            descriptor = (f"Module: {self.handle}\nDownload Time: {time.ctime()}\n"
-                          f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
-            _atomic_write(store.descriptor_path(key), descriptor.encode())
+            _atomic_write(store.descriptor_path(key), layout.descriptor_text(self.handle).encode())
             wrote_descriptor = True
             for _ in range(5):
                 try:

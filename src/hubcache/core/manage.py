@@ -8,19 +8,17 @@ as ``hubcache config`` shows) unless ``--backend`` names others. A comma-separat
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .backend import Backend, CacheBackend
 from .config import Config
+from .entry import USABLE_STATES, is_key
 from .errors import ConfigError, HubcacheError
 from .handles import parse_handle
 from .prune import Action, remove_entry, timestamp as _when
 from .store import EntryInfo
-
-_KEY = re.compile(r"^[0-9a-f]{40}$")
 
 
 def backend_names(config: Config, names: Iterable[str] | None = None) -> list[str]:
@@ -100,7 +98,7 @@ def list_entries(backends: Sequence[CacheBackend]) -> list[Listed]:
 
 def key_of(text: str) -> str:
     """The cache key of a handle, or the text itself if it already is a key (40 hex digits)."""
-    if _KEY.match(text):
+    if is_key(text):
         return text
     return parse_handle(text).key
 
@@ -163,7 +161,7 @@ def describe_handle(handle: str, config: Config) -> dict[str, object]:
         tier["root"] = store.root
         tier["path"] = store.entry_path(parsed.key)
         entry = store.entry(parsed.key)
-        tier["cached"] = entry is not None and entry.state in ("committed", "foreign")
+        tier["cached"] = entry is not None and entry.state in USABLE_STATES
         if entry is None:
             tier["state"] = "not cached"
             continue

@@ -83,20 +83,19 @@ import tempfile
 import threading
 import time
 import uuid
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from . import paths
+from . import entry as layout, paths
+from .crc import file_crc32
 from .errors import ArchiveError, CacheError, HubcacheError, LeaseLostError, UnsafeArchiveError
-from .localstore import WRITER_TAG
 from .manifest import FileRecord, Manifest, crc_hex
+from .entry import EntryState
 from .store import EntryInfo, EntryWriter, Store
 
 logger = logging.getLogger("hubcache")
 
-_KEY = re.compile(r"^[0-9a-f]{40}$")
 #: Seconds by which hosts' clocks may disagree before a lease's own heartbeat time is trusted.
 CLOCK_SKEW = 60.0
 #: A holder never rewrites its lease more often than this (GCS allows about one update per
@@ -121,7 +120,6 @@ MAX_MANIFEST_BYTES = 64 << 20
 #: The most bytes read of a lease or a descriptor (a few hundred bytes when hubcache writes them;
 #: a larger lease reads as unreadable, i.e. long dead).
 MAX_SMALL_OBJECT = 64 << 10
-_MARKERS = ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb")
 #: Checking a manifest read from the bucket: only its shape (names, targets, kinds) matters here;
 #: the size and member limits were applied when the entry was written.
 _NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
@@ -185,26 +183,6 @@ class PreconditionFailed(Exception):
     Raised by :meth:`ObjectStore.replace_object` and :meth:`ObjectStore.delete_versioned`. For a
     lease it means another host took the lease over.
     """
-
-
-def model_dir_problems(files: dict[str, int]) -> list[str]:
-    """Why a listing (relative path -> size) is not a complete SavedModel or hub module.
-
-    Used to adopt entries tensorflow_hub wrote (they have no manifest).
-    """
-    if not files:
-        return ["the entry has no objects"]
-    markers = [m for m in _MARKERS if m in files]
-    if not markers:
-        return ["no saved_model.pb, saved_model.pbtxt or tfhub_module.pb"]
-    problems = [f"{m} is empty" for m in markers if files[m] == 0]
-    if "variables/variables.index" in files:
-        shards = {p[len("variables/"):] for p in files if p.startswith("variables/variables.data-")}
-        match = re.match(r"variables\.data-\d+-of-(\d+)$", min(shards)) if shards else None
-        count = int(match.group(1)) if match else 1
-        problems += [f"variables shard {i} of {count} is missing" for i in range(count)
-                     if f"variables.data-{i:05d}-of-{count:05d}" not in shards]
-    return problems
 
 
 class ObjectStore(Store):
@@ -487,7 +465,7 @@ class ObjectStore(Store):
         members are (:func:`hubcache.core.paths.validate_manifest`): names in normal form and
         inside the entry, link targets inside it and not through other links, no name twice.
         """
-        raw = self.read_object(self.object_path(f"{key}.manifest.json"), MAX_MANIFEST_BYTES)
+        raw = self.read_object(self.object_path(layout.manifest_name(key)), MAX_MANIFEST_BYTES)
         if raw is None:
             return None, None
         if len(raw) > MAX_MANIFEST_BYTES:
@@ -510,8 +488,8 @@ class ObjectStore(Store):
         return self.entry_path(key), manifest
 
     def _is_foreign(self, key: str) -> bool:
-        raw = self.read_object(self.object_path(f"{key}.descriptor.txt"), MAX_SMALL_OBJECT)
-        return raw is not None and b"Writer: hubcache" not in raw
+        return layout.written_by_tensorflow_hub(self.read_object(self.object_path(layout.descriptor_name(key)),
+                                                                 MAX_SMALL_OBJECT))
 
     def _relative(self, key: str, listing: dict[str, int]) -> dict[str, int]:
         prefix = self.object_path(key) + "/"
@@ -522,7 +500,7 @@ class ObjectStore(Store):
         if not self._is_foreign(key):
             return None
         files = self._relative(key, self.list_objects(self.object_path(key)))
-        if model_dir_problems(files):
+        if layout.model_dir_problems(files):
             return None
         # CRC-32s are left empty: computing them would download the whole model.
         manifest = Manifest(handle=handle, files=[FileRecord(p, s, "") for p, s in sorted(files.items())],
@@ -533,7 +511,7 @@ class ObjectStore(Store):
             logger.warning("not adopting %s: %s", self.entry_path(key), error.message)
             return None
         with contextlib.suppress(Exception):  # read-only, or adopted by someone else meanwhile
-            self.create_object(self.object_path(f"{key}.manifest.json"), manifest.to_json())
+            self.create_object(self.object_path(layout.manifest_name(key)), manifest.to_json())
         return self.entry_path(key), manifest
 
     def check(self, files: dict[str, int], manifest: Manifest) -> list[str]:
@@ -596,7 +574,7 @@ class ObjectStore(Store):
                  "host often stalls that long)")
 
     def _lease_path(self, key: str) -> str:
-        return self.object_path(f"{key}.lock")
+        return self.object_path(key + layout.LOCK_SUFFIX)
 
     def _try_create_lease(self, key: str) -> _Lease | None:
         lease = _Lease(self, self._lease_path(key))
@@ -634,7 +612,7 @@ class ObjectStore(Store):
             return lease
         step = 0.1
         deadline = time.monotonic() + self.lock_timeout
-        manifest_path = self.object_path(f"{key}.manifest.json")
+        manifest_path = self.object_path(layout.manifest_name(key))
         seen: bytes | None = None
         seen_at = time.monotonic()
         state: LeaseState | None = None
@@ -777,33 +755,35 @@ class ObjectStore(Store):
                 name = path[len(prefix):] if path.startswith(prefix) else path
                 head, sep, rest = name.partition("/")
                 if sep:
-                    if _KEY.match(head):
+                    if layout.is_key(head):
                         files.setdefault(head, {})[rest] = size
                         names.setdefault(head, set())
                     continue
                 key, dot, suffix = name.partition(".")
-                if _KEY.match(key):
+                if layout.is_key(key):
                     names.setdefault(key, set()).add(dot + suffix)
                     files.setdefault(key, {})
             infos = [self._info(key, files[key], names[key]) for key in sorted(names)]
         yield from (info for info in infos if info is not None)
 
     def _info(self, key: str, files: dict[str, int], names: set[str]) -> EntryInfo | None:
-        manifest, bad = self._load_manifest(key) if ".manifest.json" in names else (None, None)
+        manifest, bad = self._load_manifest(key) if layout.MANIFEST_SUFFIX in names else (None, None)
         path = self.entry_path(key)
         handle = manifest.handle if manifest else None
+        state: EntryState
         if manifest is not None and not self.check(files, manifest):
             state = "committed"
-        elif manifest is None and ".lock" in names and self._lease_alive(key):
+        elif manifest is None and layout.LOCK_SUFFIX in names and self._lease_alive(key):
             state = "in progress"
-        elif manifest is None and bad is None and files and self._is_foreign(key) and not model_dir_problems(files):
+        elif (manifest is None and bad is None and files and self._is_foreign(key)
+              and not layout.model_dir_problems(files)):
             state = "foreign"
         elif files or manifest is not None or bad is not None:
             state = "damaged"
         else:
             return None  # only a descriptor or lease debris
-        if handle is None and ".descriptor.txt" in names:
-            raw = self.read_object(self.object_path(f"{key}.descriptor.txt"), MAX_SMALL_OBJECT) or b""
+        if handle is None and layout.DESCRIPTOR_SUFFIX in names:
+            raw = self.read_object(self.object_path(layout.descriptor_name(key)), MAX_SMALL_OBJECT) or b""
             match = re.search(rb"^Module: (.+)$", raw, re.MULTILINE)
             handle = match.group(1).decode("utf-8", "replace").strip() if match else None
         size = manifest.total_bytes if manifest else sum(files.values())
@@ -811,14 +791,14 @@ class ObjectStore(Store):
 
     def remove(self, key: str) -> bool:
         with self._io(f"removing {self.entry_path(key)}"):
-            manifest = self.object_path(f"{key}.manifest.json")
+            manifest = self.object_path(layout.manifest_name(key))
             existed = self.read_object(manifest, 0) is not None
             self.delete_objects([manifest])  # first: the entry is never seen half-removed
             objects = self.list_objects(self.object_path(key))
             existed = existed or bool(objects)
             # The lease goes too, unless this process holds it (a guard; its release deletes it).
             lease = [] if key in self._leases else [self._lease_path(key)]
-            self.delete_objects([*objects, self.object_path(f"{key}.descriptor.txt"), *lease])
+            self.delete_objects([*objects, self.object_path(layout.descriptor_name(key)), *lease])
         return existed
 
     def verify(self, key: str, full: bool = False) -> list[str]:
@@ -832,10 +812,8 @@ class ObjectStore(Store):
                 bad = {p.split(" ", 1)[0] for p in problems}
                 for record in manifest.files:
                     if record.crc32 and record.path not in bad:
-                        crc = 0
                         with self.fs.open(f"{self.object_path(key)}/{record.path}", "rb") as f:
-                            while chunk := f.read(1 << 20):
-                                crc = zlib.crc32(chunk, crc)
+                            crc = file_crc32(f)[0]
                         if crc_hex(crc) != record.crc32:
                             problems.append(f"{record.path} has CRC-32 {crc_hex(crc)}, expected {record.crc32}")
         return problems
@@ -977,7 +955,7 @@ class ObjectWriter(EntryWriter):
         store = self.store
         with store._io(f"reading {store.entry_path(self.key)}"):
             versions = {p: v for p, (_, v) in store.list_versioned(self.prefix).items()}
-            descriptor = store.object_path(f"{self.key}.descriptor.txt")
+            descriptor = store.object_path(layout.descriptor_name(self.key))
             found = store.stat_version(descriptor)
             if found is not None:
                 versions[descriptor] = found
@@ -1206,10 +1184,8 @@ class ObjectWriter(EntryWriter):
                     store.confirm_lease(self.key)
                     raise CacheError(f"{store.url(target)} was rewritten by another writer during the upload",
                                      hint="try again")
-            descriptor = (f"Module: {self.handle}\nDownload Time: {time.ctime()}\n"
-                          f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
-            self._put(store.object_path(f"{self.key}.descriptor.txt"), descriptor.encode())
-            manifest_path = store.object_path(f"{self.key}.manifest.json")
+            self._put(store.object_path(layout.descriptor_name(self.key)), layout.descriptor_text(self.handle).encode())
+            manifest_path = store.object_path(layout.manifest_name(self.key))
             ours = manifest.to_json()
             store.confirm_lease(self.key)
             try:
@@ -1294,7 +1270,7 @@ class ObjectWriter(EntryWriter):
                 return
             listed = {f"{self.prefix}/{name}" for name in
                       [f.path for f in committed.files] + list(committed.symlinks)}
-            descriptor = self.store.object_path(f"{self.key}.descriptor.txt")
+            descriptor = self.store.object_path(layout.descriptor_name(self.key))
             written = {p: v for p, v in written.items() if p not in listed and p != descriptor}
 
         def withdraw(item: tuple[str, str]) -> None:

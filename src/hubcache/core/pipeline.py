@@ -14,29 +14,15 @@ import contextlib
 import queue
 import tarfile
 import threading
-import zlib
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
+from .crc import crc32_function  # noqa: F401 - re-exported: the extractor's CRC-32 (one selector for all)
 from .errors import UnsafeArchiveError
 from .formats import CHUNK, PrefixedReader, Readable, open_decoder
 
 #: Chunks each queue may hold (raw into the decoder, decoded out of it, raw into the digest).
 DEPTH = 4
-
-_crc32: Callable[[bytes, int], int] | None = None
-
-
-def crc32_function() -> Callable[[bytes, int], int]:
-    """``zlib.crc32``, or ISA-L's identical but several times faster one when ``isal`` is installed."""
-    global _crc32
-    if _crc32 is None:
-        try:
-            from isal.isal_zlib import crc32 as fast
-        except ImportError:
-            fast = zlib.crc32
-        _crc32 = fast
-    return _crc32
 
 
 class HashWorker:

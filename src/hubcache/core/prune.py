@@ -17,13 +17,14 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
+from .entry import USABLE_STATES
 from .events import emit
 from .store import EntryInfo, Store
 
 logger = logging.getLogger("hubcache")
 
 #: States whose entries are worth keeping (the others are debris).
-USABLE = ("committed", "foreign")
+USABLE = USABLE_STATES
 
 
 @dataclass

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from .entry import EntryState
 from .errors import HubcacheError
 from .manifest import Manifest
 
@@ -29,7 +30,7 @@ class EntryInfo:
         key: the cache key.
         path: the entry's path.
         state: ``committed``, ``damaged``, ``in progress`` or ``foreign`` (a tensorflow_hub entry
-            not adopted yet).
+            not adopted yet); see :data:`hubcache.core.entry.EntryState`.
         manifest: its manifest, when it has a readable one.
         size: bytes on record (manifest) or found.
         last_used: Unix time of the last recorded use, if known.
@@ -38,7 +39,7 @@ class EntryInfo:
 
     key: str
     path: str
-    state: str
+    state: EntryState
     manifest: Manifest | None = None
     size: int = 0
     last_used: float | None = None

@@ -47,13 +47,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import zlib
 from typing import Callable, Iterator
 
 from .backend import Backend, CacheBackend
 from .cache import resolve_in_store
 from .commit import commit_entry
 from .config import Config
+from .crc import crc32_function
 from .errors import CacheError, ConfigError, HubcacheError, IntegrityError, OfflineError, UnsafeArchiveError
 from .events import emit
 from .handles import Handle
@@ -279,6 +279,7 @@ class _Source:
     def chunks(self, rel: str, size: int, expected_crc: str, budget: list[int]) -> Iterator[bytes]:
         """The bytes of ``rel``: exactly ``size`` of them with CRC-32 ``expected_crc``, else
         :class:`SourceUnusable` (raised from inside the writer's loop, so the write stops)."""
+        crc32 = crc32_function()
         crc = count = 0
         try:
             with self.open(rel) as f:
@@ -292,7 +293,7 @@ class _Source:
                     budget[0] -= len(chunk)
                     if budget[0] < 0:
                         raise SourceUnusable("the entry holds more bytes than HUBCACHE_MAX_EXTRACT_SIZE allows")
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
                     yield chunk
         except SourceUnusable:
             raise

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from .backend import CacheBackend
+from .entry import is_key
 from .errors import HubcacheError
 from .handles import parse_handle
 from .manifest import Manifest
@@ -214,7 +215,6 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
     Raises:
         HubcacheError: for a malformed handle or pins file.
     """
-    from .manage import _KEY
     from .pins import apply_pins
 
     results = []
@@ -222,7 +222,7 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
         if handles:
             targets = []
             for text in handles:
-                if _KEY.match(text):
+                if is_key(text):
                     targets.append((text, None, None))
                 else:
                     parsed = apply_pins(parse_handle(text), backend.config)

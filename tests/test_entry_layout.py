@@ -1,0 +1,158 @@
+"""The entry layout (``hubcache.core.entry``) is written once, and both stores use it.
+
+The key pattern, the descriptor hubcache writes and how it tells tensorflow_hub's from its own,
+when a listing is a complete model (the same messages for a local directory and an object
+listing), the entry states, and the CRC-32 used to read files back.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import typing
+import zlib
+
+import pytest
+
+from hubcache.core import crc, entry, localstore, objectstore, pipeline, prune, store
+from hubcache.core.handles import cache_key
+
+
+def test_key_pattern():
+    key = cache_key("https://example.com/model/1")
+    assert entry.is_key(key)
+    assert entry.KEY.match(key)
+    for text in ("", key.upper(), key[:-1], key + "0", key[:-1] + "g", f" {key}", "https://x/y"):
+        assert not entry.is_key(text), text
+
+
+def test_side_names():
+    key = "a" * 40
+    assert entry.manifest_name(key) == f"{key}.manifest.json"
+    assert entry.descriptor_name(key) == f"{key}.descriptor.txt"
+    root = "/cache"
+    local = localstore.LocalStore(root)
+    assert local.manifest_path(key) == os.path.join(local.root, entry.manifest_name(key))
+    assert local.descriptor_path(key) == os.path.join(local.root, entry.descriptor_name(key))
+    assert local.lock_path(key) == os.path.join(local.root, key + entry.HUBCACHE_LOCK_SUFFIX)
+    assert local.use_path(key) == os.path.join(local.root, key + entry.USE_SUFFIX)
+
+
+def test_descriptor_round_trip():
+    handle = "https://example.com/model/1"
+    text = entry.descriptor_text(handle)
+    lines = text.splitlines()
+    # tensorflow_hub's three lines (resolver._write_module_descriptor_file), then hubcache's.
+    assert lines[0] == f"Module: {handle}"
+    assert lines[1].startswith("Download Time: ")
+    assert lines[2] == f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})"
+    assert lines[3] == entry.WRITER_TAG and entry.WRITER_TAG.startswith(entry.WRITER_MARK + " ")
+    assert text.endswith("\n") and len(lines) == 4
+    assert not entry.written_by_tensorflow_hub(text)
+    assert not entry.written_by_tensorflow_hub(text.encode())
+
+
+def test_written_by_tensorflow_hub():
+    theirs = "Module: https://example.com/m/1\nDownload Time: now\nDownloader Hostname: h (PID:1)\n"
+    assert entry.written_by_tensorflow_hub(theirs)
+    assert entry.written_by_tensorflow_hub(theirs.encode())
+    assert entry.written_by_tensorflow_hub(b"")
+    assert not entry.written_by_tensorflow_hub(None)  # no descriptor: nobody's entry
+    assert not entry.written_by_tensorflow_hub(theirs + "Writer: hubcache 0.0\n")  # any version
+
+
+def test_one_writer_tag():
+    # The stores use the module's tag, not one of their own.
+    assert localstore.WRITER_TAG is entry.WRITER_TAG
+    assert not hasattr(objectstore, "WRITER_TAG")
+
+
+COMPLETE = {"saved_model.pb": 10, "variables/variables.index": 5,
+            "variables/variables.data-00000-of-00002": 7, "variables/variables.data-00001-of-00002": 7,
+            "assets/vocab.txt": 3}
+
+
+@pytest.mark.parametrize("files, others, expected", [
+    (COMPLETE, (), []),
+    ({"tfhub_module.pb": 1}, (), []),
+    ({}, (), ["the entry has no objects"]),
+    ({"README": 1}, (), ["no saved_model.pb, saved_model.pbtxt or tfhub_module.pb"]),
+    ({"saved_model.pb": 0, "saved_model.pbtxt": 0}, (), ["saved_model.pb is empty", "saved_model.pbtxt is empty"]),
+    ({"x": 1}, ("saved_model.pb",), ["saved_model.pb is not a regular file"]),
+    ({k: v for k, v in COMPLETE.items() if "00001" not in k}, (), ["variables shard 1 of 2 is missing"]),
+    ({"saved_model.pb": 1, "variables/variables.index": 1}, (), ["variables shard 0 of 1 is missing"]),
+    # a shard that is not a regular file is still there; no index: shards are not checked
+    ({"saved_model.pb": 1, "variables/variables.index": 1}, ("variables/variables.data-00000-of-00001",), []),
+    ({"saved_model.pb": 1, "variables/variables.data-00001-of-00002": 1}, (), []),
+])
+def test_model_dir_problems(files, others, expected):
+    assert entry.model_dir_problems(files, others) == expected
+
+
+def _make(root: str, files: dict[str, int]) -> str:
+    for rel, size in files.items():
+        path = os.path.join(root, *rel.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"x" * size)
+    return root
+
+
+@pytest.mark.parametrize("files", [
+    COMPLETE,
+    {"README": 1},
+    {"saved_model.pb": 0, "tfhub_module.pb": 2},
+    {k: v for k, v in COMPLETE.items() if "00000" not in k},
+])
+def test_local_directory_and_object_listing_agree(tmp_path, files):
+    """The same files give the same verdict, in the same words, on a disk and in a bucket (the
+    object store judges its listing with ``entry.model_dir_problems`` itself)."""
+    path = _make(str(tmp_path / "entry"), files)
+    assert localstore.describe_model_dir(path) == entry.model_dir_problems(files)
+    assert not hasattr(objectstore, "model_dir_problems") and not hasattr(objectstore, "_MARKERS")
+
+
+def test_local_directory_only_problems(tmp_path):
+    assert localstore.describe_model_dir(str(tmp_path / "absent")) == ["the entry directory is missing"]
+    (tmp_path / "file").write_bytes(b"x")
+    assert localstore.describe_model_dir(str(tmp_path / "file")) == ["the entry directory is not a directory"]
+    (tmp_path / "empty").mkdir()
+    assert localstore.describe_model_dir(str(tmp_path / "empty")) == ["the entry directory is empty"]
+    linked = _make(str(tmp_path / "linked"), {"real.pb": 3})
+    os.symlink("real.pb", os.path.join(linked, "saved_model.pb"))
+    assert localstore.describe_model_dir(linked) == ["saved_model.pb is not a regular file"]
+    os.mkdir(os.path.join(linked, "tfhub_module.pb"))
+    assert localstore.describe_model_dir(linked) == ["saved_model.pb is not a regular file",
+                                                     "tfhub_module.pb is not a regular file"]
+
+
+def test_local_variables_link_is_not_followed(tmp_path):
+    # A `variables` link is not the model's variables directory: its contents are not judged
+    # (hubcache never reads through a link in an entry), as before the layout moved.
+    path = _make(str(tmp_path / "entry"), {"saved_model.pb": 3})
+    elsewhere = _make(str(tmp_path / "elsewhere"), {"variables.index": 1})
+    os.symlink(elsewhere, os.path.join(path, "variables"))
+    assert localstore.describe_model_dir(path) == []
+    os.unlink(os.path.join(path, "variables"))
+    os.rename(elsewhere, os.path.join(path, "variables"))
+    assert localstore.describe_model_dir(path) == ["variables shard 0 of 1 is missing"]
+
+
+def test_entry_states():
+    assert set(entry.ENTRY_STATES) == {"committed", "in progress", "foreign", "damaged"}
+    assert set(entry.USABLE_STATES) <= set(entry.ENTRY_STATES)
+    assert prune.USABLE == entry.USABLE_STATES
+    hints = typing.get_type_hints(store.EntryInfo)
+    assert hints["state"] == entry.EntryState
+
+
+@pytest.mark.parametrize("data", [b"", b"x", os.urandom(3 << 20 | 123)])
+def test_crc_helper_equals_zlib(data):
+    assert crc.crc32_function()(data, 0) == zlib.crc32(data)
+    assert crc.crc32_function()(data[7:], zlib.crc32(data[:7])) == zlib.crc32(data)
+    assert crc.file_crc32(io.BytesIO(data)) == (zlib.crc32(data), len(data))
+
+
+def test_one_crc_selector():
+    assert pipeline.crc32_function is crc.crc32_function
