@@ -1,5 +1,31 @@
-"""The conformance suite every cache backend runs against itself (re-exported as
-``hubcache.testing.CacheBackendConformance``). Requires pytest."""
+"""The conformance kit every cache backend runs against itself (re-exported as
+``hubcache.testing.CacheBackendConformance`` and ``hubcache.testing.ObjectStoreConformance``).
+Requires pytest.
+
+Modelled on fsspec's ``fsspec/tests/abstract``: :class:`ConformanceFixtures` holds the fixtures,
+the helpers and the capability flags; each ``*Cases`` mixin holds the cases of one concern; the two
+public suites compose them. A backend's test module subclasses one suite and provides a
+``backend`` fixture; a backend that lacks a capability sets its flag to ``False`` and the cases
+that need it are skipped, each saying which flag turned it off.
+
+Every backend (:class:`CacheBackendConformance`):
+
+- :class:`ResolveCases`: miss then hit in every archive format, the tensorflow_hub layout,
+  redirects and tfhub.dev-style handles, adopting an entry tensorflow_hub wrote, links and the
+  executable bit, a cache root that cannot exist.
+- :class:`CommitCases`: the manifest is the commit, hostile archives, HTTP errors, a cut
+  connection, two writers of one entry without a lease.
+- :class:`ManagementCases`: listing and removal, damage that ``verify`` finds.
+- :class:`UntrustedCases`: an unsafe manifest someone else wrote is a miss that a download replaces.
+- :class:`ConcurrencyCases`: real processes racing for the lease and for one handle.
+
+Object-store backends (:class:`ObjectStoreConformance` adds):
+
+- :class:`ObjectStoreCases`: the conditional primitives, listing, reads capped against what others
+  wrote.
+- :class:`LeaseCases`: the lease against stalled, killed and planted holders, its request rates.
+- :class:`TierChainCases`: a local tier in front of the store when others can write the bucket.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +37,33 @@ import pytest
 from .testkit import FORMATS, SUFFIX, OriginServer, archive_of, build_model_dir, hostile_archives, read_tree, tree_of
 
 
-class CacheBackendConformance:
-    """What every cache backend must do. Subclass it in a test module and provide a ``backend``
-    fixture returning a fresh instance of your backend (with its own empty cache root).
+class ConformanceFixtures:
+    """The fixtures, helpers and capability flags every case mixin builds on.
 
-    The suite starts its own origin server; it calls ``backend.resolve`` directly, so no
-    environment variables are needed. Small limits are set through ``Config.replace``: build your
-    backend from the ``conformance_config`` fixture to have them.
+    Provide a ``backend`` fixture returning a fresh instance of your backend (with its own empty
+    cache root). The suite starts its own origin server; it calls ``backend.resolve`` directly, so
+    no environment variables are needed. Small limits are set through ``Config.replace``: build
+    your backend from the ``conformance_config`` fixture to have them.
+
+    The capability flags below are class attributes: set one to ``False`` in your subclass where
+    your backend lacks the capability, and the cases that need it are skipped, naming the flag.
     """
 
     MAX_BYTES = 1 << 20
     MAX_MEMBERS = 500
+
+    #: The store keeps an archive's symbolic and hard links as links. ``False`` (object stores):
+    #: a link to a file is stored as a copy of its bytes, any other link is refused.
+    SUPPORTS_LINKS = True
+    #: The store keeps the executable bit of an archive's files.
+    SUPPORTS_EXEC_BIT = True
+    #: Processes of one host share the cache: a child process rebuilds the backend from its
+    #: class (importable by module and qualified name) and the pickled config, and sees the
+    #: same entries and the same download lease.
+    MULTI_PROCESS = True
+    #: The cache is shared by hosts (an object store): each child process of the concurrency
+    #: cases gets a temp dir of its own, as another host would have, and must leave it empty.
+    SHARED_ACROSS_HOSTS = False
 
     @pytest.fixture
     def conformance_config(self):
@@ -45,6 +87,24 @@ class CacheBackendConformance:
 
     # helpers
 
+    def require(self, flag: str, needed: bool = True) -> None:
+        """Skip the running case unless the capability ``flag`` is ``needed`` (the skip reason
+        names the flag)."""
+        if bool(getattr(self, flag)) != needed:
+            pytest.skip(f"{type(self).__name__}.{flag} is {getattr(self, flag)}: this case needs {flag} = {needed}")
+
+    def missing_root(self, backend, tmp_path) -> tuple[str, str] | None:
+        """A cache root for ``backend`` in a container that does not exist (a bucket no one
+        created), and a word the error of a resolve there must contain (in its message or its
+        hint); ``None``: the backend makes whatever root it is given (a local directory), so
+        there is no such root and the case is skipped.
+
+        :class:`ObjectStoreFixtures` gives a bucket of the backend's scheme that no one created.
+        Override it when your backend's roots live in something else that must exist first (the
+        case builds ``type(backend)(backend.config.replace(cache_dir=root))``).
+        """
+        return None
+
     def resolve(self, backend, url: str) -> str:
         from hubcache.core.handles import parse_handle
         from hubcache.core.locate import locate
@@ -66,6 +126,12 @@ class CacheBackendConformance:
             return fsspec.core.url_to_fs(path)
         return fs, fs._strip_protocol(path)
 
+    def beside(self, backend, key: str, suffix: str):
+        """``(fs, path)`` of the file ``<key><suffix>`` beside the entry ``key`` (its
+        ``.manifest.json``, its ``.descriptor.txt``)."""
+        fs, entry = self.filesystem(backend, backend.store.entry_path(key))
+        return fs, entry.rstrip("/")[: -len(key)] + key + suffix
+
     def read(self, backend, path: str) -> dict[str, bytes]:
         """Every file of an entry, read through the backend's filesystem."""
         return read_tree(path, self.filesystem(backend, path)[0])
@@ -73,7 +139,32 @@ class CacheBackendConformance:
     def committed_keys(self, backend) -> set[str]:
         return {e.key for e in backend.entries() if e.state == "committed"}
 
-    # the suite
+
+def _tar(members: list[tuple[str, bytes | str, int]]) -> bytes:
+    """A tar of ``(name, content, mode)``: ``content`` is the bytes of a file, or ``"sym:<target>"``
+    / ``"hard:<existing>"`` for a link."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content, mode in members:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if isinstance(content, bytes):
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            else:
+                kind, target = content.split(":", 1)
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                info.linkname = target
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+class ResolveCases(ConformanceFixtures):
+    """A resolve: every archive format, the layout tensorflow_hub reads, redirects and tfhub.dev
+    handles, an entry tensorflow_hub wrote, links and the executable bit, a root that cannot exist."""
 
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_miss_then_hit_every_format(self, backend, origin, model, fmt):
@@ -109,13 +200,114 @@ class CacheBackendConformance:
         assert self.read(backend, path) == tree_of(model)
         assert [r.query for r in origin.requests if r.path == "/google/tiny/1"] == ["tf-hub-format=compressed"]
 
+    def test_adopts_an_entry_tensorflow_hub_wrote(self, backend, origin, model):
+        """An entry tensorflow_hub wrote (the files and a descriptor, no manifest) is listed as
+        ``foreign`` and adopted by the first resolve: served without contacting the origin."""
+        from hubcache.core.handles import cache_key
+
+        url = origin.add("/tfhub-written.tar.gz", archive_of(model))
+        key = cache_key(url)
+        entry = backend.store.entry_path(key)
+        fs, root = self.filesystem(backend, entry)
+        for rel, data in tree_of(model).items():
+            fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
+            fs.pipe_file(f"{root}/{rel}", data)
+        fs.pipe_file(self.beside(backend, key, ".descriptor.txt")[1],
+                     f"Module: {url}\nDownload Time: now\n".encode())
+        assert {e.key: e.state for e in self.fresh(backend).entries()}[key] == "foreign"
+        assert self.resolve(backend, url) == entry
+        assert origin.count() == 0, "an adopted entry is not downloaded"
+        assert backend.store.read_manifest(key).creator == "adopted from tensorflow_hub"
+        assert self.read(backend, entry) == tree_of(model)
+
+    LINKS = [("chain", "sym:variables/alias", 0o777), ("saved_model.pb", b"model bytes", 0o644),
+             ("variables/v.data", b"weights" * 100, 0o644), ("variables/alias", "sym:v.data", 0o777),
+             ("hard.pb", "hard:saved_model.pb", 0o644)]
+
+    def test_links_are_kept(self, backend, origin):
+        """A symbolic link to a file stays a link with its target; a hard link has the bytes of
+        the file it names; a full verify finds nothing."""
+        from hubcache.core.handles import cache_key
+
+        self.require("SUPPORTS_LINKS")
+        url = origin.add("/links.tar", _tar(self.LINKS))
+        path = self.resolve(backend, url)
+        fs, root = self.filesystem(backend, path)
+        assert fs.islink(f"{root}/variables/alias") and fs.islink(f"{root}/chain")
+        assert os.readlink(f"{root}/variables/alias") == "v.data", "a link keeps its target"
+        assert fs.cat_file(f"{root}/chain") == fs.cat_file(f"{root}/variables/v.data") == b"weights" * 100
+        assert fs.cat_file(f"{root}/hard.pb") == b"model bytes"
+        assert backend.store.verify(cache_key(url), full=True) == []
+
+    def test_links_are_stored_as_copies(self, backend, origin):
+        """Without links, a symbolic or hard link to a file is stored as a copy of its bytes
+        (``chain`` comes first: a link to a link the extractor has not seen yet, which the writer
+        must follow); a full verify finds nothing."""
+        from hubcache.core.handles import cache_key
+
+        self.require("SUPPORTS_LINKS", False)
+        url = origin.add("/links.tar", _tar(self.LINKS))
+        tree = self.read(backend, self.resolve(backend, url))
+        assert tree["variables/alias"] == tree["chain"] == b"weights" * 100
+        assert tree["hard.pb"] == b"model bytes"
+        assert backend.store.verify(cache_key(url), full=True) == []
+
+    @pytest.mark.parametrize("target", ["sym:variables", "sym:nothing-here"])
+    def test_links_to_directories_or_nothing_are_refused(self, backend, origin, target):
+        """Without links, a link to a directory or to nothing in the archive cannot be stored as
+        a copy: an ``ArchiveError`` naming the member (and a hint), and nothing under the root."""
+        from hubcache.core.errors import ArchiveError
+
+        self.require("SUPPORTS_LINKS", False)
+        members = [("saved_model.pb", b"model", 0o644), ("variables/v.data", b"w", 0o644), ("link", target, 0o777)]
+        url = origin.add("/badlink.tar", _tar(members))
+        with pytest.raises(ArchiveError) as info:
+            self.resolve(backend, url)
+        assert "'link'" in str(info.value) and info.value.hint, str(info.value)
+        fs, root = self.filesystem(backend, backend.root)
+        assert not fs.exists(root) or fs.find(root) == [], "a refused archive leaves nothing under the root"
+
+    def test_the_executable_bit_is_kept(self, backend, origin):
+        from hubcache.core.handles import cache_key
+
+        self.require("SUPPORTS_EXEC_BIT")
+        url = origin.add("/exec.tar", _tar([("saved_model.pb", b"model", 0o644), ("assets/run.sh", b"#!/bin/sh\n", 0o755)]))
+        path = self.resolve(backend, url)
+        fs, root = self.filesystem(backend, path)
+        assert fs.info(f"{root}/assets/run.sh")["mode"] & 0o111, "the executable bit was lost"
+        assert not fs.info(f"{root}/saved_model.pb")["mode"] & 0o111
+        assert backend.store.verify(cache_key(url), full=True) == []
+
+    def test_a_missing_root_is_a_one_line_error(self, backend, origin, model, tmp_path):
+        """A cache root in a container that does not exist (:meth:`missing_root`: a bucket no one
+        created) is a ``CacheError`` of one line naming the root, with a hint (``hubcache.resolve``
+        adds the handle to any error)."""
+        from hubcache.core.errors import CacheError
+
+        missing = self.missing_root(backend, tmp_path)
+        if missing is None:
+            pytest.skip(f"{type(self).__name__}.missing_root() is None: {type(backend).__name__} makes its roots")
+        root, word = missing
+        broken = type(backend)(backend.config.replace(cache_dir=root))
+        url = origin.add("/m.tar.gz", archive_of(model))
+        with pytest.raises(CacheError) as info:
+            self.resolve(broken, url)
+        message, hint = str(info.value), info.value.hint or ""
+        assert "\n" not in message and root in message, message
+        assert hint and word in message + hint, (message, hint)
+
+
+class CommitCases(ConformanceFixtures):
+    """The commit: the manifest is the commit; a hostile archive, an HTTP error or a cut
+    connection commits nothing; two writers of one entry leave one manifest."""
+
     def test_manifest_is_the_commit(self, backend, origin, model):
         from hubcache.core.handles import cache_key
 
         url = origin.add("/c.tar.gz", archive_of(model))
         path = self.resolve(backend, url)
-        fs, root = self.filesystem(backend, path)
-        fs.rm(root.rstrip("/")[: -40] + cache_key(url) + ".manifest.json")
+        fs, manifest = self.beside(backend, cache_key(url), ".manifest.json")
+        fs.rm(manifest)
         assert cache_key(url) not in self.committed_keys(self.fresh(backend))
         assert self.resolve(self.fresh(backend), url) == path
         assert origin.count("/c.tar.gz") == 2, "an entry without a manifest must be rebuilt"
@@ -156,6 +348,33 @@ class CacheBackendConformance:
         path = self.resolve(self.fresh(backend), url)
         assert self.read(backend, path) == tree_of(model)
 
+    def test_racing_writers_one_manifest_same_objects(self, backend, origin, model):
+        """No lease at all: two writers write the same entry; the first commit wins, the second
+        returns the same path without replacing its manifest, and the second's abort (as after
+        any failure) deletes nothing of the committed entry."""
+        from hubcache.core.cache import download_into
+        from hubcache.core.handles import parse_handle
+        from hubcache.core.locate import locate
+
+        url = origin.add("/race.tar.gz", archive_of(model))
+        handle = parse_handle(url)
+        location = locate(handle, "COMPRESSED")
+        store = backend.store
+        first, second = store.writer(handle.key, url), store.writer(handle.key, url)
+        manifests = [download_into(w, handle, location, backend.config) for w in (first, second)]
+        assert first.commit(manifests[0]) == store.entry_path(handle.key)
+        fs, manifest = self.beside(backend, handle.key, ".manifest.json")
+        committed = fs.cat_file(manifest)
+        assert second.commit(manifests[1]) == store.entry_path(handle.key)
+        second.abort()
+        assert fs.cat_file(manifest) == committed
+        assert self.read(backend, store.entry_path(handle.key)) == tree_of(model)
+        assert self.fresh(backend).store.verify(handle.key, full=True) == []
+
+
+class ManagementCases(ConformanceFixtures):
+    """What ``hubcache ls``, ``rm`` and ``verify`` rest on: listing, removal, damage found."""
+
     def test_entries_and_remove(self, backend, origin, model):
         from hubcache.core.handles import cache_key
 
@@ -167,7 +386,29 @@ class CacheBackendConformance:
         assert backend.store.remove(cache_key(url))
         assert cache_key(url) not in self.committed_keys(self.fresh(backend))
 
-    # -- what another writer of the cache left: untrusted --------------------------------------
+    def test_damage_is_reported_by_entries_and_verify(self, backend, origin, model):
+        """A file rewritten with other bytes of its size is found by a full verify only (by its
+        CRC-32); a file gone is found by a quick one, and the entry is listed as damaged."""
+        from hubcache.core.handles import cache_key
+
+        url = origin.add("/d.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        fs, root = self.filesystem(backend, path)
+        pb = f"{root.rstrip('/')}/saved_model.pb"
+        original = fs.cat_file(pb)
+        fs.pipe_file(pb, bytes(len(original)))  # same size, other bytes
+        store = self.fresh(backend).store
+        assert store.verify(key) == []
+        problems = store.verify(key, full=True)
+        assert len(problems) == 1 and problems[0].startswith("saved_model.pb has CRC-32"), problems
+        fs.rm_file(pb)
+        assert store.verify(key) == ["saved_model.pb is missing"]
+        assert {e.key: e.state for e in self.fresh(backend).entries()}[key] == "damaged"
+
+
+class UntrustedCases(ConformanceFixtures):
+    """What another writer of the cache left is untrusted: an unsafe manifest is a miss."""
 
     POISONS = {
         # a file "of the entry" outside it: verify --full would read it, a tier copy would copy it
@@ -193,8 +434,7 @@ class CacheBackendConformance:
         path = self.resolve(backend, url)
         other_path = self.resolve(backend, other)
         key = cache_key(url)
-        fs, root = self.filesystem(backend, path)
-        manifest_path = root.rstrip("/")[: -len(key)] + key + ".manifest.json"
+        fs, manifest_path = self.beside(backend, key, ".manifest.json")
         data = json.loads(fs.cat_file(manifest_path))
         self.POISONS[poison](data)
         fs.pipe_file(manifest_path, json.dumps(data).encode())
@@ -220,14 +460,185 @@ class CacheBackendConformance:
         assert cache_key(other) in self.committed_keys(self.fresh(backend))
 
 
-class ObjectStoreConformance(CacheBackendConformance):
-    """Everything :class:`CacheBackendConformance` checks, plus what a backend whose store is an
-    :class:`~hubcache.core.objectstore.ObjectStore` must do: the versioned primitives the lease
-    rests on, and a lease that a stalled former holder can never overwrite. Subclass it (instead
-    of the base suite) for an object-store backend, with the same ``backend`` fixture.
+class ConcurrencyCases(ConformanceFixtures):
+    """Real processes on one cache (``MULTI_PROCESS``): the lease admits one holder at a time, and
+    processes resolving one handle download it once.
+
+    Each child rebuilds the backend from its class (importable by module and qualified name) and
+    the pickled config, inherits this process's environment, says it is ready, and starts when
+    told to, so that the children race.
     """
 
+    #: How many processes resolve the same handle at once.
+    RACERS = 3
+
+    def race(self, backend, workdir, script: str, *args: str, count: int) -> list[dict]:
+        """Run ``count`` children of ``script`` (see :data:`_CHILD_PRELUDE`) at once; return each
+        one's last JSON line. With ``SHARED_ACROSS_HOSTS`` each child has a temp dir of its own
+        (``<workdir>/child-<i>-tmp``), as another host would."""
+        import base64
+        import json
+        import pickle
+        import subprocess
+        import sys
+        import threading
+
+        cls = type(backend)
+        config = base64.b64encode(pickle.dumps(backend.config)).decode()
+        procs, logs = [], []
+        try:
+            for i in range(count):
+                env = dict(os.environ)
+                if self.SHARED_ACROSS_HOSTS:
+                    env["TMPDIR"] = str(workdir / f"child-{i}-tmp")
+                    os.makedirs(env["TMPDIR"])
+                logs.append(workdir / f"child-{i}-stderr.txt")
+                with open(logs[-1], "w") as stderr:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-c", _CHILD_PRELUDE + script, cls.__module__, cls.__qualname__, config,
+                         *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env))
+            for proc, log in zip(procs, logs):  # every child has imported and built its backend...
+                line: list[str] = []
+                reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+                reader.start()
+                reader.join(60)
+                assert line and json.loads(line[0])["event"] == "ready", f"{line}: {log.read_text()[-3000:]}"
+            for proc in procs:  # ...and now they all start at once
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            results = []
+            for proc, log in zip(procs, logs):
+                out, _ = proc.communicate(timeout=90)
+                assert proc.returncode == 0, log.read_text()[-3000:]
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            return results
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    def test_two_processes_race_for_the_lease_exactly_one_wins(self, backend, tmp_path):
+        """Two processes take the download lease of one key at the same moment: one wins, the
+        other waits (told who holds it) and gets the lease only after the winner released it;
+        a released lease leaves the key free."""
+        import uuid
+
+        self.require("MULTI_PROCESS")
+        key = uuid.uuid4().hex + "0" * 8
+        arrived = tmp_path / "arrived"
+        arrived.mkdir()
+        results = self.race(backend, tmp_path, _LEASE_RACER, key, str(arrived), count=2)
+        winners = [r for r in results if not r["waited_for"]]
+        assert len(winners) == 1, results
+        winner, loser = winners[0], next(r for r in results if r["waited_for"])
+        assert len(loser["waited_for"]) == 1 and f"pid {winner['pid']}" in loser["waited_for"][0], (
+            "the waiter is told who holds the lease", results)
+        assert loser["acquired"] >= winner["released"], "mutual exclusion"
+        assert self.fresh(backend).store.busy(key) is None, "a released lease leaves the key free"
+
+    def test_processes_resolving_one_handle_download_it_once(self, backend, origin, model, tmp_path):
+        """:attr:`RACERS` processes resolve one handle at the same moment (a download lasts about
+        a second): one downloads and commits, the others wait for it; all get the same path, the
+        origin serves the archive once."""
+        from hubcache.core.handles import cache_key
+
+        self.require("MULTI_PROCESS")
+        data = archive_of(model)
+        url = origin.add("/shared.tar.gz", data)
+        origin.throttle("/shared.tar.gz", len(data) / 1.0)
+        results = self.race(backend, tmp_path, _RESOLVER, url, count=self.RACERS)
+        entry = backend.store.entry_path(cache_key(url))
+        assert {r["path"] for r in results} == {entry}
+        assert origin.count("/shared.tar.gz") == 1, "exactly one origin download"
+        downloads = sum("download_started" in r["events"] for r in results)
+        commits = sum("committed" in r["events"] for r in results)
+        waits = sum("waiting" in r["events"] for r in results)
+        assert downloads == commits == 1 and waits == self.RACERS - 1, results
+        assert self.read(backend, entry) == tree_of(model)
+        if self.SHARED_ACROSS_HOSTS:
+            left = [os.path.join(d, f) for i in range(self.RACERS)
+                    for d, _, files in os.walk(tmp_path / f"child-{i}-tmp") for f in files]
+            assert left == [], "a shared cache leaves no local files"
+
+
+# A child process of the concurrency cases: the backend rebuilt from its class and config.
+_CHILD_PRELUDE = r"""
+import base64, importlib, json, os, pickle, sys, time
+
+module, qualname, config = sys.argv[1:4]
+args = sys.argv[4:]
+cls = importlib.import_module(module)
+for part in qualname.split("."):
+    cls = getattr(cls, part)
+backend = cls(pickle.loads(base64.b64decode(config)))
+
+def say(event, **data):
+    print(json.dumps({"event": event, "time": time.time(), **data}), flush=True)
+"""
+
+# Takes the lease of a key; holds it until both racers have arrived at lock() (however late one
+# started), and a little longer, so the other one's attempt meets a held lease.
+_LEASE_RACER = r"""
+key, arrived = args
+store = backend.store
+store.busy(key)  # the first request (a client's connection) before the go line
+say("ready")
+sys.stdin.readline()
+open(os.path.join(arrived, str(os.getpid())), "w").close()
+waited = []
+with store.lock(key, waited.append):
+    acquired = time.time()
+    while len(os.listdir(arrived)) < 2 and time.time() < acquired + 20:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    released = time.time()
+say("done", pid=os.getpid(), waited_for=waited, acquired=acquired, released=released)
+"""
+
+# Resolves a handle, recording the events it sees.
+_RESOLVER = r"""
+import hubcache
+from hubcache.core.handles import parse_handle
+from hubcache.core.locate import locate
+from hubcache.core.plugins import get_registry
+
+kinds = []
+
+class Spy:
+    @hubcache.hookimpl
+    def hubcache_event(self, event):
+        kinds.append(event.kind)
+
+get_registry().register(Spy(), "spy")
+handle = parse_handle(args[0])
+location = locate(handle, "COMPRESSED")
+backend.store.busy(handle.key)  # the first request (a client's connection) before the go line
+say("ready")
+sys.stdin.readline()
+path = backend.resolve(handle, location)
+say("resolved", path=path, events=kinds)
+"""
+
+
+class CacheBackendConformance(ResolveCases, CommitCases, ManagementCases, UntrustedCases, ConcurrencyCases):
+    """What every cache backend must do. Subclass it in a test module and provide a ``backend``
+    fixture returning a fresh instance of your backend (with its own empty cache root); set a
+    capability flag (:class:`ConformanceFixtures`) to ``False`` where your backend lacks it.
+
+    The suite starts its own origin server; it calls ``backend.resolve`` directly, so no
+    environment variables are needed. Small limits are set through ``Config.replace``: build your
+    backend from the ``conformance_config`` fixture to have them.
+    """
+
+
+class ObjectStoreFixtures(ConformanceFixtures):
+    """The fixtures of the object-store cases: the store, its lease TTL, a bucket no one created."""
+
     LEASE_TTL = 1.5
+    SUPPORTS_LINKS = False
+    SUPPORTS_EXEC_BIT = False
+    SHARED_ACROSS_HOSTS = True
 
     def object_store(self, backend):
         """The backend's store (the suite is for object stores only)."""
@@ -238,6 +649,19 @@ class ObjectStoreConformance(CacheBackendConformance):
             f"{type(backend).__name__}'s store is a {type(store).__name__}, not an ObjectStore: "
             "use CacheBackendConformance for it")
         return store
+
+    def missing_root(self, backend, tmp_path) -> tuple[str, str]:
+        """A root in a bucket no one created, of the backend's scheme (override it if creating
+        that bucket's name is not enough, e.g. a service that names buckets otherwise)."""
+        import uuid
+
+        scheme = str(backend.config.get("cache_dir")).split("://", 1)[0]
+        return f"{scheme}://hubcache-no-such-bucket-{uuid.uuid4().hex[:12]}/cache", "bucket"
+
+
+class ObjectStoreCases(ObjectStoreFixtures):
+    """The object-store primitives the commit and the lease rest on, listing, and capped reads of
+    what others wrote."""
 
     def test_conditional_replace_refuses_a_stale_version(self, backend):
         """The primitive the lease rests on: a rewrite against a version that is no longer the
@@ -264,6 +688,90 @@ class ObjectStoreConformance(CacheBackendConformance):
             store.replace_object(path, b"gone", second)
         assert store.read_versioned(path) is None
 
+    def test_create_object_refuses_an_existing_key(self, backend):
+        """The commit's and the lease's conditional create: an existing object, empty or not, is
+        never replaced (a client may close an empty "create only" upload with a plain write)."""
+        import uuid
+
+        store = self.object_store(backend)
+        path = store.object_path(f"probe-{uuid.uuid4().hex}")
+        store.create_object(path, b"first")
+        with pytest.raises(FileExistsError):
+            store.create_object(path, b"second")
+        assert store.read_object(path) == b"first"
+        empty = store.object_path(f"empty-{uuid.uuid4().hex}")
+        store.create_object(empty, b"")
+        with pytest.raises(FileExistsError):
+            store.create_object(empty, b"")
+        assert store.read_object(empty) == b""
+
+    def test_listing_an_entry_never_includes_its_siblings(self, backend):
+        """An entry's listing is what is under "<key>/", even when nothing is: a listing of the
+        prefix "<root>/<key>" would also find "<key>.lock", "<key>.manifest.json"..., which a
+        commit would delete as debris of an earlier archive (gcsfs 2024.12 answers so)."""
+        store = self.object_store(backend)
+        key = "ab" * 20
+        for name in (".lock", ".manifest.json", ".descriptor.txt"):
+            store.write_object(store.object_path(key + name), b"{}")
+        assert store.list_objects(store.object_path(key)) == {}
+        store.write_object(store.object_path(f"{key}/saved_model.pb"), b"pb")
+        assert store.list_objects(store.object_path(key)) == {store.object_path(f"{key}/saved_model.pb"): 2}
+
+    def test_what_others_wrote_is_read_with_a_cap_and_unlisted_objects_are_reported(
+            self, backend, origin, model, monkeypatch):
+        """Objects others wrote into the bucket are read with a cap: a manifest that is a valid
+        one followed by a megabyte of padding (so that, read whole, it would parse) is larger
+        than the cap, hence a damaged entry, downloaded again and replaced, after reading no more
+        than the cap plus one byte of it; a lease object padded the same way is read capped too.
+        An object planted in an entry that its manifest does not list is named by
+        ``verify --full``."""
+        import json
+
+        from hubcache.core import objectstore
+        from hubcache.core.handles import cache_key
+        from hubcache.core.verify import verify
+
+        store = self.object_store(backend)
+        monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 16 << 10)
+        url = origin.add("/capped.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        manifest_path = store.object_path(f"{key}.manifest.json")
+        padded = store.read_object(manifest_path) + b" " * (1 << 20)
+        store.write_object(manifest_path, padded)
+        lease_path = store._lease_path(key)
+        store.write_object(lease_path, json.dumps({"owner": "planted", "lease": "x", "time": 0}).encode()
+                           + b" " * (1 << 20))
+        fresh = self.fresh(backend).store
+        sizes: list[int] = []
+        for name in ("read_object", "read_versioned"):
+            original = getattr(fresh, name)
+
+            def counted(*args, _original=original, **kwargs):
+                out = _original(*args, **kwargs)
+                if out is not None:
+                    sizes.append(len(out if isinstance(out, bytes) else out[0]))
+                return out
+
+            setattr(fresh, name, counted)
+        assert fresh.lookup(key, url) is None, "a manifest over the cap is not trusted"
+        assert fresh.verify(key), "verify reports it"
+        assert fresh.busy(key) is None, "the planted lease is long dead"
+        assert sizes and max(sizes) <= max(objectstore.MAX_MANIFEST_BYTES, objectstore.MAX_SMALL_OBJECT) + 1, sizes
+        assert self.resolve(self.fresh(backend), url) == path
+        assert origin.count("/capped.tar.gz") == 2, "downloaded again"
+        assert len(store.read_object(manifest_path)) < len(padded), ("the manifest was replaced", len(store.read_object(manifest_path)), len(padded))
+
+        store.write_object(f"{store.object_path(key)}/planted.bin", b"not in the manifest")
+        [result] = verify([self.fresh(backend)], [url], full=True)
+        assert any("planted.bin" in problem for problem in result.problems), result.problems
+
+
+class LeaseCases(ObjectStoreFixtures):
+    """The lease: a stalled holder never overwrites its successor's lease or entry, a waiter
+    judges a lease by its holder's TTL, a planted lease cannot claim forever, and the requests a
+    holder, a waiter and a fleet send stay few."""
+
     def test_stalled_holder_cannot_overwrite_a_new_lease(self, backend, tmp_path):
         """Holder A (a real process) is stopped with SIGSTOP just before it rewrites its lease, stays
         stopped past the TTL, and B takes the lease over; when A resumes, its rewrite must be refused:
@@ -288,8 +796,6 @@ class ObjectStoreConformance(CacheBackendConformance):
         print(f"\n{type(backend).name}: lease TTL {self.LEASE_TTL:g} s; B took over {m['takeover_seconds']:.2f} s "
               f"after A stopped; A noticed the loss {m['a_noticed_seconds']:.2f} s after SIGCONT; "
               f"{m['lease_reads']} reads of B's lease, beats {m['b_beats'][0]}..{m['b_beats'][-1]}, none overwritten")
-
-    # -- many writers: TTLs, rates, removal (issue 12) -------------------------------------------
 
     def test_a_waiter_judges_a_lease_by_its_holders_ttl(self, backend, tmp_path):
         """A holder (a real process) with a 30 s TTL heartbeats every 10 s; a waiter whose own TTL
@@ -415,56 +921,6 @@ class ObjectStoreConformance(CacheBackendConformance):
         assert not store.list_objects(store.object_path(holder.key))
         assert store.read_object(store._lease_path(holder.key)) is None
 
-
-    def test_what_others_wrote_is_read_with_a_cap_and_unlisted_objects_are_reported(
-            self, backend, origin, model, monkeypatch):
-        """Objects others wrote into the bucket are read with a cap: a manifest that is a valid
-        one followed by a megabyte of padding (so that, read whole, it would parse) is larger
-        than the cap, hence a damaged entry, downloaded again and replaced, after reading no more
-        than the cap plus one byte of it; a lease object padded the same way is read capped too.
-        An object planted in an entry that its manifest does not list is named by
-        ``verify --full``."""
-        import json
-
-        from hubcache.core import objectstore
-        from hubcache.core.handles import cache_key
-        from hubcache.core.verify import verify
-
-        store = self.object_store(backend)
-        monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 16 << 10)
-        url = origin.add("/capped.tar.gz", archive_of(model))
-        path = self.resolve(backend, url)
-        key = cache_key(url)
-        manifest_path = store.object_path(f"{key}.manifest.json")
-        padded = store.read_object(manifest_path) + b" " * (1 << 20)
-        store.write_object(manifest_path, padded)
-        lease_path = store._lease_path(key)
-        store.write_object(lease_path, json.dumps({"owner": "planted", "lease": "x", "time": 0}).encode()
-                           + b" " * (1 << 20))
-        fresh = self.fresh(backend).store
-        sizes: list[int] = []
-        for name in ("read_object", "read_versioned"):
-            original = getattr(fresh, name)
-
-            def counted(*args, _original=original, **kwargs):
-                out = _original(*args, **kwargs)
-                if out is not None:
-                    sizes.append(len(out if isinstance(out, bytes) else out[0]))
-                return out
-
-            setattr(fresh, name, counted)
-        assert fresh.lookup(key, url) is None, "a manifest over the cap is not trusted"
-        assert fresh.verify(key), "verify reports it"
-        assert fresh.busy(key) is None, "the planted lease is long dead"
-        assert sizes and max(sizes) <= max(objectstore.MAX_MANIFEST_BYTES, objectstore.MAX_SMALL_OBJECT) + 1, sizes
-        assert self.resolve(self.fresh(backend), url) == path
-        assert origin.count("/capped.tar.gz") == 2, "downloaded again"
-        assert len(store.read_object(manifest_path)) < len(padded), ("the manifest was replaced", len(store.read_object(manifest_path)), len(padded))
-
-        store.write_object(f"{store.object_path(key)}/planted.bin", b"not in the manifest")
-        [result] = verify([self.fresh(backend)], [url], full=True)
-        assert any("planted.bin" in problem for problem in result.problems), result.problems
-
     @pytest.mark.parametrize("stall_at", ["upload", "commit"])
     def test_a_stalled_writer_never_overwrites_a_committed_entry(self, backend, tmp_path, stall_at):
         """Writer A (a real process) downloads version 1 of a model and is stopped with SIGSTOP in
@@ -504,12 +960,12 @@ class ObjectStoreConformance(CacheBackendConformance):
               f"{m['b_seconds']:.2f} s after A stopped; A returned B's entry {m['a_seconds']:.2f} s after "
               f"SIGCONT; 0 of A's writes landed on the committed entry")
 
-    # -- a tier chain over this store (issue 12) -------------------------------------------------
-    #
-    # What a host with a local tier in front of this store (``HUBCACHE_BACKEND=home,<backend>``)
-    # must do when others can write the bucket: an entry planted or damaged there is a miss (the
-    # origin serves, nothing is written outside the local tier), a digest read from the bucket
-    # never satisfies a pin, and the copy up never waits for another host's lease.
+
+class TierChainCases(ObjectStoreFixtures):
+    """What a host with a local tier in front of this store (``HUBCACHE_BACKEND=home,<backend>``)
+    must do when others can write the bucket: an entry planted or damaged there is a miss (the
+    origin serves, nothing is written outside the local tier), a digest read from the bucket
+    never satisfies a pin, and the copy up never waits for another host's lease."""
 
     #: A resolve that does not wait: a 20 KB model downloaded locally, a few bucket requests.
     TIER_AT_ONCE = 2.0
@@ -659,6 +1115,15 @@ class ObjectStoreConformance(CacheBackendConformance):
         assert path == local.entry_path(holder.key) and tree_of(path) == tree_of(tier_model)
         assert origin.count() == 1
         assert left == ({}, [None, None], holder.lease), "the bucket holds nothing but the holder's lease"
+
+
+class ObjectStoreConformance(ObjectStoreCases, LeaseCases, TierChainCases, CacheBackendConformance):
+    """Everything :class:`CacheBackendConformance` checks, plus what a backend whose store is an
+    :class:`~hubcache.core.objectstore.ObjectStore` must do (:class:`ObjectStoreCases`,
+    :class:`LeaseCases`, :class:`TierChainCases`). Subclass it (instead of the base suite) for an
+    object-store backend, with the same ``backend`` fixture. Its flags: no links
+    (``SUPPORTS_LINKS = False``: copies), no executable bit, shared across hosts.
+    """
 
 
 class LeaseHolder:
@@ -1048,8 +1513,13 @@ store = cls(pickle.loads(base64.b64decode(config))).store
 lease_path = store.object_path(f"{key}.lock")
 stalled = []
 
+said = threading.Lock()  # say() runs in two threads: one line each, never interleaved
+
 def say(event, **data):
-    print(json.dumps({"event": event, "time": time.time(), **data}), flush=True)
+    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
+    with said:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 def stalling(name):
     original = getattr(store, name)
@@ -1101,8 +1571,13 @@ prefix = store.object_path(handle.key) + "/"
 manifest_path = store.object_path(handle.key + ".manifest.json")
 uploads = []
 
+said = threading.Lock()  # say() runs in two threads: one line each, never interleaved
+
 def say(event, **data):
-    print(json.dumps({"event": event, "time": time.time(), **data}), flush=True)
+    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
+    with said:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 def stall():
     say("stalling")
