@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from .core.errors import HandleError, MissingDependencyError
 from .core.resolver import resolve
@@ -43,7 +43,7 @@ def import_tensorflow(handle: str | None = None) -> ModuleType:
                                      handle=handle, hint=INSTALL_HINT) from error
     except ImportError as error:
         raise _broken(error, handle) from error
-    return tf
+    return cast(ModuleType, tf)  # tensorflow is untyped here (no stubs): Any
 
 
 def _broken(error: ImportError, handle: str | None) -> MissingDependencyError:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from hubcache.plugin import MissingDependencyError, ObjectStoreBackend, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover (at run time the store class is imported when it is built)
-    from hubcache.plugin import ObjectStore
+    from hubcache.plugin import Backend, ObjectStore
 
 ENV_TOKEN = "HUBCACHE_GCS_TOKEN"
 
@@ -89,5 +89,5 @@ class GcsBackend(ObjectStoreBackend):
 
 
 @hookimpl
-def hubcache_register_backends(register):
+def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(GcsBackend)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import IO, AsyncIterator
+from typing import IO, Any, AsyncIterator, cast
 from urllib.parse import quote
 
 from hubcache.core.objectstore import ObjectStore, PreconditionFailed
@@ -49,7 +49,7 @@ class GcsObjectStore(ObjectStore):
             raise OSError(f"no generation in the response for gs://{path}")
         return bytes(data), str(generation)
 
-    def version_of(self, info: dict) -> str:
+    def version_of(self, info: dict[str, Any]) -> str:
         """The generation (gcsfs puts it in every listing's and ``info``'s record)."""
         return str(info.get("generation") or "")
 
@@ -85,7 +85,7 @@ class GcsObjectStore(ObjectStore):
         both enforce (a resumable upload's are ignored by the emulator)."""
         from fsspec.asyn import sync
 
-        return sync(self.fs.loop, self._put, path, data, expected)
+        return cast(str, sync(self.fs.loop, self._put, path, data, expected))  # fsspec is untyped
 
     def put_batch_versioned(self, batch: dict[str, tuple[bytes, str]]) -> dict[str, str | None]:
         """The batch's conditional uploads sent concurrently on gcsfs's event loop."""

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Callable
 
 import hubcache
-from hubcache.core.backend import LocalCacheBackend
+from hubcache.core.backend import Backend, LocalCacheBackend
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from hubcache.core.handles import Handle
+    from hubcache.core.manifest import Manifest
 
 
 class HomeBackend(LocalCacheBackend):
@@ -19,7 +24,7 @@ class HomeBackend(LocalCacheBackend):
 
         return os.path.join(platformdirs.user_cache_dir(), "tfhub_modules")
 
-    def after_commit(self, handle, path, manifest) -> None:
+    def after_commit(self, handle: Handle, path: str, manifest: Manifest) -> None:
         """Enforce ``HUBCACHE_MAX_SIZE``: evict least recently used entries until under budget.
 
         The entry just committed and entries in use by any process are never evicted.
@@ -32,5 +37,5 @@ class HomeBackend(LocalCacheBackend):
 
 
 @hubcache.hookimpl
-def hubcache_register_backends(register):
+def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(HomeBackend)

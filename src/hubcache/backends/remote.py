@@ -9,7 +9,7 @@ archive cannot be read in place, so an archive handle is an error here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, cast
 
 import hubcache
 from hubcache.core.backend import Backend
@@ -27,7 +27,7 @@ def _filesystem(path: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(path)
+        return cast("tuple[Any, str]", fsspec.core.url_to_fs(path))  # fsspec is untyped
     except ImportError as error:
         scheme = path.split("://", 1)[0]
         raise MissingDependencyError(f"cannot open {scheme}:// URLs: {error}",
@@ -65,5 +65,5 @@ class RemoteBackend(Backend):
 
 
 @hubcache.hookimpl
-def hubcache_register_backends(register):
+def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(RemoteBackend)

@@ -18,10 +18,14 @@ import logging
 import os
 import stat
 import tempfile
+from typing import TYPE_CHECKING, Callable
 
 import hubcache
 from hubcache.core import safefs
-from hubcache.core.backend import LocalCacheBackend
+from hubcache.core.backend import Backend, LocalCacheBackend
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from hubcache.core.localstore import LocalStore
 
 logger = logging.getLogger("hubcache")
 _explained: set[tuple[str, str]] = set()
@@ -77,7 +81,7 @@ class TmpBackend(LocalCacheBackend):
     def default_root(self) -> str:
         return default_root(tempfile.gettempdir())
 
-    def make_store(self, root: str):
+    def make_store(self, root: str) -> LocalStore:
         store = super().make_store(root)
         tmp = tempfile.gettempdir()
         if store.root in (os.path.join(tmp, "tfhub_modules"), per_user_root(tmp)):
@@ -90,5 +94,5 @@ class TmpBackend(LocalCacheBackend):
 
 
 @hubcache.hookimpl
-def hubcache_register_backends(register):
+def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(TmpBackend)

@@ -12,6 +12,7 @@ from .handles import Handle, parse_handle
 from .locate import Location
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .localstore import LocalStore
     from .manifest import Manifest
     from .objectstore import ObjectStore
     from .store import EntryInfo, Store
@@ -221,7 +222,7 @@ class LocalCacheBackend(CacheBackend):
 
     protocols = ("",)
 
-    def make_store(self, root: str) -> Store:
+    def make_store(self, root: str) -> LocalStore:
         from .localstore import LocalStore
 
         self._check_root(root)

@@ -108,7 +108,7 @@ def _download(handle: Handle, location: Location, config: Config, backend: str) 
     return fill, restart
 
 
-def download_into(writer, handle: Handle, location: Location, config: Config, backend: str = "", *,
+def download_into(writer: EntryWriter, handle: Handle, location: Location, config: Config, backend: str = "", *,
                   deadline: Deadline | None = None) -> Manifest:
     """Stream ``location`` into ``writer`` and return the manifest to commit (not yet committed).
 

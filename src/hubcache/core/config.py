@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .errors import ConfigError
 
@@ -56,10 +57,12 @@ class Config:
 
     settings: dict[str, Setting] = field(default_factory=dict)
 
-    def __getitem__(self, name: str) -> object:
+    # Any: a setting's type depends on its name (text, a number, a flag, None when unset), so
+    # callers convert (``float(config.get("timeout", 60.0))``) as they did before annotations.
+    def __getitem__(self, name: str) -> Any:
         return self.settings[name].value
 
-    def get(self, name: str, default: object = None) -> object:
+    def get(self, name: str, default: object = None) -> Any:
         setting = self.settings.get(name)
         return default if setting is None else setting.value
 
@@ -165,7 +168,7 @@ def _flag_value(name: str) -> object:
 
 
 def _env_or_flag(env: str, flag: str, default: object, name: str, help: str) -> Setting:
-    value = os.environ.get(env)
+    value: object = os.environ.get(env)
     if value:
         return Setting(name, value, "env", env, help)
     value = _flag_value(flag)
@@ -174,7 +177,8 @@ def _env_or_flag(env: str, flag: str, default: object, name: str, help: str) -> 
     return Setting(name, default, "default", "", help)
 
 
-def _env(env: str, default: object, name: str, help: str, parse=None) -> Setting:
+def _env(env: str, default: object, name: str, help: str,
+         parse: Callable[[str], object] | None = None) -> Setting:
     text = os.environ.get(env)
     if text is None or text.strip() == "":
         return Setting(name, default, "default", "", help)
@@ -254,10 +258,12 @@ def load_config() -> Config:
 
 #: The variables whose values select a backend or change what a resolve returns.
 _FINGERPRINT_VARS = (ENV_BACKEND, ENV_CACHE_DIR, ENV_LOAD_FORMAT, "HUBCACHE_OFFLINE", "HUBCACHE_PINS")
-_encoded_keys: dict[tuple[str, ...], tuple] = {}
+#: names -> the environment's own keys for them (bytes from os.environ.encodekey on POSIX, else
+#: the names); Any as the key type is the platform's.
+_encoded_keys: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
 
-def config_fingerprint(extra: tuple[str, ...] = ()) -> tuple:
+def config_fingerprint(extra: tuple[str, ...] = ()) -> tuple[object, ...]:
     """A cheap tuple that changes whenever the backend selection could change.
 
     Used by the resolver to memoise hits without re-reading every setting on each call, so it

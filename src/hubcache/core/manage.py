@@ -88,7 +88,7 @@ class Listed:
 
 def list_entries(backends: Sequence[CacheBackend]) -> list[Listed]:
     """Every entry of every backend, most recently used first within each backend."""
-    out = []
+    out: list[Listed] = []
     for backend in backends:
         store = backend.store
         entries = sorted(store.entries(), key=lambda e: -(e.last_used or 0.0))

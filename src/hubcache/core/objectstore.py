@@ -85,7 +85,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, cast
 
 from . import entry as layout, paths
 from .crc import file_crc32
@@ -244,10 +244,11 @@ class ObjectStore(Store):
         shared bucket is read with a cap, so a planted object of gigabytes costs a few bytes.
         """
         try:
+            # cast: fsspec is untyped; cat_file returns the object's bytes.
             if limit is None:
-                return self.fs.cat_file(path)
+                return cast(bytes, self.fs.cat_file(path))
             try:
-                return self.fs.cat_file(path, start=0, end=limit + 1)
+                return cast(bytes, self.fs.cat_file(path, start=0, end=limit + 1))
             except FileNotFoundError:
                 raise
             except Exception:
@@ -724,7 +725,9 @@ class ObjectStore(Store):
             self._leases.pop(key, None)
             lease.release()
 
-    def try_lock(self, key: str) -> contextlib.AbstractContextManager[str | None]:
+    # The base declares its @contextmanager's own type; any context manager yielding the same
+    # (None held, or why not) is what callers use.
+    def try_lock(self, key: str) -> contextlib.AbstractContextManager[str | None]:  # type: ignore[override]
         """The lease without waiting: exactly :meth:`guard` (a dead lease is taken over; a live
         one's holder is named and nothing is taken)."""
         return self.guard(key)
@@ -809,9 +812,9 @@ class ObjectStore(Store):
             files = self._relative(key, self.list_objects(self.object_path(key)))
             problems = self.check(files, manifest)
             if full:
-                bad = {p.split(" ", 1)[0] for p in problems}
+                damaged = {p.split(" ", 1)[0] for p in problems}
                 for record in manifest.files:
-                    if record.crc32 and record.path not in bad:
+                    if record.crc32 and record.path not in damaged:
                         with self.fs.open(f"{self.object_path(key)}/{record.path}", "rb") as f:
                             crc = file_crc32(f)[0]
                         if crc_hex(crc) != record.crc32:
@@ -933,7 +936,7 @@ class ObjectWriter(EntryWriter):
         self.prefix = store.object_path(key)
         self._pool = ThreadPoolExecutor(max_workers=store.workers, thread_name_prefix="hubcache-upload")
         self._slots = threading.BoundedSemaphore(2 * store.workers)
-        self._pending: list[Future] = []
+        self._pending: list[Future[None]] = []
         self._batch: dict[str, bytes] = {}
         self._batch_bytes = 0
         self._files: dict[str, int] = {}  # relative path -> size, regular files

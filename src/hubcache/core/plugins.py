@@ -12,17 +12,21 @@ breaking hubcache. ``HUBCACHE_DISABLE_PLUGINS=a,b`` blocks plugins (built-in or 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pluggy
 
 from .errors import ConfigError
 from .hookspecs import PROJECT, HookSpecs
 from .locate import DefaultLocator
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from .backend import Backend
 
 ENTRY_POINT_GROUP = "hubcache"
 ENV_DISABLE = "HUBCACHE_DISABLE_PLUGINS"
@@ -69,19 +73,21 @@ class Registry:
 
     def __init__(self, builtins: Mapping[str, str] | None = None) -> None:
         if builtins is None:
-            from ..default_plugins import DEFAULT_PLUGINS as builtins
+            from ..default_plugins import DEFAULT_PLUGINS
+
+            builtins = DEFAULT_PLUGINS
         self.builtins: dict[str, str] = dict(builtins)
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(HookSpecs)
         self.pm.register(DefaultLocator(), name="hubcache.locate")
         self.plugins: dict[str, PluginInfo] = {}
-        self.backends: dict[str, type] = {}
+        self.backends: dict[str, type[Backend]] = {}
         self.backend_plugin: dict[str, str] = {}
         #: every environment variable a registered backend declared (Backend.settings)
         self.setting_names: tuple[str, ...] = ()
 
     @property
-    def hook(self):
+    def hook(self) -> pluggy.HookRelay:
         return self.pm.hook
 
     def load_builtins(self) -> None:
@@ -89,7 +95,8 @@ class Registry:
         disabled = _disabled()
         for name, module in self.builtins.items():
             info = PluginInfo(name, module, builtin=True)
-            self._load(info, lambda module=module: importlib.import_module(module), disabled)
+            load: Callable[[], Any] = functools.partial(importlib.import_module, module)
+            self._load(info, load, disabled)
 
     def load_entry_points(self) -> None:
         """Register the plugins of the ``hubcache`` entry-point group, skipping the built-ins."""
@@ -148,7 +155,7 @@ class Registry:
             self._check_pending(plugin, name)
             info.hooks = sorted(caller.name for caller in (self.pm.get_hookcallers(plugin) or []))
 
-            def register_backend(cls: type) -> None:
+            def register_backend(cls: type[Backend]) -> None:
                 backend_name = getattr(cls, "name", "")
                 if not backend_name:
                     raise ConfigError(f"plugin {name!r} registered a backend class without a name")
@@ -196,7 +203,7 @@ class Registry:
                 f"{', '.join(map(repr, unknown))}",
                 hint=f"{guess}known hooks: {', '.join(KNOWN_HOOKS)}") from None
 
-    def backend_class(self, name: str) -> type:
+    def backend_class(self, name: str) -> type[Backend]:
         """The backend class called ``name``.
 
         Raises:

@@ -21,8 +21,10 @@ from .redact import redact
 DEFAULT_BACKEND = "tmp"
 UNCOMPRESSED_BACKEND = "remote"
 
-_memo: dict[tuple, tuple[str, Callable[[], bool] | None]] = {}
-_backends: dict[tuple, tuple[Config, Backend]] = {}
+#: (handle, config fingerprint) -> (path, still_valid) of a hit.
+_memo: dict[tuple[str, tuple[object, ...]], tuple[str, Callable[[], bool] | None]] = {}
+#: config fingerprint -> (config, backend).
+_backends: dict[tuple[object, ...], tuple[Config, Backend]] = {}
 _backends_lock = threading.Lock()
 
 
@@ -90,7 +92,9 @@ def locate_handle(handle: Handle, config: Config, *, load_format: str | None = N
     """
     if load_format is None:
         load_format = "UNCOMPRESSED" if config["load_format"] == "UNCOMPRESSED" else "COMPRESSED"
-    return get_registry().hook.hubcache_locate(handle=handle, load_format=load_format)
+    # pluggy's hook calls return Any: the spec (a firstresult hook) says what a locator returns.
+    location: Location = get_registry().hook.hubcache_locate(handle=handle, load_format=load_format)
+    return location
 
 
 def resolve(handle: str) -> str:

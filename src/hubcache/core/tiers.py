@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence, cast
 
 from .backend import Backend, CacheBackend
 from .cache import resolve_in_store
@@ -61,6 +61,10 @@ from .locate import Location
 from .manifest import Manifest, crc_hex
 from .pins import check_pin
 from .store import EntryWriter, Store
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from .paths import Limits
+    from .treewalk import Beneath
 
 logger = logging.getLogger("hubcache")
 
@@ -105,7 +109,7 @@ class TieredBackend(Backend):
     name = "tiers"
     description = "a chain of cache tiers read in order"
 
-    def __init__(self, config: Config, tiers: list[CacheBackend]):
+    def __init__(self, config: Config, tiers: Sequence[Backend]) -> None:
         super().__init__(config)
         if len(tiers) < 2:
             raise ConfigError("a tier chain needs at least two backends")
@@ -113,7 +117,7 @@ class TieredBackend(Backend):
             if not isinstance(tier, CacheBackend):
                 raise ConfigError(f"backend {tier.name!r} keeps no cache, so it cannot be a tier",
                                   hint="chain cache backends only, e.g. HUBCACHE_BACKEND=home,gcs")
-        self.tiers = tiers
+        self.tiers = cast("list[CacheBackend]", tiers)  # each one checked just above
         self.name = ",".join(t.name for t in tiers)  # type: ignore[misc]
 
     @classmethod
@@ -184,7 +188,7 @@ class TieredBackend(Backend):
         raise CacheError(f"no tier of {self.name} could store the download ({'; '.join(errors)})",
                          hint="make one tier writable, or use a single backend")
 
-    def _limits(self):
+    def _limits(self) -> Limits:
         from .paths import Limits
 
         return Limits(int(self.config.get("max_archive_bytes", Limits.max_bytes)),
@@ -250,10 +254,10 @@ class _Source:
     links, others through the source store's own filesystem (its credentials and endpoint; a
     plain ``fsspec.open`` would look credentials up again, or reach another endpoint)."""
 
-    def __init__(self, root: str, fs=None):
+    def __init__(self, root: str, fs: Any = None) -> None:  # Any: an fsspec filesystem (untyped)
         self.root = root
         self.fs = fs
-        self.tree = None
+        self.tree: Beneath | None = None
         if "://" not in root:
             from .treewalk import Beneath
 
@@ -262,15 +266,16 @@ class _Source:
             except OSError as error:
                 raise SourceUnusable(f"the entry directory cannot be opened ({error.strerror or error})") from None
 
-    def open(self, rel: str):
+    def open(self, rel: str) -> BinaryIO:
         if self.tree is not None:
             return os.fdopen(self.tree.open_file(rel), "rb")
         url = self.root.rstrip("/") + "/" + rel
+        # cast: fsspec is untyped; its files opened "rb" are binary file objects.
         if self.fs is not None:
-            return self.fs.open(self.fs._strip_protocol(url), "rb")
+            return cast(BinaryIO, self.fs.open(self.fs._strip_protocol(url), "rb"))
         import fsspec
 
-        return fsspec.open(url, "rb").open()
+        return cast(BinaryIO, fsspec.open(url, "rb").open())
 
     def close(self) -> None:
         if self.tree is not None:
@@ -306,7 +311,7 @@ class _Source:
             raise SourceUnusable(f"{rel} has CRC-32 {crc_hex(crc)}, but its manifest says {expected_crc}")
 
 
-def _fill(writer, root: str, manifest: Manifest, max_bytes: int, fs=None) -> None:
+def _fill(writer: EntryWriter, root: str, manifest: Manifest, max_bytes: int, fs: Any = None) -> None:
     """Write the validated ``manifest``'s entry from ``root``: directories, files, then links (so
     nothing is ever written through a link)."""
     dirs = set(manifest.dirs)

@@ -255,6 +255,7 @@ def exclusive(path: str, mode: int = 0o644) -> Iterator[str | None]:
         yield probe(path)
         return
     trusted = safefs.trusted_in(os.path.dirname(path))
+    fd: int | None
     try:
         fd = safefs.open_file(path, trusted, flags=os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=mode)
         # Created here, not by a use: mtime 0 reads as "no use recorded", so the entry keeps

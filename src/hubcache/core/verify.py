@@ -219,6 +219,7 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
 
     results = []
     for backend in backends:
+        targets: list[tuple[str, str | None, tuple[str, str] | None]]
         if handles:
             targets = []
             for text in handles:
