@@ -8,10 +8,42 @@ import logging
 import re
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from ._version import __version__
 from .core.errors import HubcacheError
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired, TypedDict
+
+    class _ConfigRow(TypedDict):
+        """One line of ``hubcache config``."""
+
+        name: str
+        value: object
+        source: str
+        help: NotRequired[str]
+
+    class _PluginRow(TypedDict):
+        """One plugin in ``hubcache plugins`` (and its ``--json``)."""
+
+        name: str
+        distribution: str
+        version: str
+        module: str
+        builtin: bool
+        backends: list[str]
+        hooks: list[str]
+        status: str
+        error: str
+
+    class _BackendTotals(TypedDict):
+        """One backend's summary in ``hubcache ls`` (and its ``--json``)."""
+
+        root: str
+        entries: int
+        bytes: int
+        states: dict[str, int]
 
 DESCRIPTION = """\
 Resolve ML model handles to loadable paths, through pluggable storage backends.
@@ -119,7 +151,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     registry = get_registry()
     backend = make_backend(name, config)
     details = backend.describe()
-    rows = [{"name": "backend (selected)", "value": name, "source": why}]
+    rows: list[_ConfigRow] = [{"name": "backend (selected)", "value": name, "source": why}]
     for key, value in details.items():
         if key == "tiers" and isinstance(value, list):  # a chain: one line per tier, in order
             for i, tier in enumerate(value, 1):
@@ -162,6 +194,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     registry = get_registry()
     plugins = [p for p in registry.plugins.values() if args.all or not p.builtin]
+    rows: list[_PluginRow]
     rows = [{"name": p.name, "distribution": p.distribution, "version": p.version, "module": p.value,
              "builtin": p.builtin, "backends": p.backends, "hooks": p.hooks,
              "status": "disabled" if p.disabled else ("failed" if p.error else "loaded"), "error": p.error}
@@ -229,7 +262,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     backends = cache_backends(load_config(), args.backend)
     listed = list_entries(backends)
-    totals = {b.name: {"root": b.store.root, "entries": 0, "bytes": 0, "states": {}} for b in backends}
+    totals: dict[str, _BackendTotals] = {b.name: {"root": b.store.root, "entries": 0, "bytes": 0, "states": {}}
+                                         for b in backends}
     for item in listed:
         total = totals[item.backend]
         total["entries"] += 1
@@ -265,7 +299,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .core.manage import ago, describe_handle
     from .core.prune import format_size
 
-    info = describe_handle(args.handle, load_config())
+    # A JSON document, nested (its shape: manage.describe_handle); read here as such.
+    info: dict[str, Any] = describe_handle(args.handle, load_config())
     if args.json:
         _print_json(info)
         return 0
@@ -314,7 +349,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from .core.manage import cache_backends, remove
     from .core.prune import format_size
 
-    results = remove(args.handles, cache_backends(load_config(), args.backend))
+    # JSON rows (their keys: manage.remove); read here as such.
+    results: list[dict[str, Any]] = remove(args.handles, cache_backends(load_config(), args.backend))
     if args.json:
         _print_json(results)
     else:
@@ -361,8 +397,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _say(f"{r.backend}: {verb} {format_size(r.freed)} in {len(r.removed)} entries; "
               f"{format_size(r.total_after)} {'would ' if r.dry_run else ''}remain in {r.root}"
               + (" (dry run: nothing was removed)" if r.dry_run else ""))
-        if r.over_budget:
-            _say(f"{r.backend}: still over the budget of {format_size(r.max_size)}: "
+        if r.over_budget:  # so there is a budget: max_size is an int
+            _say(f"{r.backend}: still over the budget of {format_size(cast(int, r.max_size))}: "
                   f"{len(r.kept)} entries are in use", err=True)
     return 0
 
@@ -598,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     restore_logging = _log_to_stderr() if args.verbose else None
     try:
-        return args.func(args)
+        command: Callable[[argparse.Namespace], int] = args.func  # set by each command's parser
+        return command(args)
     except HubcacheError as error:
         _say(f"hubcache: error: {error}", err=True)
         return 1

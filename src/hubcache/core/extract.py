@@ -14,7 +14,7 @@ import tarfile
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator, cast
 
 from .errors import ArchiveError, HubcacheError, UnsafeArchiveError
 from .formats import CHUNK, Readable, read_head, sniff
@@ -22,6 +22,18 @@ from .manifest import FileRecord, Manifest, crc_hex
 from .paths import EntryTree, Limits, member_path
 from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
 from .store import EntryWriter
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired, TypedDict, Unpack
+
+    class _ManifestFields(TypedDict):
+        """The :class:`Manifest` fields besides the file lists (see :meth:`Contents.manifest`)."""
+
+        handle: str
+        source: NotRequired[str]
+        archive: NotRequired[dict[str, object]]
+        created: NotRequired[float]
+        creator: NotRequired[str]
 
 __all__ = ["MAX_TRAILER", "Contents", "Limits", "Meter", "extract", "member_path"]
 
@@ -86,7 +98,7 @@ class Contents:
     symlinks: dict[str, str] = field(default_factory=dict)
     format: str = ""
 
-    def manifest(self, **fields) -> Manifest:
+    def manifest(self, **fields: Unpack[_ManifestFields]) -> Manifest:
         return Manifest(files=sorted(self.files.values(), key=lambda f: f.path),
                         dirs=sorted(self.dirs), symlinks=dict(sorted(self.symlinks.items())), **fields)
 
@@ -147,7 +159,8 @@ def _extract_decoded(fmt: str, decoded: Readable, gate: _TrailerGate, writer: En
     reader = ForwardReader(decoded)
     try:
         try:
-            tar = tarfile.open(fileobj=reader, mode="r:")
+            # Read-only, which is all the r: mode uses: tarfile neither writes nor closes a fileobj it is given.
+            tar = tarfile.open(fileobj=cast(IO[bytes], reader), mode="r:")
         except tarfile.ReadError as error:
             if fmt != "tar" and "empty" in str(error).lower():
                 raise ArchiveError(f"the {fmt} stream holds no tar archive") from None
@@ -206,7 +219,8 @@ def _unpack(tar: tarfile.TarFile, reader: ForwardReader, writer: EntryWriter, li
         member = tar.next()
         if member is None:
             break
-        tar.members.clear()  # tarfile keeps every member otherwise (pax headers and all)
+        # tarfile keeps every member otherwise (pax headers and all); typeshed leaves the list out.
+        tar.members.clear()  # type: ignore[attr-defined]
         reader.member_done()
         if tar.pax_headers and (len(tar.pax_headers) > 64
                                 or sum(len(k) + len(v) for k, v in tar.pax_headers.items()) > 64 << 10):
@@ -239,7 +253,7 @@ def _unpack(tar: tarfile.TarFile, reader: ForwardReader, writer: EntryWriter, li
             crc = [0]
             written = [0]
 
-            def chunks(pieces=member_data(tar, member)) -> Iterator[bytes]:
+            def chunks(pieces: Iterator[bytes] = member_data(tar, member)) -> Iterator[bytes]:
                 for data in pieces:
                     crc[0] = crc32(data, crc[0])
                     written[0] += len(data)

@@ -26,13 +26,20 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from .errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
 from .handles import origin_of
 from .objectread import open_pinned
 from .redact import split_credentials
+
+if TYPE_CHECKING:  # urllib3 is imported where it is used: importing hubcache does not import it
+    import urllib3
+    from _typeshed import HasFileno, WriteableBuffer
+    from urllib3.connection import HTTPConnection
+
+    from .objectread import PinnedObject
 
 USER_AGENT = "hubcache"
 RETRY_STATUS = (408, 425, 429, 500, 502, 503, 504)
@@ -42,13 +49,13 @@ MAX_REDIRECTS = 10
 DEADLINE_SETTING = "HUBCACHE_DOWNLOAD_DEADLINE"
 CHANGED_HINT = "try again once the file on the server stops changing"
 
-_pool = None
+_pool: urllib3.PoolManager | None = None
 _pool_lock = threading.Lock()
 #: ``.source``: the HttpSource whose request this thread is making (see ``_tracked_pool``)
 _requesting = threading.local()
 
 
-def _pool_manager():
+def _pool_manager() -> urllib3.PoolManager:
     global _pool
     if _pool is None:
         with _pool_lock:
@@ -62,23 +69,24 @@ def _pool_manager():
     return _pool
 
 
-def _tracked_pool(base: type) -> type:
+def _tracked_pool(base: type[urllib3.HTTPConnectionPool]) -> type[urllib3.HTTPConnectionPool]:
     """``base`` whose connections tell the :class:`HttpSource` making the request which one is
     waiting for response headers: its deadline can then cut a server that trickles its headers
     (each byte within the read timeout) as it cuts one that trickles its body."""
 
-    class Connection(base.ConnectionCls):
-        def getresponse(self, *args, **kwargs):
+    # A base known at run time only (the pool's own connection class): mypy cannot check it.
+    class Connection(base.ConnectionCls):  # type: ignore[name-defined, misc]
+        def getresponse(self, *args: Any, **kwargs: Any) -> urllib3.HTTPResponse:
             source = getattr(_requesting, "source", None)
             if source is None:
-                return super().getresponse(*args, **kwargs)
+                return cast("urllib3.HTTPResponse", super().getresponse(*args, **kwargs))
             source._waiting_on(self)
             try:
-                return super().getresponse(*args, **kwargs)
+                return cast("urllib3.HTTPResponse", super().getresponse(*args, **kwargs))
             finally:
                 source._waiting_on(None)
 
-    return type(base.__name__, (base,), {"ConnectionCls": Connection})
+    return cast("type[urllib3.HTTPConnectionPool]", type(base.__name__, (base,), {"ConnectionCls": Connection}))
 
 
 class Deadline:
@@ -133,7 +141,7 @@ class FileSource(Source):
         self.total = total
         self._deadline = deadline
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         # A slow filesystem (FUSE, NFS, a FIFO fed slowly) can trickle too; one clock read per
         # chunk is nothing next to the read itself.
         if self._deadline is not None and self._deadline.left() < 0:
@@ -148,9 +156,10 @@ class FileSource(Source):
         super().close()
 
 
-def _readinto(f, buffer) -> int:
-    data = f.read(len(buffer))
-    buffer[: len(data)] = data
+def _readinto(f: Any, buffer: WriteableBuffer) -> int:
+    view = cast("bytearray | memoryview", buffer)  # what io hands readinto
+    data = f.read(len(view))
+    view[: len(data)] = data
     return len(data)
 
 
@@ -195,8 +204,9 @@ class HttpSource(Source):
         self._deadline = deadline
         self._expired = False
         self._guard = threading.Lock()
-        self._live = None  # the response being read, for the watchdog
-        self._pending = None  # the connection waiting for response headers, for the watchdog
+        self._live: urllib3.BaseHTTPResponse | None = None  # the response being read, for the watchdog
+        # the connection waiting for response headers, for the watchdog
+        self._pending: HTTPConnection | None = None
         self._watchdog: threading.Timer | None = None
         if deadline is not None:
             self._watchdog = threading.Timer(max(0.0, deadline.left()), self._expire)
@@ -216,7 +226,8 @@ class HttpSource(Source):
     def _fail(self, message: str, status: int | None = None) -> DownloadError:
         return DownloadError(f"{message} ({self._where()})", url=self.url, status=status, attempts=self._attempts)
 
-    def _changed(self, message: str, response=None, hint: str = CHANGED_HINT) -> SourceChangedError:
+    def _changed(self, message: str, response: urllib3.BaseHTTPResponse | None = None,
+                 hint: str = CHANGED_HINT) -> SourceChangedError:
         if response is not None:
             _discard_response(response)
         return SourceChangedError(f"{message} ({self._where()})", url=self.url, attempts=self._attempts,
@@ -237,7 +248,7 @@ class HttpSource(Source):
             _shutdown(getattr(response, "connection", None))
         _shutdown(pending)
 
-    def _waiting_on(self, connection) -> None:
+    def _waiting_on(self, connection: HTTPConnection | None) -> None:
         """Called (by the pool's connections) while the headers of a response are awaited."""
         with self._guard:
             self._pending = connection
@@ -265,7 +276,7 @@ class HttpSource(Source):
             delay = min(delay, max(0.0, self._deadline.left()))
         time.sleep(delay)
 
-    def _get(self, headers: dict[str, str]):
+    def _get(self, headers: dict[str, str]) -> tuple[urllib3.BaseHTTPResponse, str, int]:
         """One GET of the URL, following redirects by hand: only to http(s) URLs, without the
         credentials once the host changes, and without urllib3 logging each redirect target
         (signed URLs)."""
@@ -306,7 +317,7 @@ class HttpSource(Source):
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
             url = target
 
-    def _request(self, offset: int):
+    def _request(self, offset: int) -> urllib3.BaseHTTPResponse:
         import urllib3
 
         headers = dict(self._headers)
@@ -355,7 +366,7 @@ class HttpSource(Source):
             self._check_resume(response, offset)
             return response
 
-    def _check_resume(self, response, offset: int) -> None:
+    def _check_resume(self, response: urllib3.BaseHTTPResponse, offset: int) -> None:
         """Accept the answer to a resume only if it continues the same file from ``offset``."""
         headers = response.headers
         etag, modified = headers.get("ETag"), headers.get("Last-Modified")
@@ -400,7 +411,7 @@ class HttpSource(Source):
                             "and nothing that shows it is the same file", response,
                             hint="the file may have changed, or the server ignores range requests; try again")
 
-    def _skip(self, response, count: int) -> None:
+    def _skip(self, response: urllib3.BaseHTTPResponse, count: int) -> None:
         import urllib3
 
         try:
@@ -415,9 +426,10 @@ class HttpSource(Source):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = cast("bytearray | memoryview", buffer)  # what io hands readinto
+        data = self.read(len(view))
+        view[:len(data)] = data
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
@@ -464,7 +476,7 @@ class HttpSource(Source):
         super().close()
 
 
-def _length(response) -> int | None:
+def _length(response: urllib3.BaseHTTPResponse) -> int | None:
     length = response.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None
 
@@ -480,7 +492,7 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
     return int(start), int(end), int(total) if total.isdigit() else None
 
 
-def _shutdown(connection) -> None:
+def _shutdown(connection: object) -> None:
     """Shut down a connection's socket so a read blocked on it returns (from another thread)."""
     sock = getattr(connection, "sock", None)
     if sock is not None:
@@ -489,7 +501,7 @@ def _shutdown(connection) -> None:
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def _discard_response(response) -> None:
+def _discard_response(response: urllib3.BaseHTTPResponse) -> None:
     """Let go of a response whose body is not wanted: a small one is drained so its connection
     can be reused; a large or unannounced one (perhaps a whole other version) closes it."""
     length = _length(response)
@@ -543,7 +555,7 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
     if "://" not in url or lower.startswith("file://"):
         path = url[7:] if lower.startswith("file://") else url
         try:
-            f = open(path, "rb", buffering=0)
+            f: io.FileIO | PinnedObject = open(path, "rb", buffering=0)
             size = _fstat_size(f)
         except OSError as error:
             raise DownloadError(f"cannot read {path}: {error.strerror or error}", url=shown) from None
@@ -573,7 +585,7 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
     return FileSource(url, f, size, deadline)
 
 
-def _fstat_size(f) -> int | None:
+def _fstat_size(f: HasFileno) -> int | None:
     import os
 
     try:

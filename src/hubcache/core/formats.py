@@ -12,7 +12,8 @@ from __future__ import annotations
 import bz2
 import lzma
 import zlib
-from typing import Callable, Protocol
+from types import ModuleType
+from typing import IO, Callable, Protocol, cast
 
 from .errors import ArchiveError
 
@@ -130,6 +131,32 @@ def _memory_error(name: str, error: BaseException) -> ArchiveError | None:
     return None
 
 
+class _Decompressor(Protocol):
+    """What :class:`_Decoder` uses of a stdlib-style decompressor (zlib's, bz2's, lzma's, isal's)."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes | memoryview, max_length: int, /) -> bytes: ...
+
+
+class _ZlibDecompressor(_Decompressor, Protocol):
+    """zlib's kind: hands back the input it has not consumed yet."""
+
+    @property
+    def unconsumed_tail(self) -> bytes: ...
+
+
+class _BufferingDecompressor(_Decompressor, Protocol):
+    """bz2's and lzma's kind: keeps its own input buffer, and says when it needs more."""
+
+    @property
+    def needs_input(self) -> bool: ...
+
+
 class _Decoder:
     """Bounded-output decoding of a multi-member stream with a stdlib-style decompressor.
 
@@ -140,7 +167,7 @@ class _Decoder:
 
     SLICE = 64 << 10
 
-    def __init__(self, raw: Readable, new: Callable[[], object], name: str, trailing_zeros_ok: bool):
+    def __init__(self, raw: Readable, new: Callable[[], _Decompressor], name: str, trailing_zeros_ok: bool):
         self._raw = _Idle(raw, name)
         self._new = new
         self._name = name
@@ -163,7 +190,7 @@ class _Decoder:
         self._pos += len(data)
         return data
 
-    def _next_member(self, rest: bytes) -> None:
+    def _next_member(self, rest: bytes | memoryview) -> None:
         if not rest:
             rest = self._take()
         # Zero padding after the last member (some tools write it) is read past and dropped;
@@ -185,17 +212,20 @@ class _Decoder:
                 self._next_member(dec.unused_data)
                 continue
             if self._zlib:
-                data = dec.unconsumed_tail or self._take()
+                data = cast(_ZlibDecompressor, dec).unconsumed_tail or self._take()
                 missing = not data
             else:
-                data = self._take() if dec.needs_input else b""
-                missing = dec.needs_input and not data
+                buffering = cast(_BufferingDecompressor, dec)
+                data = self._take() if buffering.needs_input else b""
+                missing = buffering.needs_input and not data
             if missing:
                 raise ArchiveError(f"the {self._name} stream is truncated (it ends before its end marker)",
                                    hint="the download was cut short or the file is damaged")
             try:
                 out = dec.decompress(data, size)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, *_inflate_errors()) as error:
+            # mypy does not follow the starred tuple (every item is an exception class).
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError,  # type: ignore[misc]
+                    *_inflate_errors()) as error:
                 raise _memory_error(self._name, error) or ArchiveError(f"corrupt {self._name} data: {error}") from None
             if out:
                 self._raw.count = 0
@@ -295,8 +325,9 @@ class _ZstdDecoder:
 
         self._walker = ZstdFrameWalker()
         self._idle = _Idle(raw, "zstd")
+        # zstandard reads any object with a read(); its stubs ask for a whole binary file.
         self._reader = zstandard.ZstdDecompressor(max_window_size=DECODER_MEMORY).stream_reader(
-            _Watched(self._idle, self._walker), read_size=CHUNK, read_across_frames=True)
+            cast(IO[bytes], _Watched(self._idle, self._walker)), read_size=CHUNK, read_across_frames=True)
 
     def read(self, size: int = -1) -> bytes:
         import zstandard
@@ -327,14 +358,15 @@ class _Watched:
         return data
 
 
-_inflate = None
+_inflate: ModuleType | None = None
 
 
-def inflate_module():
+def inflate_module() -> ModuleType:
     """The gzip inflater: ISA-L's (``isal``, same API as :mod:`zlib`, about 1.5x faster here) when
     installed, else the standard library's."""
     global _inflate
     if _inflate is None:
+        module: ModuleType  # zlib or isal_zlib, whichever is installed (the same API)
         try:
             from isal import isal_zlib as module
         except ImportError:

@@ -27,9 +27,12 @@ failure by looking the object's version up once more: another version (or no obj
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from .errors import SourceChangedError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: Bytes an fsspec file fetches per ranged request.
 BLOCK_SIZE = 1 << 22
@@ -64,14 +67,15 @@ class PinnedObject(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         try:
             if hasattr(self._f, "readinto"):
-                n = self._f.readinto(buffer)
+                n: int = self._f.readinto(buffer)
             else:
-                data = self._f.read(len(buffer))
+                view = cast("bytearray | memoryview", buffer)  # what io hands readinto
+                data = self._f.read(len(view))
                 n = len(data)
-                buffer[:n] = data
+                view[:n] = data
         except OSError as error:
             # The pinned version is gone (a 404, a 412) or the read just failed: ask once more.
             self._raise_if_changed(f"reading from byte {self.position} failed ({_short(error)})",
@@ -138,9 +142,10 @@ def open_pinned(fs: Any, path: str, url: str, block_size: int = BLOCK_SIZE) -> P
     return pinner(fs, path, url, block_size)
 
 
-def _fresh(fs: Any, path: str) -> dict:
+def _fresh(fs: Any, path: str) -> dict[str, Any]:
     fs.invalidate_cache(path)
-    return fs.info(path)
+    info: dict[str, Any] = fs.info(path)  # fsspec is untyped: its info is a dict
+    return info
 
 
 def _path_generation(fs: Any, path: str, url: str, block_size: int) -> PinnedObject:
@@ -165,7 +170,8 @@ def _path_generation(fs: Any, path: str, url: str, block_size: int) -> PinnedObj
 
     def fetch(start: int, end: int) -> bytes:
         # The coroutine of the view itself: fsspec binds an instance's sync methods to it.
-        return sync(versioned.loop, versioned._cat_file, pinned, start=start, end=end)
+        data: bytes = sync(versioned.loop, versioned._cat_file, pinned, start=start, end=end)
+        return data
 
     blocks = _Blocks(fetch, int(info["size"]), block_size)
     return PinnedObject(url, blocks, version, current, check_each_block=False, block_size=block_size)
@@ -198,7 +204,7 @@ class _Blocks:
         self._offset = 0  # where the next block starts
         self._block = memoryview(b"")
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:
         if not self._block and self._offset < self.size:
             end = min(self.size, self._offset + self._block_size)
             data = self._fetch(self._offset, end)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .errors import UnsafeArchiveError
 
@@ -201,7 +201,7 @@ def _resolve(path: str, target: str, windows: bool, what: str) -> tuple[str, boo
         raise refuse("a path with a drive letter")
     if "\\" in target:
         raise refuse("a path with a backslash (a separator on Windows, a plain character elsewhere)")
-    ups = _UPS.match(target).end()
+    ups = _UPS.match(target).end()  # type: ignore[union-attr]  # it matches the empty string: never None
     rest = target[ups:]
     parents = path.split("/")[:-1]
     plain = bool(rest) and not _unclean(rest)
@@ -449,7 +449,7 @@ class EntryTree:
         Returns the node the target names and the non-directories it passes through. Names not
         in the tree get placeholders, so a link that arrives at one of them later is caught.
         """
-        node = link.parent
+        node = cast(_Node, link.parent)  # a link is never the root
         walked: list[_Node] = []
         pushed = False
         for part in target.split("/"):
@@ -467,7 +467,7 @@ class EntryTree:
                                       f"({_show(node.path())})")
                 walked.append(node)
             if part == "..":
-                node = node.parent  # never above the root: _resolve checked the text
+                node = cast(_Node, node.parent)  # never above the root: _resolve checked the text
                 pushed = False
                 continue
             node = self._child(node, part, path)
@@ -584,7 +584,7 @@ class EntryTree:
                     raise self._error(path, "is part of a symlink cycle")
                 seen.add(id(node))
                 chain.append(node)
-                node = node.target
+                node = cast(_Node, node.target)  # a link's target is set when it is added
             base = hops.get(id(node), 0)
             for i, link in enumerate(reversed(chain), 1):
                 hops[id(link)] = base + i
@@ -623,7 +623,8 @@ def validate_manifest(manifest: Manifest, limits: Limits | None = None, *, windo
         tree.add_dir(claim(path, "directory"))
     for record in files:
         path = claim(getattr(record, "path", record), "file")
-        tree.add_file(path, getattr(record, "size", None))
+        # A record without an int size is refused by add_file (an invalid size), as it should be.
+        tree.add_file(path, getattr(record, "size", None))  # type: ignore[arg-type]
     for path, target in symlinks.items():
         tree.add_symlink(claim(path, "symlink"), target)
     tree.finish()

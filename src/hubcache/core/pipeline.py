@@ -15,9 +15,9 @@ import queue
 import tarfile
 import threading
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol, cast
 
-from .crc import crc32_function  # noqa: F401 - re-exported: the extractor's CRC-32 (one selector for all)
+from .crc import crc32_function as crc32_function  # noqa: F401 - re-exported: the extractor's CRC-32
 from .errors import UnsafeArchiveError
 from .formats import CHUNK, PrefixedReader, Readable, open_decoder
 
@@ -25,10 +25,16 @@ from .formats import CHUNK, PrefixedReader, Readable, open_decoder
 DEPTH = 4
 
 
+class _Hash(Protocol):
+    """What :class:`HashWorker` uses of a ``hashlib`` object."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
 class HashWorker:
     """Feeds chunks to hash objects in a thread; :meth:`finish` waits until all are hashed."""
 
-    def __init__(self, hashes: Iterable) -> None:
+    def __init__(self, hashes: Iterable[_Hash]) -> None:
         self._hashes = list(hashes)
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2 * DEPTH)
         self._thread = threading.Thread(target=self._work, name="hubcache-digest", daemon=True)
@@ -51,7 +57,7 @@ class HashWorker:
 
 
 @contextlib.contextmanager
-def background_digest(meter) -> Iterator[None]:
+def background_digest(meter: Readable) -> Iterator[None]:
     """While the block runs, ``meter`` hashes in a :class:`HashWorker` (a no-op for other readers).
 
     The digests are complete when the block exits, normally or not.
@@ -340,6 +346,6 @@ class ForwardReader:
 
 def member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
     """The bytes of a regular (not sparse) member, from :meth:`ForwardReader.chunks`."""
-    stream = tar.fileobj
+    stream = cast(ForwardReader, tar.fileobj)  # the reader the tar was opened on (extract.py)
     stream.seek(member.offset_data)
     return stream.chunks(member.size)

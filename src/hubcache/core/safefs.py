@@ -25,7 +25,7 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Collection
+from typing import Callable, Collection
 
 try:  # imported now, not on first use: a process that drops privileges later cannot load them
     import grp
@@ -187,7 +187,7 @@ def open_file(path: str, trusted: Collection[int], *, flags: int = os.O_RDONLY, 
     return _checked(fd, path, reason)
 
 
-def _checked(fd: int, path: str, reason) -> int:
+def _checked(fd: int, path: str, reason: Callable[[os.stat_result], str | None]) -> int:
     """``fd`` if ``reason(fstat(fd))`` finds nothing wrong; else it is closed and refused."""
     try:
         found = reason(os.fstat(fd))
