@@ -156,3 +156,12 @@ def test_crc_helper_equals_zlib(data):
 
 def test_one_crc_selector():
     assert pipeline.crc32_function is crc.crc32_function
+
+
+def test_a_key_is_exactly_40_hex_digits_not_one_with_a_trailing_newline():
+    """A name planted in a shared cache or bucket as ``<key>\\n`` is not an entry's key."""
+    from hubcache.core.entry import is_key
+
+    key = "0123456789abcdef0123456789abcdef01234567"
+    assert is_key(key)
+    assert not is_key(key + "\n") and not is_key(key.upper()) and not is_key(key[:-1]) and not is_key(" " + key)

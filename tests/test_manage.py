@@ -351,3 +351,19 @@ def test_prune_leaves_an_entry_used_since_it_was_listed(home, models):
     action = remove_entry(home(), entry, reason="test")
     assert action.outcome == "kept" and "used since it was listed" in action.kept_because
     assert committed(home) == {cache_key(models["a"])}
+
+
+def test_verify_applies_a_pins_line_that_names_the_handle_with_its_credentials(home, models, tmp_path, monkeypatch):
+    """``HUBCACHE_PINS`` may name a handle as the user writes it, credentials included (resolve
+    applies such a line); ``verify`` must apply it too, not only lines matching the handle with
+    its credentials hidden."""
+    from hubcache.core.verify import verify
+
+    handle = models["a"].replace("http://", "http://user:s3cret@", 1)
+    hubcache.resolve(handle)
+    pins = tmp_path / "pins.txt"
+    pins.write_text(f"{handle} sha256={'0' * 64}\n")
+    monkeypatch.setenv("HUBCACHE_PINS", str(pins))
+    resolver.clear_memo()
+    [result] = verify(cache_backends(resolver.load_config()), [handle])
+    assert result.status == "pin mismatch", (result.status, result.problems)

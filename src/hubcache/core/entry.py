@@ -26,7 +26,7 @@ from typing import Collection, Literal, Mapping, get_args
 from .._version import __version__
 
 #: A cache key: 40 lowercase hex digits.
-KEY = re.compile(r"^[0-9a-f]{40}$")
+KEY = re.compile(r"[0-9a-f]{40}")
 
 MANIFEST_SUFFIX = ".manifest.json"
 DESCRIPTOR_SUFFIX = ".descriptor.txt"
@@ -54,8 +54,9 @@ USABLE_STATES: tuple[EntryState, ...] = ("committed", "foreign")
 
 
 def is_key(text: str) -> bool:
-    """Whether ``text`` is a cache key (40 lowercase hex digits)."""
-    return KEY.match(text) is not None
+    """Whether ``text`` is a cache key (40 lowercase hex digits, nothing else: ``$`` would also
+    let a trailing newline through, and a name from a shared directory or bucket may have one)."""
+    return KEY.fullmatch(text) is not None
 
 
 def manifest_name(key: str) -> str:

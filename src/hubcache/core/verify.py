@@ -215,7 +215,7 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
     Raises:
         HubcacheError: for a malformed handle or pins file.
     """
-    from .pins import apply_pins
+    from .pins import apply_configured_pins
 
     results = []
     for backend in backends:
@@ -226,7 +226,7 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
                 if is_key(text):
                     targets.append((text, None, None))
                 else:
-                    parsed = apply_pins(parse_handle(text), backend.config)
+                    parsed = apply_configured_pins(parse_handle(text), backend.config)
                     targets.append((parsed.key, text, parsed.pin))
         else:
             targets = [(e.key, None, None) for e in backend.store.entries()]
