@@ -31,10 +31,21 @@ from __future__ import annotations
 
 import os
 import posixpath
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, TypedDict
 
 import pytest
 
 from .testkit import FORMATS, SUFFIX, OriginServer, archive_of, build_model_dir, hostile_archives, read_tree, tree_of
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import pathlib
+
+    from .core.backend import Backend, CacheBackend
+    from .core.config import Config
+    from .core.localstore import LocalStore
+    from .core.manifest import FileRecord, Manifest
+    from .core.objectstore import ObjectStore
+    from .core.tiers import TieredBackend
 
 
 class ConformanceFixtures:
@@ -66,23 +77,23 @@ class ConformanceFixtures:
     SHARED_ACROSS_HOSTS = False
 
     @pytest.fixture
-    def conformance_config(self):
+    def conformance_config(self) -> Config:
         from hubcache.core.config import load_config
 
         return load_config().replace(max_archive_bytes=self.MAX_BYTES, max_members=self.MAX_MEMBERS,
                                      retries=1, timeout=10.0)
 
     @pytest.fixture
-    def backend(self, conformance_config):  # pragma: no cover - subclasses provide it
+    def backend(self, conformance_config: Config) -> CacheBackend:  # pragma: no cover - subclasses provide it
         raise NotImplementedError("override the `backend` fixture")
 
     @pytest.fixture
-    def origin(self):
+    def origin(self) -> Iterator[OriginServer]:
         with OriginServer() as server:
             yield server
 
     @pytest.fixture
-    def model(self, tmp_path):
+    def model(self, tmp_path: pathlib.Path) -> str:
         return build_model_dir(tmp_path / "model", weights_bytes=200_000, shards=2)
 
     # helpers
@@ -93,7 +104,7 @@ class ConformanceFixtures:
         if bool(getattr(self, flag)) != needed:
             pytest.skip(f"{type(self).__name__}.{flag} is {getattr(self, flag)}: this case needs {flag} = {needed}")
 
-    def missing_root(self, backend, tmp_path) -> tuple[str, str] | None:
+    def missing_root(self, backend: CacheBackend, tmp_path: pathlib.Path) -> tuple[str, str] | None:
         """A cache root for ``backend`` in a container that does not exist (a bucket no one
         created), and a word the error of a resolve there must contain (in its message or its
         hint); ``None``: the backend makes whatever root it is given (a local directory), so
@@ -105,42 +116,47 @@ class ConformanceFixtures:
         """
         return None
 
-    def resolve(self, backend, url: str) -> str:
+    def resolve(self, backend: Backend, url: str) -> str:
         from hubcache.core.handles import parse_handle
         from hubcache.core.locate import locate
 
         handle = parse_handle(url)
         return backend.resolve(handle, locate(handle, "COMPRESSED"))
 
-    def fresh(self, backend):
+    def fresh(self, backend: CacheBackend) -> CacheBackend:
         """A new instance of the same backend on the same root (no in-memory state)."""
         return type(backend)(backend.config)
 
-    def filesystem(self, backend, path: str):
+    def filesystem(self, backend: CacheBackend, path: str) -> tuple[Any, str]:  # Any: an fsspec filesystem
         """``(fs, path)`` to read an entry with: the store's own filesystem when it has one (so a
         backend configured by its own settings, e.g. an endpoint URL, is read the same way)."""
         import fsspec
 
         fs = getattr(backend.store, "fs", None)
         if fs is None:
-            return fsspec.core.url_to_fs(path)
+            fs, root = fsspec.core.url_to_fs(path)
+            return fs, root
         return fs, fs._strip_protocol(path)
 
-    def beside(self, backend, key: str, suffix: str):
+    def beside(self, backend: CacheBackend, key: str, suffix: str) -> tuple[Any, str]:
         """``(fs, path)`` of the file ``<key><suffix>`` beside the entry ``key`` (its
         ``.manifest.json``, its ``.descriptor.txt``)."""
         fs, entry = self.filesystem(backend, backend.store.entry_path(key))
         return fs, entry.rstrip("/")[: -len(key)] + key + suffix
 
-    def read(self, backend, path: str) -> dict[str, bytes]:
+    def read(self, backend: CacheBackend, path: str) -> dict[str, bytes]:
         """Every file of an entry, read through the backend's filesystem."""
         return read_tree(path, self.filesystem(backend, path)[0])
 
-    def committed_keys(self, backend) -> set[str]:
+    def committed_keys(self, backend: CacheBackend) -> set[str]:
         return {e.key for e in backend.entries() if e.state == "committed"}
 
 
-def _tar(members: list[tuple[str, bytes | str, int]]) -> bytes:
+#: A member of :func:`_tar`'s archives: ``(name, content, mode)``.
+_Member = tuple[str, bytes | str, int]
+
+
+def _tar(members: list[_Member]) -> bytes:
     """A tar of ``(name, content, mode)``: ``content`` is the bytes of a file, or ``"sym:<target>"``
     / ``"hard:<existing>"`` for a link."""
     import io
@@ -162,12 +178,19 @@ def _tar(members: list[tuple[str, bytes | str, int]]) -> bytes:
     return buf.getvalue()
 
 
+def _pipe(stream: IO[str] | None) -> IO[str]:
+    """A child's ``stdin`` or ``stdout``, opened with ``PIPE`` (so never ``None``)."""
+    assert stream is not None, "the child was started without this pipe"
+    return stream
+
+
 class ResolveCases(ConformanceFixtures):
     """A resolve: every archive format, the layout tensorflow_hub reads, redirects and tfhub.dev
     handles, an entry tensorflow_hub wrote, links and the executable bit, a root that cannot exist."""
 
     @pytest.mark.parametrize("fmt", FORMATS)
-    def test_miss_then_hit_every_format(self, backend, origin, model, fmt):
+    def test_miss_then_hit_every_format(self, backend: CacheBackend, origin: OriginServer, model: str,
+                                        fmt: str) -> None:
         url = origin.add(f"/m{SUFFIX[fmt]}", archive_of(model, fmt))
         path = self.resolve(backend, url)
         assert self.read(backend, path) == tree_of(model)
@@ -175,7 +198,7 @@ class ResolveCases(ConformanceFixtures):
         assert self.resolve(self.fresh(backend), url) == path
         assert origin.count() == 1, "a hit must not contact the origin"
 
-    def test_layout_matches_tensorflow_hub(self, backend, origin, model):
+    def test_layout_matches_tensorflow_hub(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
         from hubcache.core.handles import cache_key
 
         url = origin.add("/layout.tar.gz", archive_of(model))
@@ -188,19 +211,20 @@ class ResolveCases(ConformanceFixtures):
         assert fs.exists(parent + key + ".manifest.json")
         assert b"Module: " + url.encode() in fs.cat_file(parent + key + ".descriptor.txt")
 
-    def test_redirect_and_suffixless_url(self, backend, origin, model):
+    def test_redirect_and_suffixless_url(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
         origin.add("/blob/abc", archive_of(model, "zst"))
         url = origin.redirect("/download/model", "/blob/abc")
         path = self.resolve(backend, url + "?token=1")
         assert self.read(backend, path) == tree_of(model)
 
-    def test_tfhub_style_handle(self, backend, origin, model):
+    def test_tfhub_style_handle(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
         handle = origin.add_tfhub_model("/google/tiny/1", archive_of(model))
         path = self.resolve(backend, handle)
         assert self.read(backend, path) == tree_of(model)
         assert [r.query for r in origin.requests if r.path == "/google/tiny/1"] == ["tf-hub-format=compressed"]
 
-    def test_adopts_an_entry_tensorflow_hub_wrote(self, backend, origin, model):
+    def test_adopts_an_entry_tensorflow_hub_wrote(self, backend: CacheBackend, origin: OriginServer,
+                                                  model: str) -> None:
         """An entry tensorflow_hub wrote (the files and a descriptor, no manifest) is listed as
         ``foreign`` and adopted by the first resolve: served without contacting the origin."""
         from hubcache.core.handles import cache_key
@@ -217,14 +241,16 @@ class ResolveCases(ConformanceFixtures):
         assert {e.key: e.state for e in self.fresh(backend).entries()}[key] == "foreign"
         assert self.resolve(backend, url) == entry
         assert origin.count() == 0, "an adopted entry is not downloaded"
-        assert backend.store.read_manifest(key).creator == "adopted from tensorflow_hub"
+        # read_manifest is not on the Store API, but the stores hubcache ships (and this case) have it.
+        manifest = backend.store.read_manifest(key)  # type: ignore[attr-defined]
+        assert manifest.creator == "adopted from tensorflow_hub"
         assert self.read(backend, entry) == tree_of(model)
 
-    LINKS = [("chain", "sym:variables/alias", 0o777), ("saved_model.pb", b"model bytes", 0o644),
-             ("variables/v.data", b"weights" * 100, 0o644), ("variables/alias", "sym:v.data", 0o777),
-             ("hard.pb", "hard:saved_model.pb", 0o644)]
+    LINKS: list[_Member] = [("chain", "sym:variables/alias", 0o777), ("saved_model.pb", b"model bytes", 0o644),
+                             ("variables/v.data", b"weights" * 100, 0o644), ("variables/alias", "sym:v.data", 0o777),
+                             ("hard.pb", "hard:saved_model.pb", 0o644)]
 
-    def test_links_are_kept(self, backend, origin):
+    def test_links_are_kept(self, backend: CacheBackend, origin: OriginServer) -> None:
         """A symbolic link to a file stays a link with its target; a hard link has the bytes of
         the file it names; a full verify finds nothing."""
         from hubcache.core.handles import cache_key
@@ -239,7 +265,7 @@ class ResolveCases(ConformanceFixtures):
         assert fs.cat_file(f"{root}/hard.pb") == b"model bytes"
         assert backend.store.verify(cache_key(url), full=True) == []
 
-    def test_links_are_stored_as_copies(self, backend, origin):
+    def test_links_are_stored_as_copies(self, backend: CacheBackend, origin: OriginServer) -> None:
         """Without links, a symbolic or hard link to a file is stored as a copy of its bytes
         (``chain`` comes first: a link to a link the extractor has not seen yet, which the writer
         must follow); a full verify finds nothing."""
@@ -253,13 +279,15 @@ class ResolveCases(ConformanceFixtures):
         assert backend.store.verify(cache_key(url), full=True) == []
 
     @pytest.mark.parametrize("target", ["sym:variables", "sym:nothing-here"])
-    def test_links_to_directories_or_nothing_are_refused(self, backend, origin, target):
+    def test_links_to_directories_or_nothing_are_refused(self, backend: CacheBackend, origin: OriginServer,
+                                                         target: str) -> None:
         """Without links, a link to a directory or to nothing in the archive cannot be stored as
         a copy: an ``ArchiveError`` naming the member (and a hint), and nothing under the root."""
         from hubcache.core.errors import ArchiveError
 
         self.require("SUPPORTS_LINKS", False)
-        members = [("saved_model.pb", b"model", 0o644), ("variables/v.data", b"w", 0o644), ("link", target, 0o777)]
+        members: list[_Member] = [("saved_model.pb", b"model", 0o644), ("variables/v.data", b"w", 0o644),
+                                  ("link", target, 0o777)]
         url = origin.add("/badlink.tar", _tar(members))
         with pytest.raises(ArchiveError) as info:
             self.resolve(backend, url)
@@ -267,7 +295,7 @@ class ResolveCases(ConformanceFixtures):
         fs, root = self.filesystem(backend, backend.root)
         assert not fs.exists(root) or fs.find(root) == [], "a refused archive leaves nothing under the root"
 
-    def test_the_executable_bit_is_kept(self, backend, origin):
+    def test_the_executable_bit_is_kept(self, backend: CacheBackend, origin: OriginServer) -> None:
         from hubcache.core.handles import cache_key
 
         self.require("SUPPORTS_EXEC_BIT")
@@ -278,7 +306,8 @@ class ResolveCases(ConformanceFixtures):
         assert not fs.info(f"{root}/saved_model.pb")["mode"] & 0o111
         assert backend.store.verify(cache_key(url), full=True) == []
 
-    def test_a_missing_root_is_a_one_line_error(self, backend, origin, model, tmp_path):
+    def test_a_missing_root_is_a_one_line_error(self, backend: CacheBackend, origin: OriginServer, model: str,
+                                                tmp_path: pathlib.Path) -> None:
         """A cache root in a container that does not exist (:meth:`missing_root`: a bucket no one
         created) is a ``CacheError`` of one line naming the root, with a hint (``hubcache.resolve``
         adds the handle to any error)."""
@@ -301,7 +330,7 @@ class CommitCases(ConformanceFixtures):
     """The commit: the manifest is the commit; a hostile archive, an HTTP error or a cut
     connection commits nothing; two writers of one entry leave one manifest."""
 
-    def test_manifest_is_the_commit(self, backend, origin, model):
+    def test_manifest_is_the_commit(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
         from hubcache.core.handles import cache_key
 
         url = origin.add("/c.tar.gz", archive_of(model))
@@ -314,7 +343,8 @@ class CommitCases(ConformanceFixtures):
         assert self.read(backend, path) == tree_of(model)
 
     @pytest.mark.parametrize("name", sorted(hostile_archives(max_bytes=1024, max_members=10)))
-    def test_refuses_bad_archive_and_commits_nothing(self, backend, origin, name):
+    def test_refuses_bad_archive_and_commits_nothing(self, backend: CacheBackend, origin: OriginServer,
+                                                     name: str) -> None:
         from hubcache.core.errors import ArchiveError, DownloadError
 
         body = hostile_archives(max_bytes=self.MAX_BYTES, max_members=self.MAX_MEMBERS)[name]
@@ -325,7 +355,7 @@ class CommitCases(ConformanceFixtures):
         assert not os.path.exists("/tmp/hubcache-escape.txt")
 
     @pytest.mark.parametrize("status", [404, 500])
-    def test_http_errors_name_the_status(self, backend, origin, status):
+    def test_http_errors_name_the_status(self, backend: CacheBackend, origin: OriginServer, status: int) -> None:
         from hubcache.core.errors import DownloadError
 
         url = origin.add("/gone.tar.gz", b"", status=status)
@@ -334,7 +364,8 @@ class CommitCases(ConformanceFixtures):
         assert info.value.status == status and str(status) in str(info.value)
         assert not self.committed_keys(self.fresh(backend))
 
-    def test_cut_connection_commits_nothing_then_recovers(self, backend, origin, model):
+    def test_cut_connection_commits_nothing_then_recovers(self, backend: CacheBackend, origin: OriginServer,
+                                                          model: str) -> None:
         from hubcache.core.errors import DownloadError
 
         data = archive_of(model, "gz")
@@ -348,7 +379,8 @@ class CommitCases(ConformanceFixtures):
         path = self.resolve(self.fresh(backend), url)
         assert self.read(backend, path) == tree_of(model)
 
-    def test_racing_writers_one_manifest_same_objects(self, backend, origin, model):
+    def test_racing_writers_one_manifest_same_objects(self, backend: CacheBackend, origin: OriginServer,
+                                                      model: str) -> None:
         """No lease at all: two writers write the same entry; the first commit wins, the second
         returns the same path without replacing its manifest, and the second's abort (as after
         any failure) deletes nothing of the committed entry."""
@@ -375,7 +407,7 @@ class CommitCases(ConformanceFixtures):
 class ManagementCases(ConformanceFixtures):
     """What ``hubcache ls``, ``rm`` and ``verify`` rest on: listing, removal, damage found."""
 
-    def test_entries_and_remove(self, backend, origin, model):
+    def test_entries_and_remove(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
         from hubcache.core.handles import cache_key
 
         url = origin.add("/e.tar.gz", archive_of(model))
@@ -386,7 +418,8 @@ class ManagementCases(ConformanceFixtures):
         assert backend.store.remove(cache_key(url))
         assert cache_key(url) not in self.committed_keys(self.fresh(backend))
 
-    def test_damage_is_reported_by_entries_and_verify(self, backend, origin, model):
+    def test_damage_is_reported_by_entries_and_verify(self, backend: CacheBackend, origin: OriginServer,
+                                                      model: str) -> None:
         """A file rewritten with other bytes of its size is found by a full verify only (by its
         CRC-32); a file gone is found by a quick one, and the entry is listed as damaged."""
         from hubcache.core.handles import cache_key
@@ -410,7 +443,7 @@ class ManagementCases(ConformanceFixtures):
 class UntrustedCases(ConformanceFixtures):
     """What another writer of the cache left is untrusted: an unsafe manifest is a miss."""
 
-    POISONS = {
+    POISONS: dict[str, Callable[[dict[str, Any]], object]] = {  # a manifest's JSON -> edited in place
         # a file "of the entry" outside it: verify --full would read it, a tier copy would copy it
         "dotdot_file": lambda m: m["files"].append(["../../outside", 1, "00000000"]),
         "absolute_file": lambda m: m["files"].append(["/etc/hostname", 1, "00000000"]),
@@ -421,7 +454,8 @@ class UntrustedCases(ConformanceFixtures):
     }
 
     @pytest.mark.parametrize("poison", sorted(POISONS))
-    def test_an_unsafe_manifest_is_a_miss_and_is_replaced(self, backend, origin, model, poison):
+    def test_an_unsafe_manifest_is_a_miss_and_is_replaced(self, backend: CacheBackend, origin: OriginServer, model: str,
+                                                          poison: str) -> None:
         """A manifest someone else wrote into the cache is checked as an archive's members are: an
         unsafe one makes the entry damaged (a miss, downloaded again, its manifest replaced), and
         every other entry still lists, verifies and resolves; the damaged one can be removed."""
@@ -472,7 +506,8 @@ class ConcurrencyCases(ConformanceFixtures):
     #: How many processes resolve the same handle at once.
     RACERS = 3
 
-    def race(self, backend, workdir, script: str, *args: str, count: int) -> list[dict]:
+    def race(self, backend: CacheBackend, workdir: pathlib.Path, script: str, *args: str,
+             count: int) -> list[dict[str, Any]]:
         """Run ``count`` children of ``script`` (see :data:`_CHILD_PRELUDE`) at once; return each
         one's last JSON line. With ``SHARED_ACROSS_HOSTS`` each child has a temp dir of its own
         (``<workdir>/child-<i>-tmp``), as another host would."""
@@ -485,7 +520,8 @@ class ConcurrencyCases(ConformanceFixtures):
 
         cls = type(backend)
         config = base64.b64encode(pickle.dumps(backend.config)).decode()
-        procs, logs = [], []
+        procs: list[subprocess.Popen[str]] = []
+        logs: list[pathlib.Path] = []
         try:
             for i in range(count):
                 env = dict(os.environ)
@@ -499,13 +535,13 @@ class ConcurrencyCases(ConformanceFixtures):
                          *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env))
             for proc, log in zip(procs, logs):  # every child has imported and built its backend...
                 line: list[str] = []
-                reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+                reader = threading.Thread(target=lambda: line.append(_pipe(proc.stdout).readline()), daemon=True)
                 reader.start()
                 reader.join(60)
                 assert line and json.loads(line[0])["event"] == "ready", f"{line}: {log.read_text()[-3000:]}"
             for proc in procs:  # ...and now they all start at once
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
+                _pipe(proc.stdin).write("go\n")
+                _pipe(proc.stdin).flush()
             results = []
             for proc, log in zip(procs, logs):
                 out, _ = proc.communicate(timeout=90)
@@ -518,7 +554,8 @@ class ConcurrencyCases(ConformanceFixtures):
                     proc.kill()
                     proc.wait()
 
-    def test_two_processes_race_for_the_lease_exactly_one_wins(self, backend, tmp_path):
+    def test_two_processes_race_for_the_lease_exactly_one_wins(self, backend: CacheBackend,
+                                                               tmp_path: pathlib.Path) -> None:
         """Two processes take the download lease of one key at the same moment: one wins, the
         other waits (told who holds it) and gets the lease only after the winner released it;
         a released lease leaves the key free."""
@@ -537,7 +574,8 @@ class ConcurrencyCases(ConformanceFixtures):
         assert loser["acquired"] >= winner["released"], "mutual exclusion"
         assert self.fresh(backend).store.busy(key) is None, "a released lease leaves the key free"
 
-    def test_processes_resolving_one_handle_download_it_once(self, backend, origin, model, tmp_path):
+    def test_processes_resolving_one_handle_download_it_once(self, backend: CacheBackend, origin: OriginServer,
+                                                             model: str, tmp_path: pathlib.Path) -> None:
         """:attr:`RACERS` processes resolve one handle at the same moment (a download lasts about
         a second): one downloads and commits, the others wait for it; all get the same path, the
         origin serves the archive once."""
@@ -632,6 +670,32 @@ class CacheBackendConformance(ResolveCases, CommitCases, ManagementCases, Untrus
     """
 
 
+def _object_store(backend: CacheBackend) -> ObjectStore:
+    """``backend``'s store, which the object-store cases and measurements need to be an
+    :class:`~hubcache.core.objectstore.ObjectStore`."""
+    from hubcache.core.objectstore import ObjectStore
+
+    store = backend.store
+    assert isinstance(store, ObjectStore), (
+        f"{type(backend).__name__}'s store is a {type(store).__name__}, not an ObjectStore: "
+        "use CacheBackendConformance for it")
+    return store
+
+
+def _existing(store: ObjectStore, path: str) -> bytes:
+    """The bytes of the object ``path``, which must exist."""
+    data = store.read_object(path)
+    assert data is not None, f"{path} is gone"
+    return data
+
+
+def _manifest_of(store: LocalStore | ObjectStore, key: str) -> Manifest:
+    """The manifest of the entry ``key``, which must have one."""
+    manifest = store.read_manifest(key)
+    assert manifest is not None, f"no manifest for {key}"
+    return manifest
+
+
 class ObjectStoreFixtures(ConformanceFixtures):
     """The fixtures of the object-store cases: the store, its lease TTL, a bucket no one created."""
 
@@ -640,17 +704,11 @@ class ObjectStoreFixtures(ConformanceFixtures):
     SUPPORTS_EXEC_BIT = False
     SHARED_ACROSS_HOSTS = True
 
-    def object_store(self, backend):
+    def object_store(self, backend: CacheBackend) -> ObjectStore:
         """The backend's store (the suite is for object stores only)."""
-        from hubcache.core.objectstore import ObjectStore
+        return _object_store(backend)
 
-        store = backend.store
-        assert isinstance(store, ObjectStore), (
-            f"{type(backend).__name__}'s store is a {type(store).__name__}, not an ObjectStore: "
-            "use CacheBackendConformance for it")
-        return store
-
-    def missing_root(self, backend, tmp_path) -> tuple[str, str]:
+    def missing_root(self, backend: CacheBackend, tmp_path: pathlib.Path) -> tuple[str, str]:
         """A root in a bucket no one created, of the backend's scheme (override it if creating
         that bucket's name is not enough, e.g. a service that names buckets otherwise)."""
         import uuid
@@ -663,7 +721,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
     """The object-store primitives the commit and the lease rest on, listing, and capped reads of
     what others wrote."""
 
-    def test_conditional_replace_refuses_a_stale_version(self, backend):
+    def test_conditional_replace_refuses_a_stale_version(self, backend: CacheBackend) -> None:
         """The primitive the lease rests on: a rewrite against a version that is no longer the
         object's (or of an object that is gone) is refused, and changes nothing."""
         import uuid
@@ -674,7 +732,9 @@ class ObjectStoreCases(ObjectStoreFixtures):
         path = store.object_path(f"probe-{uuid.uuid4().hex}.lock")
         assert store.read_versioned(path) is None
         store.create_object(path, b"holder A, beat 1")
-        data, first = store.read_versioned(path)
+        versioned = store.read_versioned(path)
+        assert versioned is not None
+        data, first = versioned
         second = store.replace_object(path, b"holder A, beat 2", first)
         assert data == b"holder A, beat 1" and second != first
         with pytest.raises(PreconditionFailed):
@@ -688,7 +748,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
             store.replace_object(path, b"gone", second)
         assert store.read_versioned(path) is None
 
-    def test_create_object_refuses_an_existing_key(self, backend):
+    def test_create_object_refuses_an_existing_key(self, backend: CacheBackend) -> None:
         """The commit's and the lease's conditional create: an existing object, empty or not, is
         never replaced (a client may close an empty "create only" upload with a plain write)."""
         import uuid
@@ -705,7 +765,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
             store.create_object(empty, b"")
         assert store.read_object(empty) == b""
 
-    def test_listing_an_entry_never_includes_its_siblings(self, backend):
+    def test_listing_an_entry_never_includes_its_siblings(self, backend: CacheBackend) -> None:
         """An entry's listing is what is under "<key>/", even when nothing is: a listing of the
         prefix "<root>/<key>" would also find "<key>.lock", "<key>.manifest.json"..., which a
         commit would delete as debris of an earlier archive (gcsfs 2024.12 answers so)."""
@@ -718,7 +778,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
         assert store.list_objects(store.object_path(key)) == {store.object_path(f"{key}/saved_model.pb"): 2}
 
     def test_what_others_wrote_is_read_with_a_cap_and_unlisted_objects_are_reported(
-            self, backend, origin, model, monkeypatch):
+            self, backend: CacheBackend, origin: OriginServer, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
         """Objects others wrote into the bucket are read with a cap: a manifest that is a valid
         one followed by a megabyte of padding (so that, read whole, it would parse) is larger
         than the cap, hence a damaged entry, downloaded again and replaced, after reading no more
@@ -737,7 +797,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
         path = self.resolve(backend, url)
         key = cache_key(url)
         manifest_path = store.object_path(f"{key}.manifest.json")
-        padded = store.read_object(manifest_path) + b" " * (1 << 20)
+        padded = _existing(store, manifest_path) + b" " * (1 << 20)
         store.write_object(manifest_path, padded)
         lease_path = store._lease_path(key)
         store.write_object(lease_path, json.dumps({"owner": "planted", "lease": "x", "time": 0}).encode()
@@ -747,7 +807,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
         for name in ("read_object", "read_versioned"):
             original = getattr(fresh, name)
 
-            def counted(*args, _original=original, **kwargs):
+            def counted(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
                 out = _original(*args, **kwargs)
                 if out is not None:
                     sizes.append(len(out if isinstance(out, bytes) else out[0]))
@@ -760,7 +820,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
         assert sizes and max(sizes) <= max(objectstore.MAX_MANIFEST_BYTES, objectstore.MAX_SMALL_OBJECT) + 1, sizes
         assert self.resolve(self.fresh(backend), url) == path
         assert origin.count("/capped.tar.gz") == 2, "downloaded again"
-        assert len(store.read_object(manifest_path)) < len(padded), ("the manifest was replaced", len(store.read_object(manifest_path)), len(padded))
+        assert len(_existing(store, manifest_path)) < len(padded), ("the manifest was replaced", len(_existing(store, manifest_path)), len(padded))
 
         store.write_object(f"{store.object_path(key)}/planted.bin", b"not in the manifest")
         [result] = verify([self.fresh(backend)], [url], full=True)
@@ -772,7 +832,7 @@ class LeaseCases(ObjectStoreFixtures):
     judges a lease by its holder's TTL, a planted lease cannot claim forever, and the requests a
     holder, a waiter and a fleet send stay few."""
 
-    def test_stalled_holder_cannot_overwrite_a_new_lease(self, backend, tmp_path):
+    def test_stalled_holder_cannot_overwrite_a_new_lease(self, backend: CacheBackend, tmp_path: pathlib.Path) -> None:
         """Holder A (a real process) is stopped with SIGSTOP just before it rewrites its lease, stays
         stopped past the TTL, and B takes the lease over; when A resumes, its rewrite must be refused:
         B's lease object is never overwritten, B keeps it, and A notices it lost it.
@@ -797,7 +857,7 @@ class LeaseCases(ObjectStoreFixtures):
               f"after A stopped; A noticed the loss {m['a_noticed_seconds']:.2f} s after SIGCONT; "
               f"{m['lease_reads']} reads of B's lease, beats {m['b_beats'][0]}..{m['b_beats'][-1]}, none overwritten")
 
-    def test_a_waiter_judges_a_lease_by_its_holders_ttl(self, backend, tmp_path):
+    def test_a_waiter_judges_a_lease_by_its_holders_ttl(self, backend: CacheBackend, tmp_path: pathlib.Path) -> None:
         """A holder (a real process) with a 30 s TTL heartbeats every 10 s; a waiter whose own TTL
         is 1 s must judge the lease by the holder's 30 s and wait (here: time out), not take the
         live lease over after 1 s of silence."""
@@ -808,18 +868,18 @@ class LeaseCases(ObjectStoreFixtures):
 
         self.object_store(backend)
         with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0) as holder:
-            waiter = type(backend)(backend.config.replace(lease_ttl=1.0, lock_timeout=4.0)).store
+            waiter = self.object_store(type(backend)(backend.config.replace(lease_ttl=1.0, lock_timeout=4.0)))
             started = time.monotonic()
             with pytest.raises(CacheError) as info:
                 with waiter.lock(holder.key, lambda owner: None):
                     pass
             waited = time.monotonic() - started
-            lease = json.loads(waiter.read_object(waiter._lease_path(holder.key)))
+            lease = json.loads(_existing(waiter, waiter._lease_path(holder.key)))
         assert "held the download lease" in str(info.value) and f"pid {holder.pid}" in str(info.value)
         assert lease["lease"] == holder.lease, "the live lease was taken over"
         assert waited >= 4.0
 
-    def test_a_planted_lease_cannot_claim_an_endless_ttl(self, backend):
+    def test_a_planted_lease_cannot_claim_an_endless_ttl(self, backend: CacheBackend) -> None:
         """A lease claiming ``"ttl": 1e9`` is judged by at most max(own TTL, 10 min): one whose
         heartbeat time is 700 s old is a leftover, taken over at once."""
         import json
@@ -830,20 +890,20 @@ class LeaseCases(ObjectStoreFixtures):
         key = uuid.uuid4().hex + "0" * 8
         store.create_object(store._lease_path(key), json.dumps(
             {"owner": "planted", "lease": "x", "beat": 1, "time": time.time() - 700, "ttl": 1e9}).encode())
-        waiter = type(backend)(backend.config.replace(lease_ttl=5.0, lock_timeout=20.0)).store
+        waiter = self.object_store(type(backend)(backend.config.replace(lease_ttl=5.0, lock_timeout=20.0)))
         started = time.monotonic()
         with waiter.lock(key, lambda owner: None):
             took = time.monotonic() - started
-            ours = json.loads(waiter.read_object(waiter._lease_path(key)))
+            ours = json.loads(_existing(waiter, waiter._lease_path(key)))
         assert ours["owner"] != "planted" and took < 5.0, took
 
-    def test_heartbeat_at_most_once_a_second(self, backend):
+    def test_heartbeat_at_most_once_a_second(self, backend: CacheBackend) -> None:
         """Whatever the TTL, a holder rewrites its lease at most once a second (GCS allows about
         one update per second to one object name)."""
         import time
         import uuid
 
-        store = type(backend)(backend.config.replace(lease_ttl=0.3)).store
+        store = self.object_store(type(backend)(backend.config.replace(lease_ttl=0.3)))
         self.object_store(backend)
         key = uuid.uuid4().hex + "0" * 8
         lease_path = store._lease_path(key)
@@ -851,7 +911,7 @@ class LeaseCases(ObjectStoreFixtures):
         for name in ("replace_object", "write_object"):
             original = getattr(store, name)
 
-            def counted(path, *args, _original=original, **kwargs):
+            def counted(path: str, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
                 if path == lease_path:
                     rewrites.append(time.monotonic())
                 return _original(path, *args, **kwargs)
@@ -863,7 +923,7 @@ class LeaseCases(ObjectStoreFixtures):
         print(f"\n{type(backend).name}: TTL 0.3 s: {len(rewrites)} lease rewrites in 3.5 s")
         assert 2 <= len(rewrites) <= 4 and all(g >= 0.9 for g in gaps), rewrites
 
-    def test_waiter_request_rate_and_commit_latency(self, backend, tmp_path):
+    def test_waiter_request_rate_and_commit_latency(self, backend: CacheBackend, tmp_path: pathlib.Path) -> None:
         """A waiter (even with a tiny TTL of its own) polls a live lease's entry at about one
         manifest read a second (backoff with jitter, capped at 1 s) and reads the lease a few
         times per TTL of the holder; it notices the commit within about a second."""
@@ -877,7 +937,7 @@ class LeaseCases(ObjectStoreFixtures):
         assert m["lease_reads"] <= 3, m
         assert m["latency"] < 1.5
 
-    def test_a_fleet_takes_a_dead_lease_over_with_few_rewrites(self, backend):
+    def test_a_fleet_takes_a_dead_lease_over_with_few_rewrites(self, backend: CacheBackend) -> None:
         """Sixteen waiters (threads standing for hosts: only the requests they send matter here,
         and each has a store of its own) find the same dead lease at the same moment: one takes
         it over, and the lease object gets a few takeover rewrites, not one per waiter."""
@@ -887,7 +947,8 @@ class LeaseCases(ObjectStoreFixtures):
         assert m["winners"] == 1, m
         assert 1 <= m["rewrites"] <= 4, m
 
-    def test_rm_and_prune_keep_an_entry_whose_lease_is_alive(self, backend, tmp_path):
+    def test_rm_and_prune_keep_an_entry_whose_lease_is_alive(self, backend: CacheBackend,
+                                                             tmp_path: pathlib.Path) -> None:
         """While another process holds the lease of an entry it is downloading (objects uploaded,
         no manifest yet), ``rm`` and ``prune`` on this one keep the entry and say who downloads it;
         once the lease is past its TTL, the leftover goes, lease and all."""
@@ -899,14 +960,14 @@ class LeaseCases(ObjectStoreFixtures):
 
         self.object_store(backend)
         with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0, upload=True) as holder:
-            store = self.fresh(backend).store
+            store = self.object_store(self.fresh(backend))
             assert {e.key: e.state for e in store.entries()}.get(holder.key) == "in progress"
             busy = store.busy(holder.key)
             assert busy and f"pid {holder.pid}" in busy and "being downloaded by" in busy
             records = remove([holder.key], [self.fresh(backend)])
             report = prune_store(self.fresh(backend).store)
             objects = store.list_objects(store.object_path(holder.key))
-            lease = json.loads(store.read_object(store._lease_path(holder.key)))
+            lease = json.loads(_existing(store, store._lease_path(holder.key)))
         assert [(r["outcome"], r["reason"]) for r in records] == [("kept", busy)], records
         assert [(a.entry.key, a.outcome, a.kept_because) for a in report.actions] == [(holder.key, "kept", busy)]
         assert objects and lease["lease"] == holder.lease, "the download's objects and lease are intact"
@@ -922,7 +983,8 @@ class LeaseCases(ObjectStoreFixtures):
         assert store.read_object(store._lease_path(holder.key)) is None
 
     @pytest.mark.parametrize("stall_at", ["upload", "commit"])
-    def test_a_stalled_writer_never_overwrites_a_committed_entry(self, backend, tmp_path, stall_at):
+    def test_a_stalled_writer_never_overwrites_a_committed_entry(self, backend: CacheBackend, tmp_path: pathlib.Path,
+                                                                 stall_at: str) -> None:
         """Writer A (a real process) downloads version 1 of a model and is stopped with SIGSTOP in
         the middle of its upload (``upload``: before its second object; ``commit``: after its
         last lease check, just before it creates the manifest). The origin republishes the model
@@ -943,7 +1005,7 @@ class LeaseCases(ObjectStoreFixtures):
                                            republish=lambda: origin.add("/republished.tar.gz", new_archive))
             downloads = origin.count("/republished.tar.gz")
         key = cache_key(url)
-        store = self.fresh(backend).store
+        store = self.object_store(self.fresh(backend))
         manifest = store.read_manifest(key)
         assert m["a"]["event"] == "resolved", m["a"]
         assert m["a"]["path"] == m["b_path"] == store.entry_path(key)
@@ -971,7 +1033,7 @@ class TierChainCases(ObjectStoreFixtures):
     TIER_AT_ONCE = 2.0
 
     #: case -> how a bucket writer edits the entry's manifest (``abs_``: an absolute path).
-    TIER_LEAVING = {
+    TIER_LEAVING: dict[str, Callable[[Manifest, str], object]] = {
         "file ../../x": lambda m, abs_: m.files.append(_record("../../x", b"evil")),
         "absolute file name": lambda m, abs_: m.files.append(_record(abs_, b"evil")),
         "file a//b": lambda m, abs_: m.files.append(_record("variables//evil", b"evil")),
@@ -979,7 +1041,7 @@ class TierChainCases(ObjectStoreFixtures):
     }
 
     #: case -> how a bucket writer damages an object (``path``) behind its well-formed manifest.
-    TIER_DAMAGE = {
+    TIER_DAMAGE: dict[str, Callable[[ObjectStore, str, bytes], object]] = {
         "missing": lambda store, path, data: store.delete_objects([path]),
         "one byte longer": lambda store, path, data: store.write_object(path, data + b"!"),
         "same size, other bytes": lambda store, path, data: store.write_object(
@@ -987,10 +1049,10 @@ class TierChainCases(ObjectStoreFixtures):
     }
 
     @pytest.fixture
-    def tier_model(self, tmp_path):
+    def tier_model(self, tmp_path: pathlib.Path) -> str:
         return build_model_dir(tmp_path / "tier-model", weights_bytes=20_000)
 
-    def tier_chain(self, backend, local_root, **settings):
+    def tier_chain(self, backend: CacheBackend, local_root: pathlib.Path, **settings: object) -> TieredBackend:
         """A fresh two-tier chain: a local (``home``) cache on ``local_root``, then ``backend``'s
         store (a new instance on the same root), built directly from ``backend.config``."""
         from hubcache.backends.home import HomeBackend
@@ -1000,7 +1062,7 @@ class TierChainCases(ObjectStoreFixtures):
         local = HomeBackend(config.replace(cache_dir=str(local_root)))
         return TieredBackend(config, [local, type(backend)(config)])
 
-    def filled_bucket(self, backend, origin, model) -> tuple[str, str]:
+    def filled_bucket(self, backend: CacheBackend, origin: OriginServer, model: str) -> tuple[str, str]:
         """Resolve a handle of ``model`` with ``backend`` alone (a host filled the bucket), then
         forget the origin's request count. Returns the handle and its cache key."""
         from hubcache.core.handles import cache_key
@@ -1010,17 +1072,20 @@ class TierChainCases(ObjectStoreFixtures):
         origin.reset_counts()
         return url, cache_key(url)
 
-    def resolve_through_chain(self, backend, origin, model, tmp_path, url: str) -> str:
+    def resolve_through_chain(self, backend: CacheBackend, origin: OriginServer, model: str, tmp_path: pathlib.Path,
+                              url: str) -> str:
         """A second host (an empty local tier) resolves ``url`` through the chain. Asserts that
         the bucket's entry was a miss: nothing under ``tmp_path`` outside the local tier changed
         (victims wait where ``../../x`` of the local writer and an absolute name point), only the
         entry is in the local tier, the origin served once, the served files are the model's and
         their digest is one this process verified."""
         from hubcache.core.handles import parse_handle
+        from hubcache.core.localstore import LocalStore
 
         local_root = tmp_path / "host2" / "cache"
         chain = self.tier_chain(backend, local_root)
         local = chain.tiers[0].store
+        assert isinstance(local, LocalStore), local  # the home tier's store
         os.makedirs(local.root)
         for victim, data in ((local_root.parent / "x", b"victim"), (tmp_path / "abs-victim", b"v")):
             victim.write_bytes(data)
@@ -1034,12 +1099,13 @@ class TierChainCases(ObjectStoreFixtures):
         assert path == local.entry_path(key), path
         assert tree_of(path) == tree_of(model), "the served files are not the model's"
         assert origin.count() == 1, "the bucket's entry must not serve; the origin does"
-        assert local.read_manifest(key).archive.get("verified", True) is not False
+        assert _manifest_of(local, key).archive.get("verified", True) is not False
         return path
 
     @pytest.mark.parametrize("case", sorted(TIER_LEAVING))
-    def test_tier_chain_a_planted_manifest_leaving_the_entry_is_a_miss(self, backend, origin, tier_model,
-                                                                       tmp_path, case):
+    def test_tier_chain_a_planted_manifest_leaving_the_entry_is_a_miss(
+            self, backend: CacheBackend, origin: OriginServer, tier_model: str, tmp_path: pathlib.Path,
+            case: str) -> None:
         """A bucket writer adds a name that leaves the entry (``..``, absolute, not in normal
         form, a link out) to a committed entry's manifest, and plants the announced bytes where
         the name points: a host copying the entry down misses it, the origin serves, nothing is
@@ -1055,39 +1121,42 @@ class TierChainCases(ObjectStoreFixtures):
         self.resolve_through_chain(backend, origin, tier_model, tmp_path, url)
 
     @pytest.mark.parametrize("damage", sorted(TIER_DAMAGE))
-    def test_tier_chain_an_object_damaged_behind_its_manifest_is_a_miss(self, backend, origin, tier_model,
-                                                                        tmp_path, damage):
+    def test_tier_chain_an_object_damaged_behind_its_manifest_is_a_miss(
+            self, backend: CacheBackend, origin: OriginServer, tier_model: str, tmp_path: pathlib.Path,
+            damage: str) -> None:
         """A weights object of a committed entry is removed, lengthened, or rewritten with other
         bytes of the same size, its manifest left as it was: the copy down stops at the
         mismatch, nothing of it is served, the origin serves the handle."""
         store = self.object_store(backend)
         url, key = self.filled_bucket(backend, origin, tier_model)
-        weights = max(store.read_manifest(key).files, key=lambda r: r.size).path
+        weights = max(_manifest_of(store, key).files, key=lambda r: r.size).path
         path = store.object_path(f"{key}/{weights}")
-        self.TIER_DAMAGE[damage](store, path, store.read_object(path))
+        self.TIER_DAMAGE[damage](store, path, _existing(store, path))
         self.resolve_through_chain(backend, origin, tier_model, tmp_path, url)
 
-    def test_tier_chain_a_forged_entry_never_satisfies_a_pin(self, backend, origin, tier_model, tmp_path):
+    def test_tier_chain_a_forged_entry_never_satisfies_a_pin(self, backend: CacheBackend, origin: OriginServer,
+                                                             tier_model: str, tmp_path: pathlib.Path) -> None:
         """A bucket writer replaces an entry's objects with other bytes and its manifest with a
         consistent one (sizes, CRC-32s) that still claims the real archive's sha256: a host
         resolving the pinned handle through the chain downloads from the origin, checks the
         archive against the pin and serves the real model."""
         store = self.object_store(backend)
         url, key = self.filled_bucket(backend, origin, tier_model)
-        digest = store.read_manifest(key).archive["sha256"]
+        digest = _manifest_of(store, key).archive["sha256"]
         forged = tree_of(build_model_dir(tmp_path / "forged", weights_bytes=20_000, seed=7))
         assert forged != tree_of(tier_model)
         for rel, data in forged.items():
             store.write_object(store.object_path(f"{key}/{rel}"), data)
 
-        def claim(m) -> None:
+        def claim(m: Manifest) -> None:
             m.files = [_record(rel, data) for rel, data in sorted(forged.items())]
 
         assert _edit_manifest(store, key, claim).archive["sha256"] == digest
         assert self.fresh(backend).store.lookup(key, url) is not None, "a consistent entry: a hit in the bucket"
         self.resolve_through_chain(backend, origin, tier_model, tmp_path, f"{url}#sha256={digest}")
 
-    def test_tier_chain_copy_up_never_waits_for_a_live_lease(self, backend, origin, tier_model, tmp_path):
+    def test_tier_chain_copy_up_never_waits_for_a_live_lease(self, backend: CacheBackend, origin: OriginServer,
+                                                             tier_model: str, tmp_path: pathlib.Path) -> None:
         """Another process (a :class:`LeaseHolder`, heartbeat going) holds the bucket's lease of the
         handle's key while this host downloads it: the resolve returns the local path at once
         (the lock timeout is 60 s) and writes nothing under the key in the bucket."""
@@ -1099,7 +1168,7 @@ class TierChainCases(ObjectStoreFixtures):
         self.object_store(backend)
         url = origin.add("/tiers/leased.tar.gz", archive_of(tier_model))
         chain = self.tier_chain(backend, tmp_path / "local", lock_timeout=60.0)
-        local, bucket = (tier.store for tier in chain.tiers)
+        local, bucket = chain.tiers[0].store, self.object_store(chain.tiers[1])
         holder = LeaseHolder(backend, str(tmp_path), lease_ttl=30.0)
         holder.key = cache_key(url)
         with holder:
@@ -1108,7 +1177,7 @@ class TierChainCases(ObjectStoreFixtures):
             took = time.monotonic() - started
             left = (bucket.list_objects(bucket.object_path(holder.key)),
                     [bucket.read_object(bucket.object_path(holder.key + s)) for s in (".manifest.json", ".descriptor.txt")],
-                    json.loads(bucket.read_object(bucket._lease_path(holder.key)))["lease"])
+                    json.loads(_existing(bucket, bucket._lease_path(holder.key)))["lease"])
         print(f"\n{type(backend).name}: resolved through the chain in {took:.2f} s with the bucket lease held "
               "elsewhere (lock timeout 60 s)")
         assert took < self.TIER_AT_ONCE, f"waited {took:.1f} s for the bucket lease"
@@ -1135,7 +1204,7 @@ class LeaseHolder:
     The backend class must be importable by the child (see :func:`stalled_holder_takeover`).
     """
 
-    def __init__(self, backend, workdir: str, *, lease_ttl: float, upload: bool = False):
+    def __init__(self, backend: CacheBackend, workdir: str, *, lease_ttl: float, upload: bool = False) -> None:
         import uuid
 
         self.backend, self.workdir, self.lease_ttl, self.upload = backend, workdir, lease_ttl, upload
@@ -1157,7 +1226,7 @@ class LeaseHolder:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env={**os.environ, "TMPDIR": self.workdir})
         self.pid = self.proc.pid
-        line = self.proc.stdout.readline()
+        line = _pipe(self.proc.stdout).readline()
         if not line:
             self.__exit__(None, None, None)
             self._stderr.seek(0)
@@ -1165,10 +1234,10 @@ class LeaseHolder:
         self.lease = json.loads(line)["lease"]
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             if self.proc.poll() is None:
-                self.proc.stdin.close()
+                _pipe(self.proc.stdin).close()
                 self.proc.wait(30)
         finally:
             if self.proc.poll() is None:
@@ -1193,7 +1262,7 @@ with store.lock(key, lambda holder: None):
 """
 
 
-def waiter_request_rate(backend, workdir: str, window: float = 8.0) -> dict:
+def waiter_request_rate(backend: CacheBackend, workdir: str, window: float = 8.0) -> dict[str, float]:
     """Measure what one waiting host sends while another process (a :class:`LeaseHolder` with a
     30 s TTL) holds an entry's lease: its manifest reads per second over ``window`` seconds
     (``manifest_rate``; ``steady_rate`` after the first 2 s of backoff), its lease reads
@@ -1203,21 +1272,21 @@ def waiter_request_rate(backend, workdir: str, window: float = 8.0) -> dict:
     import time
 
     with LeaseHolder(backend, workdir, lease_ttl=30.0) as holder:
-        waiter = type(backend)(backend.config.replace(lease_ttl=0.4, lock_timeout=120.0)).store
+        waiter = _object_store(type(backend)(backend.config.replace(lease_ttl=0.4, lock_timeout=120.0)))
         manifest_path = waiter.object_path(f"{holder.key}.manifest.json")
         lease_path = waiter._lease_path(holder.key)
         reads: dict[str, list[float]] = {"manifest": [], "lease": []}
         for name in ("read_object", "read_versioned"):
             original = getattr(waiter, name)
 
-            def counted(path, *args, _original=original, **kwargs):
+            def counted(path: str, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
                 kind = {manifest_path: "manifest", lease_path: "lease"}.get(path)
                 if kind:
                     reads[kind].append(time.monotonic())
                 return _original(path, *args, **kwargs)
 
             setattr(waiter, name, counted)
-        result: list = []
+        result: list[str | float] = []
 
         def wait() -> None:
             with waiter.lock(holder.key, lambda owner: None):
@@ -1235,12 +1304,12 @@ def waiter_request_rate(backend, workdir: str, window: float = 8.0) -> dict:
         waiter.create_object(manifest_path, b"{}")  # "the commit": the waiter only needs it to exist
         committed = time.monotonic()
         thread.join(10)
-    assert result and result[0] != "lease", f"the waiter took the live lease: {result}"
+    assert result and not isinstance(result[0], str), f"the waiter took the live lease: {result}"
     return {"window": window, "manifest_rate": manifest_rate, "steady_rate": steady_rate,
             "lease_reads": lease_reads, "latency": result[0] - committed}
 
 
-def fleet_takeover(backend, waiters: int = 16) -> dict:
+def fleet_takeover(backend: CacheBackend, waiters: int = 16) -> dict[str, int]:
     """``waiters`` threads (standing for hosts: each has a store of its own) find the same dead
     lease at the same moment; returns ``winners`` (how many got the lease) and ``rewrites`` (the
     takeover rewrites the lease object received)."""
@@ -1251,7 +1320,7 @@ def fleet_takeover(backend, waiters: int = 16) -> dict:
 
     key = uuid.uuid4().hex + "0" * 8
     config = backend.config.replace(lease_ttl=5.0, lock_timeout=60.0)
-    stores = [type(backend)(config).store for _ in range(waiters)]
+    stores = [_object_store(type(backend)(config)) for _ in range(waiters)]
     lease_path = stores[0]._lease_path(key)
     stores[0].create_object(lease_path, json.dumps(
         {"owner": "dead", "lease": "x", "beat": 1, "time": time.time() - 1000, "ttl": 3}).encode())
@@ -1259,12 +1328,12 @@ def fleet_takeover(backend, waiters: int = 16) -> dict:
     for store in stores:
         original = store.replace_object
 
-        def counted(path, *args, _original=original, **kwargs):
+        def counted(path: str, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
             if path == lease_path:
                 attempts.append(time.monotonic())
             return _original(path, *args, **kwargs)
 
-        store.replace_object = counted
+        store.replace_object = counted  # type: ignore[method-assign]  # this instance's calls are counted
     start = threading.Barrier(len(stores))
     winners: list[int] = []
 
@@ -1285,7 +1354,28 @@ def fleet_takeover(backend, waiters: int = 16) -> dict:
     return {"waiters": waiters, "winners": len(winners), "rewrites": len(attempts)}
 
 
-def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
+class StalledHolderReport(TypedDict):
+    """What :func:`stalled_holder_takeover` measured (its keys are described there)."""
+
+    takeover_seconds: float
+    a_noticed_seconds: float | None
+    lease_reads: int
+    overwritten: list[dict[str, Any] | None]
+    b_beats: list[int]
+    b_beats_in_order: bool
+    b_waits: list[str]
+    b_waited_for_a: bool
+    b_wrote_its_lease: bool
+    a_lost: bool
+    a_exit_status: int
+    b_lost: bool
+    b_lease_after_a_exit: bool
+    b_released: bool
+    distinct_leases: bool
+    a_beat_pending: int
+
+
+def stalled_holder_takeover(backend: CacheBackend, workdir: str, lease_ttl: float) -> StalledHolderReport:
     """Run the stalled-holder scenario against ``backend``'s object store; return what happened.
 
     Holder A, a real child process, takes the lease of a fresh key and stops itself with
@@ -1331,12 +1421,16 @@ def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
          base64.b64encode(pickle.dumps(config)).decode(), key],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, "TMPDIR": workdir})
-    lines: list[dict] = []
-    reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in holder.stdout],
-                              daemon=True)
+    lines: list[dict[str, Any]] = []
+
+    def read_lines() -> None:
+        for line in _pipe(holder.stdout):
+            lines.append(json.loads(line))
+
+    reader = threading.Thread(target=read_lines, daemon=True)
     reader.start()
 
-    def wait_for(event: str, timeout: float) -> dict:
+    def wait_for(event: str, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = [line for line in lines if line["event"] == event]
@@ -1356,7 +1450,7 @@ def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
         _wait_stopped(holder.pid)
         stopped_at = time.time()
         # B: another host (this process), with its own store instance.
-        store_b = cls(config).store
+        store_b = _object_store(cls(config))
         waits: list[str] = []
         entered = store_b.lock(key, waits.append)
         entered.__enter__()
@@ -1368,7 +1462,7 @@ def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
         os.kill(holder.pid, signal.SIGCONT)
         resumed_at = time.time()
         # Read B's lease object for two TTLs after A resumed: A's pending rewrite must never land.
-        seen = []
+        seen: list[dict[str, Any] | None] = []
         while time.time() < resumed_at + 2 * lease_ttl:
             raw = store_b.read_object(lease_path)
             seen.append(json.loads(raw) if raw is not None else None)
@@ -1377,8 +1471,8 @@ def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
             noticed = wait_for("lost", 5 * lease_ttl)["time"] - resumed_at
         except AssertionError:
             noticed = None
-        holder.stdin.write("done\n")
-        holder.stdin.flush()
+        _pipe(holder.stdin).write("done\n")
+        _pipe(holder.stdin).flush()
         done = wait_for("done", 30)
         exit_status = holder.wait(30)
         after_a_exit = store_b.read_object(lease_path)
@@ -1411,8 +1505,18 @@ def stalled_holder_takeover(backend, workdir: str, lease_ttl: float) -> dict:
     }
 
 
-def stalled_writer_republished(backend, workdir: str, url: str, lease_ttl: float, stall_at: str,
-                               republish) -> dict:
+class StalledWriterReport(TypedDict):
+    """What :func:`stalled_writer_republished` measured (its keys are described there)."""
+
+    a: dict[str, Any]
+    a_lost: bool
+    b_path: str
+    b_seconds: float
+    a_seconds: float
+
+
+def stalled_writer_republished(backend: CacheBackend, workdir: str, url: str, lease_ttl: float, stall_at: str,
+                               republish: Callable[[], object]) -> StalledWriterReport:
     """Run the stalled-writer scenario against ``backend``'s object store; return what happened.
 
     Writer A, a real child process, resolves ``url`` through ``backend`` (each file its own
@@ -1447,12 +1551,16 @@ def stalled_writer_republished(backend, workdir: str, url: str, lease_ttl: float
             [sys.executable, "-c", _STALLING_WRITER, cls.__module__, cls.__qualname__,
              base64.b64encode(pickle.dumps(config)).decode(), url, stall_at],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "TMPDIR": workdir})
-    lines: list[dict] = []
-    reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in writer.stdout],
-                              daemon=True)
+    lines: list[dict[str, Any]] = []
+
+    def read_lines() -> None:
+        for line in _pipe(writer.stdout):
+            lines.append(json.loads(line))
+
+    reader = threading.Thread(target=read_lines, daemon=True)
     reader.start()
 
-    def wait_for(*events: str, timeout: float) -> dict:
+    def wait_for(*events: str, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = [line for line in lines if line["event"] in events]
@@ -1632,7 +1740,7 @@ except Exception as error:
 # -- helpers of the tier-chain cases ------------------------------------------------------------
 
 
-def _record(path: str, data: bytes):
+def _record(path: str, data: bytes) -> FileRecord:
     """A manifest's record of a file ``path`` holding ``data``."""
     import zlib
 
@@ -1641,13 +1749,13 @@ def _record(path: str, data: bytes):
     return FileRecord(path, len(data), crc_hex(zlib.crc32(data)))
 
 
-def _edit_manifest(store, key: str, edit):
+def _edit_manifest(store: ObjectStore, key: str, edit: Callable[[Manifest], object]) -> Manifest:
     """Rewrite ``key``'s manifest in an object ``store`` with ``edit(manifest)``, as a bucket
     writer would; return the manifest written."""
     from hubcache.core.manifest import Manifest
 
     path = store.object_path(f"{key}.manifest.json")
-    manifest = Manifest.from_json(store.read_object(path))
+    manifest = Manifest.from_json(_existing(store, path))
     edit(manifest)
     store.write_object(path, manifest.to_json())
     return manifest

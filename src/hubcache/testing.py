@@ -16,20 +16,26 @@ The suite needs pytest; nothing here touches the network beyond 127.0.0.1.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .testkit import (FORMATS, SETTINGS, SUFFIX, OriginServer, ReplaceMidRead, Request, Route, archive_of,
                       build_model_dir, compress, hostile_archives, isolate, read_tree, replacing_mid_read,
                       same_layout_models, tar_directory, tree_of)
+
+if TYPE_CHECKING:  # pragma: no cover - at run time the suite is imported when asked for (below)
+    from .conformance import CacheBackendConformance, ObjectStoreConformance
 
 __all__ = ["FORMATS", "SETTINGS", "SUFFIX", "OriginServer", "ReplaceMidRead", "Request", "Route", "archive_of",
            "build_model_dir", "compress", "hostile_archives", "isolate", "read_tree", "replacing_mid_read",
            "same_layout_models", "tar_directory", "tree_of"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     # The conformance suite needs pytest; the builders and the server do not (the demo uses
     # them), so the suite is imported only when asked for.
     if name in ("CacheBackendConformance", "ObjectStoreConformance"):
         from . import conformance
 
-        return getattr(conformance, name)
+        suite: type = getattr(conformance, name)
+        return suite
     raise AttributeError(name)

@@ -20,10 +20,18 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 from .core.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only (pytest is not needed here)
+    from _typeshed import WriteableBuffer
+
+    import pytest
+
+    from .core.events import Event
+    from .core.fetch import Source
 
 
 FORMATS = ("tar", "gz", "zst", "bz2", "xz")
@@ -33,7 +41,7 @@ SUFFIX = {"tar": ".tar", "gz": ".tar.gz", "zst": ".tar.zst", "bz2": ".tar.bz2", 
 # -- models and archives ------------------------------------------------------------------------
 
 
-def build_model_dir(path: str | os.PathLike, *, weights_bytes: int = 64 << 10, shards: int = 1,
+def build_model_dir(path: str | os.PathLike[str], *, weights_bytes: int = 64 << 10, shards: int = 1,
                     seed: int = 0) -> str:
     """Write a SavedModel-shaped directory (not loadable by TensorFlow; see ``hubcache.tf`` tests
     for real SavedModels): ``saved_model.pb``, ``variables/`` with an index and data shards of
@@ -77,7 +85,7 @@ def compress(data: bytes, fmt: str) -> bytes:
     raise ValueError(fmt)
 
 
-def tar_directory(path: str | os.PathLike, *, prefix: str = "") -> bytes:
+def tar_directory(path: str | os.PathLike[str], *, prefix: str = "") -> bytes:
     """A tar stream of a directory's contents (members relative to it, as tfhub archives are)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -87,12 +95,12 @@ def tar_directory(path: str | os.PathLike, *, prefix: str = "") -> bytes:
     return buf.getvalue()
 
 
-def archive_of(path: str | os.PathLike, fmt: str = "gz") -> bytes:
+def archive_of(path: str | os.PathLike[str], fmt: str = "gz") -> bytes:
     """The bytes of an archive of a directory, in ``fmt``."""
     return compress(tar_directory(path), fmt)
 
 
-def read_tree(path: str, fs=None) -> dict[str, bytes]:
+def read_tree(path: str, fs: Any = None) -> dict[str, bytes]:
     """Every regular file under a local or fsspec directory, as ``{relative path: bytes}``.
 
     Args:
@@ -140,7 +148,7 @@ def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
     return info, data
 
 
-def _special(name: str, kind: bytes, **attrs) -> tuple[tarfile.TarInfo, None]:
+def _special(name: str, kind: bytes, **attrs: object) -> tuple[tarfile.TarInfo, None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     for key, value in attrs.items():
@@ -192,7 +200,7 @@ SETTINGS = ("HUBCACHE_BACKEND", "TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "H
             "HUBCACHE_DOWNLOAD_DEADLINE")
 
 
-def isolate(monkeypatch, root: str | os.PathLike) -> None:
+def isolate(monkeypatch: pytest.MonkeyPatch, root: str | os.PathLike[str]) -> None:
     """Give hubcache a private world under ``root`` for one test.
 
     ``TMPDIR`` (the ``tmp`` backend) and the user cache dir (``home``) move under ``root``,
@@ -225,6 +233,10 @@ def isolate(monkeypatch, root: str | os.PathLike) -> None:
 # -- a local origin server --------------------------------------------------------------------------
 
 
+#: A failure to inject (see :class:`Route`): its kind, then that kind's arguments.
+Fault = tuple[Any, ...]
+
+
 @dataclass
 class Route:
     """What the origin answers for one path."""
@@ -247,7 +259,7 @@ class Route:
     #: ("unframed", n): no Content-Length, close-delimited, ``n`` bytes beyond the body (a 206
     #: keeps its Content-Range, so the client knows where it should have ended);
     #: ("slow_headers", seconds): a header line that never ends, one byte every ``seconds``
-    faults: list[tuple] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
     #: send the body at this many bytes per second (``None``: as fast as possible)
     rate: float | None = None
     #: bytes per write when ``rate`` is set (small values make a trickle)
@@ -313,7 +325,7 @@ class OriginServer:
                                          "uncompressed": uncompressed or ""})
         return self.url(path)
 
-    def fail(self, path: str, *faults: tuple) -> None:
+    def fail(self, path: str, *faults: Fault) -> None:
         """Inject failures on the next requests of ``path`` (see :class:`Route`)."""
         self.routes[path].faults.extend(faults)
 
@@ -376,7 +388,7 @@ class OriginServer:
     def __enter__(self) -> OriginServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -384,7 +396,7 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, *args) -> None:  # keep test output clean
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
             pass
 
         def handle(self) -> None:
@@ -473,7 +485,7 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                 pass
 
         def _send(self, record: Request, status: int, body: bytes, headers: dict[str, str],
-                  fault: tuple | None = None, rate: float | None = None, step: int = 16 << 10) -> None:
+                  fault: Fault | None = None, rate: float | None = None, step: int = 16 << 10) -> None:
             record.status = status
             self.send_response(status)
             for name, value in headers.items():
@@ -529,7 +541,7 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
 
 # -- an object replaced in the middle of a download ----------------------------------------------
 
-def same_layout_models(root: str | os.PathLike, count: int = 3, *, weights_bytes: int = 12 << 20) -> list[str]:
+def same_layout_models(root: str | os.PathLike[str], count: int = 3, *, weights_bytes: int = 12 << 20) -> list[str]:
     """``count`` models with the same layout (file names and sizes) and different bytes, down to
     the mtimes in their archives: a splice of two of their plain tar archives is itself a valid
     tar archive, whose digest is neither's (what a read that is not pinned to one version of an
@@ -561,12 +573,12 @@ class ReplaceMidRead:
         self.replacements = list(replacements)
         self.after = after
         self.done = 0
-        self.events: list = []
+        self.events: list[Event] = []
 
-    def watch(self, source):
+    def watch(self, source: Source) -> Source:
         read, armed = source.readinto, [True]
 
-        def readinto(buffer) -> int:
+        def readinto(buffer: WriteableBuffer) -> int:
             n = read(buffer)
             if armed[0] and source.position >= self.after and self.replacements:
                 armed[0] = False
@@ -574,14 +586,14 @@ class ReplaceMidRead:
                 self.done += 1
             return n
 
-        source.readinto = readinto
+        source.readinto = readinto  # type: ignore[method-assign]  # this one instance's reads are watched
         return source
 
     @hookimpl
-    def hubcache_event(self, event) -> None:
+    def hubcache_event(self, event: Event) -> None:
         self.events.append(event)
 
-    def restarts(self) -> list:
+    def restarts(self) -> list[Event]:
         """The downloads started again from byte 0."""
         return [e for e in self.events if e.kind == "download_retry" and e.data.get("offset") == 0]
 
@@ -599,10 +611,11 @@ def replacing_mid_read(write: Callable[[bytes], None], replacements: list[bytes]
     registry = get_registry()
     name = f"hubcache-testing-replace-mid-read-{id(plugin)}"
     registry.pm.register(plugin, name=name)
-    real_open_source = cache.open_source
-    cache.open_source = lambda *a, **k: plugin.watch(real_open_source(*a, **k))
+    # Replaced where cache.py looks it up (cache.py imports it from fetch.py; it is not cache's API).
+    real_open_source: Callable[..., Source] = getattr(cache, "open_source")
+    setattr(cache, "open_source", lambda *a, **k: plugin.watch(real_open_source(*a, **k)))
     try:
         yield plugin
     finally:
-        cache.open_source = real_open_source
+        setattr(cache, "open_source", real_open_source)
         registry.pm.unregister(name=name)
