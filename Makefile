@@ -1,6 +1,7 @@
 # Two entry points; each creates or refreshes the virtual environment it needs in .venv:
 #   make demo   - the 30-second demo (core install only, no TensorFlow)
-#   make test   - the gcs tests with the oldest gcsfs the gcs extra allows, then the whole test
+#   make test   - mypy --strict (configured in pyproject.toml), the gcs tests with the oldest gcsfs
+#                 the gcs extra allows, then the whole test
 #                 suite (installs the test extras: emulators, TensorFlow, ...)
 #   make bench  - the benchmark harness against tensorflow_hub and tar (1 GiB, ~6 minutes)
 PYTHON ?= python3
@@ -36,6 +37,7 @@ demo: $(VENV)/.core
 FLOOR_SKIP := not (request_rate or stalled_holder or upload_killed or takeover_after_holder_is_killed or judges_a_lease or heartbeat_at_most)
 
 test: $(VENV)/.test
+	$(PY) -m mypy
 	PYTHON=$(PYTHON) scripts/test_gcs_floor.sh -k "$(FLOOR_SKIP)"
 	$(PY) -m pytest
 
