@@ -1246,14 +1246,31 @@ class LeaseHolder:
             self._stderr.close()
 
 
-_HOLDER = r"""
-import base64, importlib, json, pickle, sys
+#: What every child process of the kit starts with: the backend class rebuilt from its module and
+#: name (``sys.argv[1:3]``) with the pickled config (``sys.argv[3]``) as ``backend``; ``args``, the
+#: rest of its arguments; ``say(event, **data)``, one JSON line on stdout (from any thread, never
+#: interleaved).
+_CHILD_PREAMBLE = r"""
+import base64, importlib, json, os, pickle, signal, sys, threading, time
 
-module, qualname, config, key, upload = sys.argv[1:6]
+module, qualname, config = sys.argv[1:4]
+args = sys.argv[4:]
 cls = importlib.import_module(module)
 for part in qualname.split("."):
     cls = getattr(cls, part)
-store = cls(pickle.loads(base64.b64decode(config))).store
+backend = cls(pickle.loads(base64.b64decode(config)))
+said = threading.Lock()
+
+def say(event, **data):
+    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
+    with said:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+"""
+
+_HOLDER = _CHILD_PREAMBLE + r"""
+key, upload = args[:2]
+store = backend.store
 with store.lock(key, lambda holder: None):
     if upload:
         store.put_objects({f"{store.object_path(key)}/variables/variables.index": b"half a model"})
@@ -1610,24 +1627,11 @@ def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
 # A lease holder that stops itself with a real SIGSTOP at the worst moment: its heartbeat has
 # decided to rewrite the lease and is about to send the request. Only the moment is chosen by
 # wrapping the store's write calls; the stop, the wait past the TTL and the resume are real.
-_STALLING_HOLDER = r"""
-import base64, importlib, json, os, pickle, signal, sys, threading, time
-
-module, qualname, config, key = sys.argv[1:5]
-cls = importlib.import_module(module)
-for part in qualname.split("."):
-    cls = getattr(cls, part)
-store = cls(pickle.loads(base64.b64decode(config))).store
+_STALLING_HOLDER = _CHILD_PREAMBLE + r"""
+key = args[0]
+store = backend.store
 lease_path = store.object_path(f"{key}.lock")
 stalled = []
-
-said = threading.Lock()  # say() runs in two threads: one line each, never interleaved
-
-def say(event, **data):
-    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
-    with said:
-        sys.stdout.write(line)
-        sys.stdout.flush()
 
 def stalling(name):
     original = getattr(store, name)
@@ -1661,31 +1665,17 @@ with store.lock(key, lambda holder: None):
 
 # A writer that stops itself with a real SIGSTOP in the middle of its upload or its commit. Only
 # the moment is chosen by wrapping the store's calls; the stop and the resume are real.
-_STALLING_WRITER = r"""
-import base64, importlib, json, os, pickle, signal, sys, threading, time
-
-module, qualname, config, url, stall_at = sys.argv[1:6]
-cls = importlib.import_module(module)
-for part in qualname.split("."):
-    cls = getattr(cls, part)
+_STALLING_WRITER = _CHILD_PREAMBLE + r"""
 from hubcache.core.handles import parse_handle
 from hubcache.core.locate import locate
 
-backend = cls(pickle.loads(base64.b64decode(config)))
+url, stall_at = args[:2]
 store = backend.store
 store.batch_files = 1  # each file its own upload
 handle = parse_handle(url)
 prefix = store.object_path(handle.key) + "/"
 manifest_path = store.object_path(handle.key + ".manifest.json")
 uploads = []
-
-said = threading.Lock()  # say() runs in two threads: one line each, never interleaved
-
-def say(event, **data):
-    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
-    with said:
-        sys.stdout.write(line)
-        sys.stdout.flush()
 
 def stall():
     say("stalling")
