@@ -600,9 +600,12 @@ class ConcurrencyCases(ConformanceFixtures):
             assert left == [], "a shared cache leaves no local files"
 
 
-# A child process of the concurrency cases: the backend rebuilt from its class and config.
+#: What every child process of the kit starts with: the backend class rebuilt from its module and
+#: name (``sys.argv[1:3]``) with the pickled config (``sys.argv[3]``) as ``backend``; ``args``, the
+#: rest of its arguments; ``say(event, **data)``, one JSON line on stdout (from any thread, never
+#: interleaved).
 _CHILD_PRELUDE = r"""
-import base64, importlib, json, os, pickle, sys, time
+import base64, importlib, json, os, pickle, signal, sys, threading, time
 
 module, qualname, config = sys.argv[1:4]
 args = sys.argv[4:]
@@ -610,9 +613,13 @@ cls = importlib.import_module(module)
 for part in qualname.split("."):
     cls = getattr(cls, part)
 backend = cls(pickle.loads(base64.b64decode(config)))
+said = threading.Lock()
 
 def say(event, **data):
-    print(json.dumps({"event": event, "time": time.time(), **data}), flush=True)
+    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
+    with said:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 """
 
 # Takes the lease of a key; holds it until both racers have arrived at lock() (however late one
@@ -1246,29 +1253,7 @@ class LeaseHolder:
             self._stderr.close()
 
 
-#: What every child process of the kit starts with: the backend class rebuilt from its module and
-#: name (``sys.argv[1:3]``) with the pickled config (``sys.argv[3]``) as ``backend``; ``args``, the
-#: rest of its arguments; ``say(event, **data)``, one JSON line on stdout (from any thread, never
-#: interleaved).
-_CHILD_PREAMBLE = r"""
-import base64, importlib, json, os, pickle, signal, sys, threading, time
-
-module, qualname, config = sys.argv[1:4]
-args = sys.argv[4:]
-cls = importlib.import_module(module)
-for part in qualname.split("."):
-    cls = getattr(cls, part)
-backend = cls(pickle.loads(base64.b64decode(config)))
-said = threading.Lock()
-
-def say(event, **data):
-    line = json.dumps({"event": event, "time": time.time(), **data}) + "\n"
-    with said:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-"""
-
-_HOLDER = _CHILD_PREAMBLE + r"""
+_HOLDER = _CHILD_PRELUDE + r"""
 key, upload = args[:2]
 store = backend.store
 with store.lock(key, lambda holder: None):
@@ -1627,7 +1612,7 @@ def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
 # A lease holder that stops itself with a real SIGSTOP at the worst moment: its heartbeat has
 # decided to rewrite the lease and is about to send the request. Only the moment is chosen by
 # wrapping the store's write calls; the stop, the wait past the TTL and the resume are real.
-_STALLING_HOLDER = _CHILD_PREAMBLE + r"""
+_STALLING_HOLDER = _CHILD_PRELUDE + r"""
 key = args[0]
 store = backend.store
 lease_path = store.object_path(f"{key}.lock")
@@ -1665,7 +1650,7 @@ with store.lock(key, lambda holder: None):
 
 # A writer that stops itself with a real SIGSTOP in the middle of its upload or its commit. Only
 # the moment is chosen by wrapping the store's calls; the stop and the resume are real.
-_STALLING_WRITER = _CHILD_PREAMBLE + r"""
+_STALLING_WRITER = _CHILD_PRELUDE + r"""
 from hubcache.core.handles import parse_handle
 from hubcache.core.locate import locate
 
