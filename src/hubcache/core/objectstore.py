@@ -983,17 +983,26 @@ class ObjectWriter(EntryWriter):
         with self._versions_lock:
             self._versions[target] = version or ""
 
-    def _put(self, target: str, data: bytes | IO[bytes]) -> None:
+    def _write(self, target: str, write: Callable[[str], str], what: str) -> None:
+        """``write(expected version) -> new version`` for ``target``, again after each refusal
+        (:meth:`_conflict` learns the new version, or raises if the lease is lost), at most
+        :data:`MAX_CONFLICTS` times."""
         for _ in range(MAX_CONFLICTS):
-            if not isinstance(data, (bytes, bytearray)):
-                data.seek(0)
             try:
-                self._wrote(target, self.store.put_versioned(target, data, self._expected(target)))
+                self._wrote(target, write(self._expected(target)))
                 return
             except PreconditionFailed:
                 self._conflict(target)
         raise CacheError(f"{self.store.url(target)} was rewritten by another writer on each of "
-                         f"{MAX_CONFLICTS} uploads", hint="try again")
+                         f"{MAX_CONFLICTS} {what}", hint="try again")
+
+    def _put(self, target: str, data: bytes | IO[bytes]) -> None:
+        def upload(expected: str) -> str:
+            if not isinstance(data, (bytes, bytearray)):
+                data.seek(0)
+            return self.store.put_versioned(target, data, expected)
+
+        self._write(target, upload, "uploads")
 
     def _put_batch(self, batch: dict[str, bytes]) -> None:
         results = self.store.put_batch_versioned({t: (d, self._expected(t)) for t, d in batch.items()})
@@ -1006,14 +1015,7 @@ class ObjectWriter(EntryWriter):
                 self._wrote(target, version)
 
     def _copy(self, source: str, target: str) -> None:
-        for _ in range(MAX_CONFLICTS):
-            try:
-                self._wrote(target, self.store.copy_versioned(source, target, self._expected(target)))
-                return
-            except PreconditionFailed:
-                self._conflict(target)
-        raise CacheError(f"{self.store.url(target)} was rewritten by another writer on each of "
-                         f"{MAX_CONFLICTS} copies", hint="try again")
+        self._write(target, lambda expected: self.store.copy_versioned(source, target, expected), "copies")
 
     # -- the upload pipeline ------------------------------------------------------------------
 
