@@ -96,7 +96,7 @@ def step1_gcs_cache_dir(handle: str, origin: OriginServer) -> bool | None:
 
 
 def _step1_missing() -> str:
-    from hubcache.core.plugins import get_registry
+    from hubcache.plugins.registry import get_registry
 
     if "gcs" not in get_registry().backends:
         return "the gcs backend is not installed (pip install 'hubcache[gcs]')"

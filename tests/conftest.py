@@ -7,7 +7,7 @@ import pytest
 import hubcache
 from hubcache.core import resolver
 from hubcache.core.events import Event
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 from hubcache.testing import OriginServer, build_model_dir, isolate
 
 

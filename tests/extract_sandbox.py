@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 
 from hubcache import ArchiveError
-from hubcache.core.extract import Contents, Limits, extract
-from hubcache.core.localstore import LocalStore
+from hubcache.archive.extract import Contents, Limits, extract
+from hubcache.stores.localstore import LocalStore
 
 Unpack = Callable[..., "tuple[Contents, Path]"]
 

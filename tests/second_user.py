@@ -23,9 +23,10 @@ import zlib
 
 import pytest
 
-from hubcache.core import resolver, usage
+from hubcache.core import resolver
+from hubcache.stores import usage
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import WRITER_TAG
+from hubcache.stores.localstore import WRITER_TAG
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.testing import build_model_dir
 

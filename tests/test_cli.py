@@ -12,7 +12,7 @@ import pytest
 
 from hubcache import __version__, cli
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 from hubcache.testing import archive_of, tree_of
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hubcache")

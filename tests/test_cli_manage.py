@@ -22,7 +22,7 @@ import hubcache
 from hubcache.cli import main
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 from hubcache.testing import archive_of, build_model_dir, tree_of
 
 COMMANDS = ("ls", "info", "rm", "prune", "prefetch")

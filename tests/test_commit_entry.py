@@ -14,7 +14,7 @@ import pytest
 
 from hubcache.core.commit import Committed, commit_entry
 from hubcache.core.handles import parse_handle
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 
 HANDLE = parse_handle("https://example.com/models/encoder.tar.gz")

@@ -21,7 +21,7 @@ import hubcache
 from hubcache import ConfigError
 from hubcache.core.config import load_config, parse_size
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 from hubcache.testing import archive_of, tree_of
 
 HUBCACHE_CLI = os.path.join(os.path.dirname(sys.executable), "hubcache")
@@ -300,3 +300,64 @@ def test_hubcache_config_with_an_invalid_setting_fails_cleanly():
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "TFHUB_MODEL_LOAD_FORMAT" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- typed settings -------------------------------------------------------------------------------
+
+
+def test_typed_settings_have_their_defaults_and_types(monkeypatch):
+    for name in ("HUBCACHE_TIMEOUT", "HUBCACHE_RETRIES", "HUBCACHE_MAX_SIZE", "HUBCACHE_OFFLINE",
+                 "HUBCACHE_LEASE_TTL", "HUBCACHE_LOCK_TIMEOUT", "HUBCACHE_PINS", "TFHUB_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    from hubcache.core.config import DEFAULTS, Config
+
+    for config in (load_config(), Config()):  # read from the environment, or empty
+        assert config.timeout == 60.0 and isinstance(config.timeout, float)
+        assert config.retries == 4 and isinstance(config.retries, int)
+        assert config.lease_ttl == 30.0 and config.lock_timeout == 3600.0
+        assert config.max_size is None and config.pins is None and config.cache_dir is None
+        assert config.offline is False and config.load_format == "AUTO"
+        assert config.max_archive_bytes == DEFAULTS["max_archive_bytes"]
+        assert config.download_deadline == DEFAULTS["download_deadline"]
+
+
+def test_typed_settings_read_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HUBCACHE_TIMEOUT", "2.5")
+    monkeypatch.setenv("HUBCACHE_RETRIES", "7")
+    monkeypatch.setenv("HUBCACHE_MAX_SIZE", "2M")
+    monkeypatch.setenv("HUBCACHE_OFFLINE", "1")
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    config = load_config()
+    assert (config.timeout, config.retries, config.max_size, config.offline) == (2.5, 7, 2 << 20, True)
+    assert config.cache_dir == str(tmp_path)
+    # an override (tests, embedding) may give a number for a number, or its text
+    assert config.replace(timeout=3).timeout == 3.0
+    assert config.replace(retries="2").retries == 2
+
+
+def test_an_override_of_the_wrong_type_names_the_setting():
+    from hubcache.core.config import Config
+
+    with pytest.raises(ConfigError, match="timeout"):
+        Config().replace(timeout=[1]).timeout
+    with pytest.raises(ConfigError, match="retries"):
+        Config().replace(retries=True).retries
+
+
+def test_no_call_site_reads_hubcaches_own_settings_untyped():
+    # config.get("timeout", 60.0) at call sites spread the defaults and the conversions about;
+    # hubcache's own settings are read through Config's typed properties only.
+    import re
+
+    from hubcache.core.config import DEFAULTS
+
+    src = os.path.dirname(os.path.abspath(hubcache.__file__))
+    pattern = re.compile(r"config\.get\(\s*[\"'](%s)[\"']|config\[[\"'](%s)[\"']\]"
+                         % ("|".join(DEFAULTS), "|".join(DEFAULTS)))
+    found = []
+    for dirpath, _, files in os.walk(src):
+        for name in files:
+            if name.endswith(".py") and name != "config.py":
+                text = Path(dirpath, name).read_text(encoding="utf-8")
+                found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert found == []

@@ -1,4 +1,4 @@
-"""Trees of any depth: ``hubcache.core.treewalk`` and every maintenance command on an entry
+"""Trees of any depth: ``hubcache.stores.treewalk`` and every maintenance command on an entry
 nested thousands of directories deep (legal on Linux; ``os.walk``/``shutil.rmtree`` recurse and
 full paths pass ``PATH_MAX`` there).
 
@@ -20,7 +20,7 @@ import zlib
 
 import pytest
 
-from hubcache.core import treewalk
+from hubcache.stores import treewalk
 from hubcache.core.handles import cache_key
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.testing import SETTINGS, archive_of, tree_of

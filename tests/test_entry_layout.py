@@ -15,7 +15,10 @@ import zlib
 
 import pytest
 
-from hubcache.core import crc, entry, localstore, objectstore, pipeline, prune, store
+from hubcache.core import crc, entry, store
+from hubcache.stores import localstore, objectstore
+from hubcache.archive import pipeline
+from hubcache.maintenance import prune
 from hubcache.core.handles import cache_key
 
 
@@ -165,3 +168,18 @@ def test_a_key_is_exactly_40_hex_digits_not_one_with_a_trailing_newline():
     key = "0123456789abcdef0123456789abcdef01234567"
     assert is_key(key)
     assert not is_key(key + "\n") and not is_key(key.upper()) and not is_key(key[:-1]) and not is_key(" " + key)
+
+
+def test_one_reader_of_a_descriptors_module_line_for_both_stores():
+    # Both stores show the handle a descriptor names (``hubcache ls`` of a tensorflow_hub entry):
+    # one reader, so a bucket and a directory show the same planted text the same way.
+    evil = "https://evil.example/m\x1b]0;pwned\x07\u202e" + "x" * 300
+    for descriptor in (f"Module: {evil}\nDownload Time: now\n", f"Module: {evil}\n".encode()):
+        shown = entry.descriptor_module(descriptor)
+        assert shown is not None and shown.startswith("https://evil.example/m\\x1b]0;pwned\\x07\\u202e")
+        assert shown.endswith("...") and "x" * 150 in shown and "x" * 170 not in shown  # capped
+        assert shown.isprintable()
+    assert entry.descriptor_module("Download Time: now\n") is None
+    assert entry.descriptor_module(None) is None
+    assert entry.descriptor_module(b"Module: caf\xc3\xa9\n") == "café"
+    assert not hasattr(localstore, "_printable") and not hasattr(objectstore, "_printable")

@@ -1,7 +1,7 @@
-"""Unit tests of safe extraction (``hubcache.core.extract``): member names, links, specials, limits.
+"""Unit tests of safe extraction (``hubcache.archive.extract``): member names, links, specials, limits.
 
 Archives are built member by member with :mod:`tarfile` and unpacked with the real extractor into
-a real :class:`~hubcache.core.localstore.LocalWriter` temp dir, so every rule is checked against
+a real :class:`~hubcache.stores.localstore.LocalWriter` temp dir, so every rule is checked against
 what actually lands on disk. The conformance suite checks the hostile archives end to end; these
 tests cover each rule's edges, including what must be *allowed*.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from hubcache import ArchiveError, UnsafeArchiveError
-from hubcache.core.extract import Contents, Limits, extract, member_path
-from hubcache.core.localstore import LocalStore
+from hubcache.archive.extract import Contents, Limits, extract, member_path
+from hubcache.stores.localstore import LocalStore
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 

@@ -14,7 +14,7 @@ import pytest
 
 import hubcache
 from hubcache import ArchiveError, DownloadError, HandleError, MissingDependencyError
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import archive_of, tree_of
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of format detection and the streaming decoders (``hubcache.core.formats``).
+"""Unit tests of format detection and the streaming decoders (``hubcache.archive.formats``).
 
 The public-API tests resolve one archive per format; these pin down the pieces underneath where
 a resolve would be too indirect: what ``sniff`` says for every kind of first bytes, that every
@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from hubcache import ArchiveError
-from hubcache.core.formats import (
+from hubcache.archive.formats import (
     PrefixedReader,
     ZstdFrameWalker,
     open_decoder,
@@ -360,7 +360,7 @@ def endless(prefix: bytes, unit: bytes, cap: int = 64 << 20):
 def test_input_that_decodes_to_nothing_is_bounded(fmt, unit):
     """Before: zero padding was read to the end of the source (i.e. forever from an endless
     one), and empty members or skippable frames likewise, with no output to trip a limit."""
-    from hubcache.core.formats import MAX_IDLE_INPUT
+    from hubcache.archive.formats import MAX_IDLE_INPUT
 
     source = endless(compress(b"payload", fmt), unit)
     decoder = open_decoder(fmt, source)
@@ -374,7 +374,7 @@ def test_input_that_decodes_to_nothing_is_bounded(fmt, unit):
 def test_idle_input_is_counted_from_the_last_output(fmt):
     """More compressed input than the idle bound decodes fine when it yields output as it goes
     (incompressible data, many members): the count restarts at every output."""
-    from hubcache.core.formats import MAX_IDLE_INPUT
+    from hubcache.archive.formats import MAX_IDLE_INPUT
 
     piece = random.Random(9).randbytes(1 << 20)
     stream = compress(piece, fmt) * (MAX_IDLE_INPUT // len(piece) + 4)

@@ -28,7 +28,7 @@ from hubcache.core.errors import ConfigError
 from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import locate
 from hubcache.backends.gcs_store import GcsObjectStore
-from hubcache.core.objectstore import MIN_LEASE_TTL
+from hubcache.stores.objectstore import MIN_LEASE_TTL
 from hubcache.core.resolver import select_backend_name
 from hubcache.testing import ObjectStoreConformance, archive_of, build_model_dir, tree_of
 from hubcache.testing import read_tree as read_any_tree
@@ -66,7 +66,7 @@ def resolve_with(backend, url: str) -> str:
 CHILD = textwrap.dedent("""
     import json, sys, time
     import hubcache
-    from hubcache.core.plugins import get_registry
+    from hubcache.plugins.registry import get_registry
 
     kinds = []
 
@@ -207,7 +207,7 @@ def test_missing_gcsfs_names_the_extra(tmp_path):
 
 
 def test_import_hubcache_does_not_import_gcsfs():
-    script = ("import sys, hubcache; from hubcache.core.plugins import get_registry; "
+    script = ("import sys, hubcache; from hubcache.plugins.registry import get_registry; "
               "r = get_registry(); assert {'gcs', 'remote'} <= set(r.backends), r.backends; "
               "print('gcsfs' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)

@@ -1,4 +1,4 @@
-"""Hostile tar streams against the extractor (``hubcache.core.extract``), built byte by byte: the
+"""Hostile tar streams against the extractor (``hubcache.archive.extract``), built byte by byte: the
 unit-level edges of
 
 - class 5, bounded resources: record-heavy and spread-out extended headers, global headers,
@@ -24,8 +24,8 @@ import time
 import pytest
 
 from hubcache import ArchiveError, HubcacheError, UnsafeArchiveError
-from hubcache.core.extract import MAX_TRAILER, Meter
-from hubcache.core.pipeline import MAX_METADATA_READ
+from hubcache.archive.extract import MAX_TRAILER, Meter
+from hubcache.archive.pipeline import MAX_METADATA_READ
 
 from extract_sandbox import refused, sandbox, unpack  # noqa: F401 (fixtures)
 from hostile_tar_builders import BLOCK, Endless, header, info, member, pax, pax_records, tar, tarfile_archive, zstd

@@ -2,7 +2,7 @@
 
 Module-level and deferred imports (inside functions) alike are edges; imports under
 ``if TYPE_CHECKING:`` are not (they never run). Plugins are loaded by module name through
-``importlib`` (``hubcache.default_plugins``, entry points), which is the plugin mechanism itself
+``importlib`` (``hubcache.plugins.builtin``, entry points), which is the plugin mechanism itself
 and not an edge here.
 """
 
@@ -115,14 +115,56 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_deferred_imports_and_ignores_type_checking_ones():
     graph = import_graph()
-    # events.emit imports the plugin registry inside the function: a deferred edge.
-    assert "hubcache.core.plugins" in graph["hubcache.core.events"]
+    # CacheBackend.resolve_checked imports the cache machinery inside the method: a deferred edge.
+    assert "hubcache.core.cache" in graph["hubcache.core.backend"]
     # backend.py imports ObjectStore only under TYPE_CHECKING at module level; its lazy import
     # inside store_class() is a real edge all the same.
-    assert "hubcache.core.objectstore" in graph["hubcache.core.backend"]
+    assert "hubcache.stores.objectstore" in graph["hubcache.core.backend"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert found == [], "import cycles in src/hubcache: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's floor: 1 for a module that imports nothing of hubcache, else one above the
+    highest module it imports (the graph has no cycles)."""
+    floor: dict[str, int] = {}
+
+    def visit(module: str) -> int:
+        if module not in floor:
+            floor[module] = 1 + max((visit(m) for m in graph[module]), default=0)
+        return floor[module]
+
+    for module in graph:
+        visit(module)
+    return floor
+
+
+def test_the_layers_stay_few():
+    # 15 floors before the 0.4 restructure (emit and the locator plugin lived in core and pulled
+    # the plugin registry under everything); 12 after it. A new floor needs a reason.
+    floor = floors(import_graph())
+    assert max(floor.values()) <= 12, sorted(floor.items(), key=lambda kv: -kv[1])[:5]
+    # the hook markers and the event vocabulary are leaves: any module can use them
+    assert floor["hubcache.plugins.markers"] == floor["hubcache.core.events"] == 1
+
+
+def test_core_knows_no_backend_and_resolving_never_loads_maintenance():
+    graph = import_graph()
+    for module, imports in graph.items():
+        if module.startswith("hubcache.core."):
+            assert not {m for m in imports if m.startswith("hubcache.backends")}, module
+    reach = _reachable(graph, "hubcache.core.resolver")
+    assert not {m for m in reach if m.startswith("hubcache.maintenance")}

@@ -218,7 +218,7 @@ def test_verify_full_reports_objects_a_bucket_entry_holds_beyond_its_manifest():
     that the manifest does not list."""
     from hubcache.backends.gcs_store import GcsObjectStore
     from hubcache.core.manifest import FileRecord
-    from hubcache.core.verify import unlisted
+    from hubcache.maintenance.verify import unlisted
 
     root = fresh_root()
     store = GcsObjectStore(root, gcs())
@@ -275,7 +275,7 @@ def test_prune_budget_counts_real_bytes_in_a_bucket():
     """An object store entry: real sizes come from the listing, not the manifest."""
     from hubcache.backends.gcs_store import GcsObjectStore
     from hubcache.core.manifest import FileRecord
-    from hubcache.core.prune import prune_store
+    from hubcache.maintenance.prune import prune_store
 
     root = fresh_root()
     store = GcsObjectStore(root, gcs())

@@ -1,5 +1,5 @@
 """Cache management in the library: last-use records, the in-use guard, LRU eviction under
-``HUBCACHE_MAX_SIZE``, and pruning (``hubcache.core.usage``, ``.prune``, ``.manage``).
+``HUBCACHE_MAX_SIZE``, and pruning (``hubcache.stores.usage``, ``.prune``, ``.manage``).
 
 Every cache is a real directory, every download comes from a real local origin server, and
 "another process" is a real child process (killed with SIGKILL where the test needs the kernel
@@ -20,11 +20,12 @@ from contextlib import contextmanager
 import pytest
 
 import hubcache
-from hubcache.core import resolver, usage
+from hubcache.core import resolver
+from hubcache.stores import usage
 from hubcache.core.handles import cache_key
-from hubcache.core.manage import cache_backends, list_entries, remove
-from hubcache.core.plugins import get_registry
-from hubcache.core.prune import prune_store
+from hubcache.maintenance.manage import cache_backends, list_entries, remove
+from hubcache.plugins.registry import get_registry
+from hubcache.maintenance.prune import prune_store
 from hubcache.testing import archive_of, build_model_dir, tree_of
 
 HOLD = textwrap.dedent("""
@@ -346,7 +347,7 @@ def test_prune_leaves_an_entry_used_since_it_was_listed(home, models):
     set_last_use(home, models["a"], 40 * 86400)
     [entry] = home().entries()
     set_last_use(home, models["a"], 0)  # another process used it between listing and removal
-    from hubcache.core.prune import remove_entry
+    from hubcache.maintenance.prune import remove_entry
 
     action = remove_entry(home(), entry, reason="test")
     assert action.outcome == "kept" and "used since it was listed" in action.kept_because
@@ -357,7 +358,7 @@ def test_verify_applies_a_pins_line_that_names_the_handle_with_its_credentials(h
     """``HUBCACHE_PINS`` may name a handle as the user writes it, credentials included (resolve
     applies such a line); ``verify`` must apply it too, not only lines matching the handle with
     its credentials hidden."""
-    from hubcache.core.verify import verify
+    from hubcache.maintenance.verify import verify
 
     handle = models["a"].replace("http://", "http://user:s3cret@", 1)
     hubcache.resolve(handle)

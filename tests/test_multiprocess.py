@@ -20,7 +20,7 @@ from hubcache.testing import archive_of, tree_of
 CHILD = """
     import json, os, sys, time
     import hubcache
-    from hubcache.core.plugins import get_registry
+    from hubcache.plugins.registry import get_registry
 
     kinds = []
 

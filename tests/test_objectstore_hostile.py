@@ -19,7 +19,7 @@ from hubcache.core.config import load_config
 from hubcache.core.errors import UnsafeArchiveError
 from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import locate
-from hubcache.core.objectstore import PreconditionFailed
+from hubcache.stores.objectstore import PreconditionFailed
 from hubcache.testing import archive_of, tree_of
 
 KEY = "0123456789abcdef0123456789abcdef01234567"

@@ -1,4 +1,4 @@
-"""The threaded cold path (``hubcache.core.pipeline``): same bytes, same errors, no stray threads.
+"""The threaded cold path (``hubcache.archive.pipeline``): same bytes, same errors, no stray threads.
 
 Decompression and the archive digest run in worker threads and tar member data bypasses
 tarfile's copying reader; these tests pin down that none of it shows: output and digests equal
@@ -22,11 +22,12 @@ import zlib
 import pytest
 
 from hubcache import ArchiveError, DownloadError, UnsafeArchiveError
-from hubcache.core import crc, formats
-from hubcache.core.extract import Limits, Meter, extract
-from hubcache.core.formats import open_decoder
-from hubcache.core.localstore import LocalStore
-from hubcache.core.pipeline import ForwardReader, ThreadedDecoder
+from hubcache.core import crc
+from hubcache.archive import formats
+from hubcache.archive.extract import Limits, Meter, extract
+from hubcache.archive.formats import open_decoder
+from hubcache.stores.localstore import LocalStore
+from hubcache.archive.pipeline import ForwardReader, ThreadedDecoder
 from hubcache.testing import compress, tar_directory
 
 KEY = "0" * 40

@@ -62,12 +62,12 @@ def test_the_reference_finder_sees_internal_imports():
         import hubcache
         import hubcache.core.backend
         from hubcache import ConfigError
-        from hubcache.core.objectstore import ObjectStore
+        from hubcache.stores.objectstore import ObjectStore
         from hubcache.plugin import hookimpl
         hubcache.hookimpl
     """)
     assert _hubcache_references(source) == ["hubcache", "hubcache.core.backend", "hubcache.ConfigError",
-                                            "hubcache.core.objectstore", "hubcache.plugin", "hubcache.hookimpl"]
+                                            "hubcache.stores.objectstore", "hubcache.plugin", "hubcache.hookimpl"]
 
 
 def test_importing_the_facade_imports_nothing_heavy():
@@ -75,7 +75,7 @@ def test_importing_the_facade_imports_nothing_heavy():
     heavy = ("pytest", "_pytest", "gcsfs", "s3fs", "botocore", "tensorflow", "hubcache.conformance",
              # the object-store protocol is loaded when a store is built (or a plugin subclasses
              # ObjectStore), not by every plugin that imports the facade: plugins load on every command
-             "hubcache.core.objectstore")
+             "hubcache.stores.objectstore")
     program = textwrap.dedent(f"""
         import json, sys
         import hubcache.plugin
@@ -89,8 +89,9 @@ def test_importing_the_facade_imports_nothing_heavy():
 
 
 def test_every_exported_name_resolves_to_the_object_core_uses():
-    from hubcache.core import backend, errors, events, handles, locate, manifest, objectstore, store
-    from hubcache.core.hookspecs import hookimpl
+    from hubcache.core import backend, errors, events, handles, locate, manifest, store
+    from hubcache.stores import objectstore
+    from hubcache.plugins.hookspecs import hookimpl
 
     assert plugin.__doc__ and "stable" in plugin.__doc__.lower()
     assert len(plugin.__all__) == len(set(plugin.__all__))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import hubcache
-from hubcache.core.hookspecs import HookSpecs
+from hubcache.plugins.hookspecs import HookSpecs
 from hubcache.testing import archive_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_source_tree_without_metadata_still_has_the_builtins(tmp_path, model):
         import json, sys
         from importlib import metadata
         import hubcache
-        from hubcache.core.plugins import get_registry
+        from hubcache.plugins.registry import get_registry
         registry = get_registry()
         print(json.dumps({
             "file": hubcache.__file__,
@@ -278,7 +278,7 @@ def test_builtins_are_listed_once_and_as_builtin_when_also_entry_points(site):
 
 def test_unmarked_register_backends_does_not_run():
     from hubcache.core.backend import Backend
-    from hubcache.core.plugins import Registry
+    from hubcache.plugins.registry import Registry
 
     calls = []
 
@@ -342,7 +342,7 @@ def test_misspelt_hook_is_reported_and_the_plugin_skipped(tmp_path, model):
 
 def test_misspelt_hook_registered_in_process_is_a_config_error():
     from hubcache.core.errors import ConfigError
-    from hubcache.core.plugins import Registry
+    from hubcache.plugins.registry import Registry
 
     class Typo:
         @hubcache.hookimpl
@@ -397,7 +397,7 @@ def test_an_unhashable_plugin_object_registers_and_hears_events(model):
     registering one must work, and its hooks run."""
     import dataclasses
 
-    from hubcache.core.plugins import get_registry
+    from hubcache.plugins.registry import get_registry
 
     @dataclasses.dataclass
     class Recorder:
@@ -411,7 +411,7 @@ def test_an_unhashable_plugin_object_registers_and_hears_events(model):
     registry = get_registry()
     registry.register(recorder, "test-unhashable")
     try:
-        from hubcache.core.events import emit
+        from hubcache.plugins.registry import emit
 
         emit("waiting", "h", "tmp", path="p", holder="x")
     finally:

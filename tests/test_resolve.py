@@ -17,7 +17,7 @@ import hubcache
 from hubcache import ArchiveError, IntegrityError, UnsafeArchiveError
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import FORMATS, SUFFIX, archive_of, hostile_archives, tree_of
 
 

@@ -19,10 +19,11 @@ import time
 import pytest
 
 import hubcache
-from hubcache.core import resolver, usage
+from hubcache.core import resolver
+from hubcache.stores import usage
 from hubcache.core.errors import CacheError, UnsafeArchiveError
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import archive_of, tree_of
 from second_user import (NOBODY, cache, cli, evil, hold_flock, machine_tmp, manifest_of, needs_root,  # noqa: F401
                          plant_entry, plant_shared_root, resolve_code, run_python, snapshot, stop, write_like_tensorflow_hub)
@@ -96,7 +97,7 @@ def test_a_root_hubcache_creates_is_0755_whatever_the_umask(machine_tmp, origin,
 
 def test_a_group_writable_root_of_a_private_group_is_fine(tmp_path, origin, model, monkeypatch):
     """umask 002 with user-private groups (Debian, Ubuntu): group-writable by the owner alone."""
-    from hubcache.core import safefs
+    from hubcache.stores import safefs
 
     if not safefs.private_group(0, 0):
         pytest.skip("root's group has other members here")

@@ -25,7 +25,7 @@ import pytest
 import hubcache
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import archive_of, build_model_dir, tree_of
 
 

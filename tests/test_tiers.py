@@ -14,7 +14,7 @@ import hubcache
 from gcs_emulator import fresh_root  # first: it configures gcsfs before anything imports gcsfs
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 from hubcache.testing import archive_of, read_tree, tree_of
 
 

@@ -2,7 +2,7 @@
 
 Selected by ``TFHUB_CACHE_DIR=s3://bucket/prefix`` (or ``HUBCACHE_BACKEND=s3`` with the root in
 ``TFHUB_CACHE_DIR``). Every host that can read the bucket shares the cache, as with hubcache's
-built-in ``gcs`` backend, and with the same protocol (:mod:`hubcache.core.objectstore`): the
+built-in ``gcs`` backend, and with the same protocol (:mod:`hubcache.stores.objectstore`): the
 files are uploaded to their final names, the manifest object is created last and is the commit,
 and a lease object with a heartbeat saves the bandwidth of concurrent downloads.
 

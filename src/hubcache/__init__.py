@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _moved
 from ._version import __version__
 from .core.config import define_absl_flags
 from .core.errors import (
@@ -25,8 +26,8 @@ from .core.errors import (
     OfflineError,
     UnsafeArchiveError,
 )
-from .core.hookspecs import hookimpl
 from .core.resolver import resolve
+from .plugins.markers import hookimpl
 
 __all__ = [
     "__version__",
@@ -65,6 +66,9 @@ def load(handle: str, tags: Any = None, options: Any = None) -> Any:
 
     return _load(handle, tags=tags, options=options)
 
+
+# Old module paths (hubcache.core.fetch, ...) keep working for one release, with a warning.
+_moved.install()
 
 # Like tensorflow_hub: define --tfhub_cache_dir / --tfhub_model_load_format when absl is present.
 define_absl_flags()

@@ -1,5 +1,5 @@
 """``python -m hubcache``: the same as the ``hubcache`` command."""
 
-from hubcache.cli import main
+from .cli import main
 
 raise SystemExit(main())

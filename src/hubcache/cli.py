@@ -143,7 +143,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from .core.config import env_settings, load_config
-    from .core.plugins import get_registry
+    from .plugins.registry import get_registry
     from .core.resolver import make_backend, select_backend_name
 
     config = load_config()
@@ -190,7 +190,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .core.plugins import get_registry
+    from .plugins.registry import get_registry
 
     registry = get_registry()
     plugins = [p for p in registry.plugins.values() if args.all or not p.builtin]
@@ -217,7 +217,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- cache management: ls, info, rm, prune, prefetch (hubcache.core.manage, .prune, .prefetch) ----
+# -- cache management: ls, info, rm, prune, prefetch (hubcache.maintenance.manage, .prune, .prefetch) ----
 
 
 def _para(text: str) -> str:
@@ -239,7 +239,7 @@ def _size_arg(text: str) -> int:
 
 
 def _duration_arg(text: str) -> float:
-    from .core.prune import parse_duration
+    from .maintenance.prune import parse_duration
 
     try:
         return parse_duration(text)
@@ -257,8 +257,8 @@ def _table(rows: list[list[str]], right: Sequence[int] = ()) -> None:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from .core.config import load_config
-    from .core.manage import ago, cache_backends, list_entries
-    from .core.prune import format_size
+    from .maintenance.manage import ago, cache_backends, list_entries
+    from .maintenance.prune import format_size
 
     backends = cache_backends(load_config(), args.backend)
     listed = list_entries(backends)
@@ -296,8 +296,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .core.config import load_config
-    from .core.manage import ago, describe_handle
-    from .core.prune import format_size
+    from .maintenance.manage import ago, describe_handle
+    from .maintenance.prune import format_size
 
     # A JSON document, nested (its shape: manage.describe_handle); read here as such.
     info: dict[str, Any] = describe_handle(args.handle, load_config())
@@ -346,8 +346,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from .core.config import load_config
-    from .core.manage import cache_backends, remove
-    from .core.prune import format_size
+    from .maintenance.manage import cache_backends, remove
+    from .maintenance.prune import format_size
 
     # JSON rows (their keys: manage.remove); read here as such.
     results: list[dict[str, Any]] = remove(args.handles, cache_backends(load_config(), args.backend))
@@ -367,13 +367,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .core.config import load_config
-    from .core.manage import ago, cache_backends
-    from .core.prune import format_size, prune_store, timestamp
+    from .maintenance.manage import ago, cache_backends
+    from .maintenance.prune import format_size, prune_store, timestamp
 
     config = load_config()
     max_size = args.max_size
-    if max_size is None and args.older_than is None and config.get("max_size"):
-        max_size = int(config.get("max_size"))  # the configured budget (HUBCACHE_MAX_SIZE)
+    if max_size is None and args.older_than is None and config.max_size:
+        max_size = config.max_size  # the configured budget (HUBCACHE_MAX_SIZE)
     reports = [prune_store(b.store, backend=b.name, max_size=max_size, older_than=args.older_than,
                            dry_run=args.dry_run) for b in cache_backends(config, args.backend)]
     if args.json:
@@ -407,8 +407,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     import time
 
     from . import progress
-    from .core.prefetch import BarObserver, Fetched, Observer, prefetch, read_handle_list
-    from .core.prune import format_size
+    from .maintenance.prefetch import BarObserver, Fetched, Observer, prefetch, read_handle_list
+    from .maintenance.prune import format_size
 
     handles = list(args.handles)
     for name in args.file or []:
@@ -460,8 +460,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .core.config import load_config
-    from .core.manage import cache_backends
-    from .core.verify import verify
+    from .maintenance.manage import cache_backends
+    from .maintenance.verify import verify
 
     results = verify(cache_backends(load_config(), args.backend), args.handles, full=args.full,
                      repair=args.repair)

@@ -42,9 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
     from .core.backend import Backend, CacheBackend
     from .core.config import Config
-    from .core.localstore import LocalStore
+    from .stores.localstore import LocalStore
     from .core.manifest import FileRecord, Manifest
-    from .core.objectstore import ObjectStore
+    from .stores.objectstore import ObjectStore
     from .core.tiers import TieredBackend
 
 
@@ -78,7 +78,7 @@ class ConformanceFixtures:
 
     @pytest.fixture
     def conformance_config(self) -> Config:
-        from hubcache.core.config import load_config
+        from .core.config import load_config
 
         return load_config().replace(max_archive_bytes=self.MAX_BYTES, max_members=self.MAX_MEMBERS,
                                      retries=1, timeout=10.0)
@@ -117,8 +117,8 @@ class ConformanceFixtures:
         return None
 
     def resolve(self, backend: Backend, url: str) -> str:
-        from hubcache.core.handles import parse_handle
-        from hubcache.core.locate import locate
+        from .core.handles import parse_handle
+        from .core.locate import locate
 
         handle = parse_handle(url)
         return backend.resolve(handle, locate(handle, "COMPRESSED"))
@@ -199,7 +199,7 @@ class ResolveCases(ConformanceFixtures):
         assert origin.count() == 1, "a hit must not contact the origin"
 
     def test_layout_matches_tensorflow_hub(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add("/layout.tar.gz", archive_of(model))
         path = self.resolve(backend, url)
@@ -227,7 +227,7 @@ class ResolveCases(ConformanceFixtures):
                                                   model: str) -> None:
         """An entry tensorflow_hub wrote (the files and a descriptor, no manifest) is listed as
         ``foreign`` and adopted by the first resolve: served without contacting the origin."""
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add("/tfhub-written.tar.gz", archive_of(model))
         key = cache_key(url)
@@ -253,7 +253,7 @@ class ResolveCases(ConformanceFixtures):
     def test_links_are_kept(self, backend: CacheBackend, origin: OriginServer) -> None:
         """A symbolic link to a file stays a link with its target; a hard link has the bytes of
         the file it names; a full verify finds nothing."""
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         self.require("SUPPORTS_LINKS")
         url = origin.add("/links.tar", _tar(self.LINKS))
@@ -269,7 +269,7 @@ class ResolveCases(ConformanceFixtures):
         """Without links, a symbolic or hard link to a file is stored as a copy of its bytes
         (``chain`` comes first: a link to a link the extractor has not seen yet, which the writer
         must follow); a full verify finds nothing."""
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         self.require("SUPPORTS_LINKS", False)
         url = origin.add("/links.tar", _tar(self.LINKS))
@@ -283,7 +283,7 @@ class ResolveCases(ConformanceFixtures):
                                                          target: str) -> None:
         """Without links, a link to a directory or to nothing in the archive cannot be stored as
         a copy: an ``ArchiveError`` naming the member (and a hint), and nothing under the root."""
-        from hubcache.core.errors import ArchiveError
+        from .core.errors import ArchiveError
 
         self.require("SUPPORTS_LINKS", False)
         members: list[_Member] = [("saved_model.pb", b"model", 0o644), ("variables/v.data", b"w", 0o644),
@@ -296,7 +296,7 @@ class ResolveCases(ConformanceFixtures):
         assert not fs.exists(root) or fs.find(root) == [], "a refused archive leaves nothing under the root"
 
     def test_the_executable_bit_is_kept(self, backend: CacheBackend, origin: OriginServer) -> None:
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         self.require("SUPPORTS_EXEC_BIT")
         url = origin.add("/exec.tar", _tar([("saved_model.pb", b"model", 0o644), ("assets/run.sh", b"#!/bin/sh\n", 0o755)]))
@@ -311,7 +311,7 @@ class ResolveCases(ConformanceFixtures):
         """A cache root in a container that does not exist (:meth:`missing_root`: a bucket no one
         created) is a ``CacheError`` of one line naming the root, with a hint (``hubcache.resolve``
         adds the handle to any error)."""
-        from hubcache.core.errors import CacheError
+        from .core.errors import CacheError
 
         missing = self.missing_root(backend, tmp_path)
         if missing is None:
@@ -331,7 +331,7 @@ class CommitCases(ConformanceFixtures):
     connection commits nothing; two writers of one entry leave one manifest."""
 
     def test_manifest_is_the_commit(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add("/c.tar.gz", archive_of(model))
         path = self.resolve(backend, url)
@@ -345,7 +345,7 @@ class CommitCases(ConformanceFixtures):
     @pytest.mark.parametrize("name", sorted(hostile_archives(max_bytes=1024, max_members=10)))
     def test_refuses_bad_archive_and_commits_nothing(self, backend: CacheBackend, origin: OriginServer,
                                                      name: str) -> None:
-        from hubcache.core.errors import ArchiveError, DownloadError
+        from .core.errors import ArchiveError, DownloadError
 
         body = hostile_archives(max_bytes=self.MAX_BYTES, max_members=self.MAX_MEMBERS)[name]
         url = origin.add(f"/bad/{name}.tar.gz", body)
@@ -356,7 +356,7 @@ class CommitCases(ConformanceFixtures):
 
     @pytest.mark.parametrize("status", [404, 500])
     def test_http_errors_name_the_status(self, backend: CacheBackend, origin: OriginServer, status: int) -> None:
-        from hubcache.core.errors import DownloadError
+        from .core.errors import DownloadError
 
         url = origin.add("/gone.tar.gz", b"", status=status)
         with pytest.raises(DownloadError) as info:
@@ -366,12 +366,12 @@ class CommitCases(ConformanceFixtures):
 
     def test_cut_connection_commits_nothing_then_recovers(self, backend: CacheBackend, origin: OriginServer,
                                                           model: str) -> None:
-        from hubcache.core.errors import DownloadError
+        from .core.errors import DownloadError
 
         data = archive_of(model, "gz")
         url = origin.add("/cut.tar.gz", data, ranges=False)
         # One cut per attempt the backend's config allows (retries + 1), so the first resolve fails.
-        attempts = int(backend.config.get("retries", 0)) + 1
+        attempts = backend.config.retries + 1
         origin.fail("/cut.tar.gz", *[("cut", len(data) // 2)] * attempts)
         with pytest.raises(DownloadError):
             self.resolve(backend, url)
@@ -384,9 +384,9 @@ class CommitCases(ConformanceFixtures):
         """No lease at all: two writers write the same entry; the first commit wins, the second
         returns the same path without replacing its manifest, and the second's abort (as after
         any failure) deletes nothing of the committed entry."""
-        from hubcache.core.cache import download_into
-        from hubcache.core.handles import parse_handle
-        from hubcache.core.locate import locate
+        from .core.cache import download_into
+        from .core.handles import parse_handle
+        from .core.locate import locate
 
         url = origin.add("/race.tar.gz", archive_of(model))
         handle = parse_handle(url)
@@ -408,7 +408,7 @@ class ManagementCases(ConformanceFixtures):
     """What ``hubcache ls``, ``rm`` and ``verify`` rest on: listing, removal, damage found."""
 
     def test_entries_and_remove(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add("/e.tar.gz", archive_of(model))
         self.resolve(backend, url)
@@ -422,7 +422,7 @@ class ManagementCases(ConformanceFixtures):
                                                       model: str) -> None:
         """A file rewritten with other bytes of its size is found by a full verify only (by its
         CRC-32); a file gone is found by a quick one, and the entry is listed as damaged."""
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add("/d.tar.gz", archive_of(model))
         path = self.resolve(backend, url)
@@ -461,7 +461,7 @@ class UntrustedCases(ConformanceFixtures):
         every other entry still lists, verifies and resolves; the damaged one can be removed."""
         import json
 
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add(f"/poisoned-{poison}.tar.gz", archive_of(model))
         other = origin.add(f"/other-{poison}.tar.zst", archive_of(model, "zst"))
@@ -579,7 +579,7 @@ class ConcurrencyCases(ConformanceFixtures):
         """:attr:`RACERS` processes resolve one handle at the same moment (a download lasts about
         a second): one downloads and commits, the others wait for it; all get the same path, the
         origin serves the archive once."""
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         self.require("MULTI_PROCESS")
         data = archive_of(model)
@@ -646,7 +646,7 @@ _RESOLVER = r"""
 import hubcache
 from hubcache.core.handles import parse_handle
 from hubcache.core.locate import locate
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 
 kinds = []
 
@@ -679,8 +679,8 @@ class CacheBackendConformance(ResolveCases, CommitCases, ManagementCases, Untrus
 
 def _object_store(backend: CacheBackend) -> ObjectStore:
     """``backend``'s store, which the object-store cases and measurements need to be an
-    :class:`~hubcache.core.objectstore.ObjectStore`."""
-    from hubcache.core.objectstore import ObjectStore
+    :class:`~hubcache.stores.objectstore.ObjectStore`."""
+    from .stores.objectstore import ObjectStore
 
     store = backend.store
     assert isinstance(store, ObjectStore), (
@@ -720,7 +720,7 @@ class ObjectStoreFixtures(ConformanceFixtures):
         that bucket's name is not enough, e.g. a service that names buckets otherwise)."""
         import uuid
 
-        scheme = str(backend.config.get("cache_dir")).split("://", 1)[0]
+        scheme = str(backend.config.cache_dir).split("://", 1)[0]
         return f"{scheme}://hubcache-no-such-bucket-{uuid.uuid4().hex[:12]}/cache", "bucket"
 
 
@@ -733,7 +733,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
         object's (or of an object that is gone) is refused, and changes nothing."""
         import uuid
 
-        from hubcache.core.objectstore import PreconditionFailed
+        from .stores.objectstore import PreconditionFailed
 
         store = self.object_store(backend)
         path = store.object_path(f"probe-{uuid.uuid4().hex}.lock")
@@ -794,9 +794,9 @@ class ObjectStoreCases(ObjectStoreFixtures):
         ``verify --full``."""
         import json
 
-        from hubcache.core import objectstore
-        from hubcache.core.handles import cache_key
-        from hubcache.core.verify import verify
+        from .stores import objectstore
+        from .core.handles import cache_key
+        from .maintenance.verify import verify
 
         store = self.object_store(backend)
         monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 16 << 10)
@@ -871,7 +871,7 @@ class LeaseCases(ObjectStoreFixtures):
         import json
         import time
 
-        from hubcache.core.errors import CacheError
+        from .core.errors import CacheError
 
         self.object_store(backend)
         with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0) as holder:
@@ -962,8 +962,8 @@ class LeaseCases(ObjectStoreFixtures):
         import json
         import time
 
-        from hubcache.core.manage import remove
-        from hubcache.core.prune import prune_store
+        from .maintenance.manage import remove
+        from .maintenance.prune import prune_store
 
         self.object_store(backend)
         with LeaseHolder(backend, str(tmp_path), lease_ttl=30.0, upload=True) as holder:
@@ -1000,7 +1000,7 @@ class LeaseCases(ObjectStoreFixtures):
         land on B's entry; A withdraws what it wrote, waits for B's commit and returns B's entry."""
         import hashlib
 
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         self.object_store(backend)
         old = build_model_dir(tmp_path / "v1", weights_bytes=200_000, shards=2, seed=1)
@@ -1062,8 +1062,8 @@ class TierChainCases(ObjectStoreFixtures):
     def tier_chain(self, backend: CacheBackend, local_root: pathlib.Path, **settings: object) -> TieredBackend:
         """A fresh two-tier chain: a local (``home``) cache on ``local_root``, then ``backend``'s
         store (a new instance on the same root), built directly from ``backend.config``."""
-        from hubcache.backends.home import HomeBackend
-        from hubcache.core.tiers import TieredBackend
+        from .backends.home import HomeBackend
+        from .core.tiers import TieredBackend
 
         config = backend.config.replace(**settings)
         local = HomeBackend(config.replace(cache_dir=str(local_root)))
@@ -1072,7 +1072,7 @@ class TierChainCases(ObjectStoreFixtures):
     def filled_bucket(self, backend: CacheBackend, origin: OriginServer, model: str) -> tuple[str, str]:
         """Resolve a handle of ``model`` with ``backend`` alone (a host filled the bucket), then
         forget the origin's request count. Returns the handle and its cache key."""
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         url = origin.add("/tiers/m.tar.gz", archive_of(model))
         self.resolve(backend, url)
@@ -1086,8 +1086,8 @@ class TierChainCases(ObjectStoreFixtures):
         (victims wait where ``../../x`` of the local writer and an absolute name point), only the
         entry is in the local tier, the origin served once, the served files are the model's and
         their digest is one this process verified."""
-        from hubcache.core.handles import parse_handle
-        from hubcache.core.localstore import LocalStore
+        from .core.handles import parse_handle
+        from .stores.localstore import LocalStore
 
         local_root = tmp_path / "host2" / "cache"
         chain = self.tier_chain(backend, local_root)
@@ -1170,7 +1170,7 @@ class TierChainCases(ObjectStoreFixtures):
         import json
         import time
 
-        from hubcache.core.handles import cache_key
+        from .core.handles import cache_key
 
         self.object_store(backend)
         url = origin.add("/tiers/leased.tar.gz", archive_of(tier_model))
@@ -1195,7 +1195,7 @@ class TierChainCases(ObjectStoreFixtures):
 
 class ObjectStoreConformance(ObjectStoreCases, LeaseCases, TierChainCases, CacheBackendConformance):
     """Everything :class:`CacheBackendConformance` checks, plus what a backend whose store is an
-    :class:`~hubcache.core.objectstore.ObjectStore` must do (:class:`ObjectStoreCases`,
+    :class:`~hubcache.stores.objectstore.ObjectStore` must do (:class:`ObjectStoreCases`,
     :class:`LeaseCases`, :class:`TierChainCases`). Subclass it (instead of the base suite) for an
     object-store backend, with the same ``backend`` fixture. Its flags: no links
     (``SUPPORTS_LINKS = False``: copies), no executable bit, shared across hosts.
@@ -1542,8 +1542,8 @@ def stalled_writer_republished(backend: CacheBackend, workdir: str, url: str, le
     import threading
     import time
 
-    from hubcache.core.handles import parse_handle
-    from hubcache.core.locate import locate
+    from .core.handles import parse_handle
+    from .core.locate import locate
 
     config = backend.config.replace(lease_ttl=lease_ttl)
     cls = type(backend)
@@ -1719,7 +1719,7 @@ def _record(path: str, data: bytes) -> FileRecord:
     """A manifest's record of a file ``path`` holding ``data``."""
     import zlib
 
-    from hubcache.core.manifest import FileRecord, crc_hex
+    from .core.manifest import FileRecord, crc_hex
 
     return FileRecord(path, len(data), crc_hex(zlib.crc32(data)))
 
@@ -1727,7 +1727,7 @@ def _record(path: str, data: bytes) -> FileRecord:
 def _edit_manifest(store: ObjectStore, key: str, edit: Callable[[Manifest], object]) -> Manifest:
     """Rewrite ``key``'s manifest in an object ``store`` with ``edit(manifest)``, as a bucket
     writer would; return the manifest written."""
-    from hubcache.core.manifest import Manifest
+    from .core.manifest import Manifest
 
     path = store.object_path(f"{key}.manifest.json")
     manifest = Manifest.from_json(_existing(store, path))

@@ -52,13 +52,13 @@ from .core.errors import (
 )
 from .core.events import Event
 from .core.handles import Handle
-from .core.hookspecs import hookimpl
+from .plugins.markers import hookimpl
 from .core.locate import Location
 from .core.manifest import Manifest
 from .core.store import EntryInfo, EntryWriter, Store
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core.objectstore import ObjectStore, PreconditionFailed
+    from .stores.objectstore import ObjectStore, PreconditionFailed
 
 __all__ = [
     # the hook marker
@@ -99,7 +99,7 @@ _LAZY = {"ObjectStore", "PreconditionFailed"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from .core import objectstore
+        from .stores import objectstore
 
         value = getattr(objectstore, name)
         globals()[name] = value  # later look-ups skip this function

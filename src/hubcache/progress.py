@@ -12,8 +12,8 @@ import sys
 import threading
 from typing import Any, Iterator
 
-import hubcache
-from hubcache.core.events import Event
+from .plugins.markers import hookimpl
+from .core.events import Event
 
 _bars: dict[tuple[str, int], Any] = {}
 _lock = threading.Lock()
@@ -51,7 +51,7 @@ def _label(handle: str) -> str:
     return "/".join(parts[-3:]) if len(parts) > 3 else name
 
 
-@hubcache.hookimpl
+@hookimpl
 def hubcache_event(event: Event) -> None:
     key = (event.handle, threading.get_ident())
     if event.kind == "download_started":

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
-from .core.hookspecs import hookimpl
+from .plugins.markers import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only (pytest is not needed here)
     from _typeshed import WriteableBuffer
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only (pytest is 
     import pytest
 
     from .core.events import Event
-    from .core.fetch import Source
+    from .download.fetch import Source
 
 
 FORMATS = ("tar", "gz", "zst", "bz2", "xz")
@@ -211,7 +211,7 @@ def isolate(monkeypatch: pytest.MonkeyPatch, root: str | os.PathLike[str]) -> No
     """
     import tempfile
 
-    from hubcache.core.resolver import clear_memo
+    from .core.resolver import clear_memo
 
     root = os.fspath(root)
     for name in SETTINGS:
@@ -604,8 +604,8 @@ def replacing_mid_read(write: Callable[[bytes], None], replacements: list[bytes]
     """While the block runs, each download (one after the other) has its object replaced by the
     next of ``replacements`` (``write(data)`` writes it, e.g. ``fs.pipe_file(path, data)``) once
     ``after`` of its bytes went downstream."""
-    from hubcache.core import cache
-    from hubcache.core.plugins import get_registry
+    from .core import cache
+    from .plugins.registry import get_registry
 
     plugin = ReplaceMidRead(write, replacements, after)
     registry = get_registry()

@@ -45,7 +45,7 @@ def _stop() -> None:
 
 
 def install_stop(point: str) -> None:
-    from hubcache.core import localstore
+    from hubcache.stores import localstore
 
     if point not in STOP_POINTS:
         raise SystemExit(f"unknown stop point {point!r}")
@@ -95,19 +95,19 @@ def become(uid: int) -> None:
     process started as that user could not even run. What the resolves need is imported first."""
     import importlib
 
-    for name in ("filelock", "urllib3", "zstandard", "hubcache.core.cache", "hubcache.core.localstore",
-                 "hubcache.core.fetch", "hubcache.core.extract", "hubcache.core.pipeline",
-                 "hubcache.core.formats", "hubcache.core.usage", "hubcache.core.safefs",
-                 "hubcache.core.treewalk", "hubcache.core.paths", "hubcache.core.redact",
+    for name in ("filelock", "urllib3", "zstandard", "hubcache.core.cache", "hubcache.stores.localstore",
+                 "hubcache.download.fetch", "hubcache.archive.extract", "hubcache.archive.pipeline",
+                 "hubcache.archive.formats", "hubcache.stores.usage", "hubcache.stores.safefs",
+                 "hubcache.stores.treewalk", "hubcache.core.paths", "hubcache.core.redact",
                  "hubcache.core.tiers", "hubcache.backends.tmp", "hubcache.backends.home", "platformdirs",
                  "tarfile", "zlib", "bz2", "lzma", "hashlib", "encodings.idna"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     import filelock
 
-    from hubcache.core.formats import inflate_module
-    from hubcache.core.pipeline import crc32_function
-    from hubcache.core.plugins import get_registry
+    from hubcache.archive.formats import inflate_module
+    from hubcache.archive.pipeline import crc32_function
+    from hubcache.plugins.registry import get_registry
 
     filelock.FileLock  # resolve the package's lazy attributes while files can still be read
     inflate_module(), crc32_function()  # ISA-L, loaded on first use
@@ -133,7 +133,7 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     import hubcache
     from hubcache.core.events import Event
-    from hubcache.core.plugins import get_registry
+    from hubcache.plugins.registry import get_registry
 
     waits = []
 

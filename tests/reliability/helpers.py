@@ -17,7 +17,7 @@ from typing import Callable
 
 import hubcache
 from hubcache.core.events import Event
-from hubcache.core.plugins import get_registry
+from hubcache.plugins.registry import get_registry
 from hubcache.testing import compress
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")

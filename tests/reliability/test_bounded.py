@@ -29,9 +29,9 @@ import time
 import pytest
 
 from hubcache import ArchiveError, UnsafeArchiveError
-from hubcache.core.extract import MAX_TRAILER, Limits, Meter, extract
-from hubcache.core.formats import MAX_IDLE_INPUT
-from hubcache.core.pipeline import MAX_METADATA_READ, MAX_READS_PER_MEMBER
+from hubcache.archive.extract import MAX_TRAILER, Limits, Meter, extract
+from hubcache.archive.formats import MAX_IDLE_INPUT
+from hubcache.archive.pipeline import MAX_METADATA_READ, MAX_READS_PER_MEMBER
 from hubcache.core.store import EntryWriter
 
 from extract_sandbox import refused, sandbox, unpack  # noqa: F401 (fixtures)
@@ -59,8 +59,8 @@ RSS_CHILD = PEAK_RSS + textwrap.dedent("""
     import io, json, sys, tempfile, time
     sys.path.insert(0, {here!r})
     import hostile_tar_builders as b
-    from hubcache.core.extract import extract, Limits
-    from hubcache.core.localstore import LocalStore
+    from hubcache.archive.extract import extract, Limits
+    from hubcache.stores.localstore import LocalStore
     body = {body}
     before = peak_rss_kib()
     began = time.perf_counter()
@@ -155,7 +155,7 @@ def test_zstd_decodes_within_a_window_limit(unpack, sandbox, figures):
 
 DECODE_CHILD = PEAK_RSS + textwrap.dedent("""
     import bz2, io, json, time
-    from hubcache.core.formats import open_decoder
+    from hubcache.archive.formats import open_decoder
     stream = bz2.compress(bytes(8 << 20), 9) * 128  # 1 GiB of zeros in 128 bzip2 streams
     before = peak_rss_kib()
     began = time.perf_counter()

@@ -17,7 +17,7 @@ import pytest
 
 import hubcache
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import FORMATS, SUFFIX, OriginServer
 
 from .helpers import EventLog, child_results, leftovers, make_archive, start_child, tree, wait_for

@@ -22,7 +22,7 @@ import pytest
 
 import hubcache
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import OriginServer
 
 from ._child import STOP_POINTS

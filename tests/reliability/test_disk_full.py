@@ -21,7 +21,7 @@ import hubcache
 from hubcache import CacheError
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
-from hubcache.core.localstore import LocalStore
+from hubcache.stores.localstore import LocalStore
 from hubcache.testing import OriginServer
 
 from .helpers import leftovers, make_archive, snapshot, tree

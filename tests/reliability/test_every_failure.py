@@ -19,7 +19,7 @@ import pytest
 
 import hubcache
 from hubcache import ConfigError, UnsafeArchiveError
-from hubcache.core.treewalk import rmtree
+from hubcache.stores.treewalk import rmtree
 from hubcache.testing import archive_of
 from hostile_inputs import assert_one_line_error, run_cli
 from hostile_tar_builders import header, member, pax, pax_records, tar

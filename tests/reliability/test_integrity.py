@@ -65,7 +65,7 @@ def test_matching_pin_streams_once_with_no_archive_copy(served, model, cache_roo
         watcher.join()
     assert tree_of(path) == tree_of(model)
     assert origin.count("/pinned/model.tar.zst") == 1
-    from hubcache.core.localstore import LocalStore
+    from hubcache.stores.localstore import LocalStore
 
     manifest = LocalStore(cache_root).read_manifest(cache_key(url))
     assert manifest.archive["sha256"] == digest and manifest.archive["bytes"] == len(archive)

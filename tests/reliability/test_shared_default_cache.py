@@ -25,7 +25,8 @@ import time
 import pytest
 
 import hubcache
-from hubcache.core import resolver, usage
+from hubcache.core import resolver
+from hubcache.stores import usage
 from hubcache.core.errors import CacheError
 from hubcache.core.handles import cache_key
 from hubcache.testing import archive_of, tree_of

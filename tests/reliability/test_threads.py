@@ -8,7 +8,8 @@ import threading
 import time
 
 import hubcache
-from hubcache.core import plugins, resolver
+from hubcache.plugins import registry as plugins
+from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.testing import OriginServer
 

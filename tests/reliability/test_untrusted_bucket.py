@@ -32,7 +32,7 @@ from gcs_emulator import fresh_root, gcs  # first: it configures gcsfs before gc
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.core.manifest import Manifest
-from hubcache.core.objectstore import CLOCK_SKEW, MAX_LEASE_TTL, LeaseState
+from hubcache.stores.objectstore import CLOCK_SKEW, MAX_LEASE_TTL, LeaseState
 from hubcache.testing import archive_of, build_model_dir, read_tree, tree_of
 
 from second_user import evil, manifest_of  # noqa: F401 (fixture: a model of the same layout, other bytes)

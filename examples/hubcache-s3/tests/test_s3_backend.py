@@ -54,7 +54,7 @@ def test_hubcache_plugins_lists_s3_with_distribution_and_version():
 def test_loading_the_plugin_imports_neither_s3fs_nor_botocore():
     script = """
         import sys
-        from hubcache.core.plugins import get_registry
+        from hubcache.plugins.registry import get_registry
         assert "s3" in get_registry().backends
         print([m for m in ("s3fs", "botocore", "aiobotocore") if m in sys.modules])
     """

@@ -3,7 +3,7 @@
 Selected by ``TFHUB_CACHE_DIR=gs://bucket/prefix`` (or ``HUBCACHE_BACKEND=gcs`` with the root in
 ``TFHUB_CACHE_DIR``). This is the Colab TPU workaround: the TPU worker cannot read the notebook
 host's disk, but it can read the bucket. The commit protocol and the lease are those of
-:mod:`hubcache.core.objectstore`; this module builds the gcsfs filesystem and spells the lease's
+:mod:`hubcache.stores.objectstore`; this module builds the gcsfs filesystem and spells the lease's
 conditional rewrite in GCS terms (:mod:`hubcache.backends.gcs_store`: ``ifGenerationMatch``).
 
 Settings: ``HUBCACHE_GCS_TOKEN`` (gcsfs ``token``: ``anon``, ``google_default``, ``cloud``, or a
@@ -20,10 +20,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from hubcache.plugin import MissingDependencyError, ObjectStoreBackend, hookimpl
+from ..plugin import MissingDependencyError, ObjectStoreBackend, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover (at run time the store class is imported when it is built)
-    from hubcache.plugin import Backend, ObjectStore
+    from ..plugin import Backend, ObjectStore
 
 ENV_TOKEN = "HUBCACHE_GCS_TOKEN"
 
@@ -75,7 +75,7 @@ class GcsBackend(ObjectStoreBackend):
         return gcs_filesystem()
 
     def store_class(self) -> type[ObjectStore]:
-        from hubcache.backends.gcs_store import GcsObjectStore  # lazily: plugins load on every command
+        from .gcs_store import GcsObjectStore  # lazily: plugins load on every command
 
         return GcsObjectStore
 

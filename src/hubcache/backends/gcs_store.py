@@ -10,7 +10,7 @@ import os
 from typing import IO, Any, AsyncIterator, cast
 from urllib.parse import quote
 
-from hubcache.core.objectstore import ObjectStore, PreconditionFailed
+from ..stores.objectstore import ObjectStore, PreconditionFailed
 
 
 class GcsObjectStore(ObjectStore):

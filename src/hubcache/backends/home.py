@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Callable
 
-import hubcache
-from hubcache.core.backend import Backend, LocalCacheBackend
+from ..plugins.markers import hookimpl
+from ..core.backend import Backend, LocalCacheBackend
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from hubcache.core.handles import Handle
-    from hubcache.core.manifest import Manifest
+    from ..core.handles import Handle
+    from ..core.manifest import Manifest
 
 
 class HomeBackend(LocalCacheBackend):
@@ -29,13 +29,13 @@ class HomeBackend(LocalCacheBackend):
 
         The entry just committed and entries in use by any process are never evicted.
         """
-        max_size = self.config.get("max_size")
+        max_size = self.config.max_size
         if max_size:
-            from hubcache.core.prune import enforce_budget
+            from ..maintenance.prune import enforce_budget
 
             enforce_budget(self.store, int(max_size), keep=frozenset({handle.key}), backend=self.name)
 
 
-@hubcache.hookimpl
+@hookimpl
 def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(HomeBackend)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, cast
 
-import hubcache
-from hubcache.core.backend import Backend
-from hubcache.core.errors import ConfigError, DownloadError, HandleError, MissingDependencyError
-from hubcache.core.handles import Handle
-from hubcache.core.locate import Location
+from ..plugins.markers import hookimpl
+from ..core.backend import Backend
+from ..core.errors import ConfigError, DownloadError, HandleError, MissingDependencyError
+from ..core.handles import Handle
+from ..core.locate import Location
 
 
 def _filesystem(path: str) -> tuple[Any, str]:
     if path.startswith(("gs://", "gcs://")):
-        from hubcache.backends.gcs import gcs_filesystem
+        from .gcs import gcs_filesystem
 
         fs = gcs_filesystem()
         return fs, fs._strip_protocol(path)
@@ -48,10 +48,10 @@ class RemoteBackend(Backend):
                 "this is an archive, and archives need a cache backend; UNCOMPRESSED (the remote "
                 "backend) reads only directories",
                 hint="unset TFHUB_MODEL_LOAD_FORMAT (or set it to COMPRESSED), or set HUBCACHE_BACKEND=tmp")
-        from hubcache.core.pointer import follow_pointer
+        from ..download.pointer import follow_pointer
 
-        path = follow_pointer(location.url, timeout=float(self.config.get("timeout", 60.0)),
-                              retries=int(self.config.get("retries", 4)))
+        path = follow_pointer(location.url, timeout=self.config.timeout,
+                              retries=self.config.retries)
         fs, fs_path = _filesystem(path)
         try:
             exists = fs.isdir(fs_path)
@@ -64,6 +64,6 @@ class RemoteBackend(Backend):
         return path
 
 
-@hubcache.hookimpl
+@hookimpl
 def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(RemoteBackend)

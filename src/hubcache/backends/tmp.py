@@ -8,7 +8,7 @@ The temp dir is shared by every user of the machine, and any of them can create
 user that no one else can write; otherwise (another user's, a link, writable by others) it uses
 a per-user directory ``tfhub_modules-<uid>`` beside it, created ``0700``, and says why in an
 ``INFO`` log line. If that one is unsafe too, using the cache fails with a ``CacheError`` saying
-how to fix it (:class:`~hubcache.core.localstore.LocalStore` checks its root, ``private``, on every
+how to fix it (:class:`~hubcache.stores.localstore.LocalStore` checks its root, ``private``, on every
 use). ``hubcache config`` shows the root in effect.
 """
 
@@ -20,12 +20,12 @@ import stat
 import tempfile
 from typing import TYPE_CHECKING, Callable
 
-import hubcache
-from hubcache.core import safefs
-from hubcache.core.backend import Backend, LocalCacheBackend
+from ..plugins.markers import hookimpl
+from ..stores import safefs
+from ..core.backend import Backend, LocalCacheBackend
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from hubcache.core.localstore import LocalStore
+    from ..stores.localstore import LocalStore
 
 logger = logging.getLogger("hubcache")
 _explained: set[tuple[str, str]] = set()
@@ -93,6 +93,6 @@ class TmpBackend(LocalCacheBackend):
         return store
 
 
-@hubcache.hookimpl
+@hookimpl
 def hubcache_register_backends(register: Callable[[type[Backend]], None]) -> None:
     register(TmpBackend)

@@ -12,9 +12,9 @@ from .handles import Handle, parse_handle
 from .locate import Location
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .localstore import LocalStore
+    from ..stores.localstore import LocalStore
     from .manifest import Manifest
-    from .objectstore import ObjectStore
+    from ..stores.objectstore import ObjectStore
     from .store import EntryInfo, Store
 
 
@@ -77,7 +77,7 @@ class CacheBackend(Backend):
     @property
     def root(self) -> str:
         """The effective cache root: ``TFHUB_CACHE_DIR`` if it is one of ours, else the default."""
-        cache_dir = self.config.get("cache_dir")
+        cache_dir = self.config.cache_dir
         if cache_dir:
             parsed = parse_handle(str(cache_dir))
             scheme = parsed.scheme
@@ -117,7 +117,7 @@ class CacheBackend(Backend):
     def after_commit(self, handle: Handle, path: str, manifest: Manifest) -> None:
         """Called after this backend downloaded and committed a new entry; default: nothing.
 
-        The ``home`` backend enforces its size budget here (``hubcache.core.prune``).
+        The ``home`` backend enforces its size budget here (``hubcache.maintenance.prune``).
         """
 
     def entries(self) -> Iterator[EntryInfo]:
@@ -133,7 +133,7 @@ class ObjectStoreBackend(CacheBackend):
 
     The shared glue of such backends: the cache root must be a URL of :attr:`scheme` naming a
     bucket (anything else is a :class:`~hubcache.core.errors.ConfigError` saying so), the store
-    is an :class:`~hubcache.core.objectstore.ObjectStore` (or :meth:`store_class`) built with
+    is an :class:`~hubcache.stores.objectstore.ObjectStore` (or :meth:`store_class`) built with
     ``lease_ttl`` and ``lock_timeout`` from the config, and :meth:`describe` adds ``lease_ttl``.
     Subclasses set :attr:`scheme` and implement :meth:`filesystem`; a service with its own
     conditional writes returns its store class from :meth:`store_class`.
@@ -166,9 +166,9 @@ class ObjectStoreBackend(CacheBackend):
         """
 
     def store_class(self) -> type[ObjectStore]:
-        """The store class (default: the generic :class:`~hubcache.core.objectstore.ObjectStore`,
+        """The store class (default: the generic :class:`~hubcache.stores.objectstore.ObjectStore`,
         whose versioned primitives only emulate preconditions: override it for real ones)."""
-        from .objectstore import ObjectStore  # lazily: plugins load on every command
+        from ..stores.objectstore import ObjectStore  # lazily: plugins load on every command
 
         return ObjectStore
 
@@ -181,7 +181,7 @@ class ObjectStoreBackend(CacheBackend):
         Raises:
             ConfigError: always, saying what ``TFHUB_CACHE_DIR`` is and what it should be.
         """
-        cache_dir = self.config.get("cache_dir")
+        cache_dir = self.config.cache_dir
         url = f"{_article(self.scheme)} {self.scheme}:// URL"
         found = f"TFHUB_CACHE_DIR is {cache_dir!r}, not {url}" if cache_dir else "TFHUB_CACHE_DIR is not set"
         extra = f" {self.cache_dir_hint}" if self.cache_dir_hint else ""
@@ -199,12 +199,12 @@ class ObjectStoreBackend(CacheBackend):
         if not root.split("://", 1)[-1].strip("/"):
             raise ConfigError(f"cache dir {root!r} names no bucket",
                               hint=f"set TFHUB_CACHE_DIR={self._example_root()}")
-        return self.store_class()(root, self.filesystem(), lease_ttl=float(self.config.get("lease_ttl", 30.0)),
-                                  lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+        return self.store_class()(root, self.filesystem(), lease_ttl=self.config.lease_ttl,
+                                  lock_timeout=self.config.lock_timeout)
 
     def describe(self) -> dict[str, object]:
         facts = super().describe()
-        facts["lease_ttl"] = self.config.get("lease_ttl", 30.0)
+        facts["lease_ttl"] = self.config.lease_ttl
         return facts
 
 
@@ -223,10 +223,10 @@ class LocalCacheBackend(CacheBackend):
     protocols = ("",)
 
     def make_store(self, root: str) -> LocalStore:
-        from .localstore import LocalStore
+        from ..stores.localstore import LocalStore
 
         self._check_root(root)
-        return LocalStore(root, lock_timeout=float(self.config.get("lock_timeout", 3600.0)))
+        return LocalStore(root, lock_timeout=self.config.lock_timeout)
 
     def _check_root(self, root: str) -> None:
         """Refuse a ``TFHUB_CACHE_DIR`` that is, or lies under, something other than a directory

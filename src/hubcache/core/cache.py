@@ -6,12 +6,12 @@ import time
 from typing import Callable
 
 from .._version import __version__
-from .config import DEFAULT_DOWNLOAD_DEADLINE, Config
+from .config import Config
 from .commit import commit_entry
 from .errors import ArchiveError, IntegrityError, LeaseLostError, OfflineError, SourceChangedError
-from .events import emit
-from .extract import Limits, Meter, extract
-from .fetch import Deadline, open_source
+from ..plugins.registry import emit
+from ..archive.extract import Limits, Meter, extract
+from ..download.fetch import Deadline, open_source
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest
@@ -40,7 +40,7 @@ def resolve_in_store(store: Store, handle: Handle, location: Location, config: C
     # tier) is a miss: downloading verifies the pin and replaces the entry.
     if found is not None and check_pin(handle, found[1], unverified_is_miss=True):
         return found
-    if config.get("offline"):
+    if config.offline:
         raise OfflineError("not in the cache, and offline mode is on (HUBCACHE_OFFLINE)",
                            hint=f"run `hubcache prefetch {handle.raw}` while online")
 
@@ -91,7 +91,7 @@ def _download(handle: Handle, location: Location, config: Config, backend: str) 
     def fill(writer: EntryWriter) -> Manifest:
         nonlocal deadline
         if deadline is None:
-            deadline = Deadline(float(config.get("download_deadline", DEFAULT_DOWNLOAD_DEADLINE)))
+            deadline = Deadline(config.download_deadline)
         return download_into(writer, handle, location, config, backend, deadline=deadline)
 
     def restart(error: BaseException, restarts: int) -> bool:
@@ -123,8 +123,8 @@ def download_into(writer: EntryWriter, handle: Handle, location: Location, confi
         emit("download_retry", handle.raw, backend, url=url, attempt=attempt, error=error, offset=offset)
 
     # The handle's credentials go only to its own host (``url`` shows them as ***).
-    source = open_source(handle.reveal(url), timeout=float(config.get("timeout", 60.0)),
-                         retries=int(config.get("retries", 4)), on_retry=on_retry, deadline=deadline)
+    source = open_source(handle.reveal(url), timeout=config.timeout,
+                         retries=config.retries, on_retry=on_retry, deadline=deadline)
     try:
         emit("download_started", handle.raw, backend, url=source.final_url, total=source.total)
 
@@ -133,8 +133,7 @@ def download_into(writer: EntryWriter, handle: Handle, location: Location, confi
 
         meter = Meter(source, algorithms, on_progress)
         started = time.monotonic()
-        limits = Limits(int(config.get("max_archive_bytes", Limits.max_bytes)),
-                        int(config.get("max_members", Limits.max_members)))
+        limits = Limits(config.max_archive_bytes, config.max_members)
         contents = extract(meter, writer, limits)
         meter.drain()
     finally:

@@ -51,18 +51,42 @@ class Setting:
     help: str = ""
 
 
+#: The defaults of hubcache's own settings (one place: :func:`load_config` and the typed
+#: properties of :class:`Config` both read them).
+DEFAULTS: dict[str, object] = {
+    "backend": None,
+    "cache_dir": None,
+    "load_format": "AUTO",
+    "offline": False,
+    "max_size": None,
+    "max_archive_bytes": 256 << 30,
+    "max_members": 50_000,
+    "timeout": 60.0,
+    "download_deadline": DEFAULT_DOWNLOAD_DEADLINE,
+    "retries": 4,
+    "lock_timeout": 3600.0,
+    "pins": None,
+    "lease_ttl": 30.0,
+    "progress": "auto",
+}
+
+
 @dataclass(frozen=True)
 class Config:
-    """A snapshot of every setting, taken by :func:`load_config`."""
+    """A snapshot of every setting, taken by :func:`load_config`.
+
+    hubcache's own settings are typed properties (``config.timeout`` is a ``float``, ``None``
+    never: an unset setting has its default from :data:`DEFAULTS`); :meth:`get` reads any setting
+    by name, including the environment variables a plugin declares.
+    """
 
     settings: dict[str, Setting] = field(default_factory=dict)
 
-    # Any: a setting's type depends on its name (text, a number, a flag, None when unset), so
-    # callers convert (``float(config.get("timeout", 60.0))``) as they did before annotations.
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> object:
         return self.settings[name].value
 
-    def get(self, name: str, default: object = None) -> Any:
+    def get(self, name: str, default: object = None) -> object:
+        """A setting's value by name, ``default`` when there is no such setting."""
         setting = self.settings.get(name)
         return default if setting is None else setting.value
 
@@ -73,6 +97,98 @@ class Config:
             old = settings.get(name)
             settings[name] = Setting(name, value, "override", "", old.help if old else "")
         return Config(settings)
+
+    # -- typed views of hubcache's own settings ---------------------------------------------
+
+    def _value(self, name: str) -> object:
+        setting = self.settings.get(name)
+        return DEFAULTS[name] if setting is None or setting.value is None else setting.value
+
+    def _text(self, name: str) -> str | None:
+        value = self._value(name)
+        return None if value is None else str(value)
+
+    def _number(self, name: str) -> float:
+        value = self._value(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"setting {name}={value!r} is not a number")
+        return _parse_float(value, name) if isinstance(value, str) else float(value)
+
+    def _count(self, name: str) -> int:
+        value = self._value(name)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"setting {name}={value!r} is not a whole number")
+        return _parse_int(value, name) if isinstance(value, str) else value
+
+    @property
+    def backend(self) -> str | None:
+        """``HUBCACHE_BACKEND``: a backend name or a comma-separated chain; ``None``: implied."""
+        return self._text("backend")
+
+    @property
+    def cache_dir(self) -> str | None:
+        """``TFHUB_CACHE_DIR`` / ``--tfhub_cache_dir``; ``None``: the backend's default root."""
+        return self._text("cache_dir")
+
+    @property
+    def load_format(self) -> str:
+        """``COMPRESSED``, ``UNCOMPRESSED`` or ``AUTO``."""
+        return str(self._value("load_format"))
+
+    @property
+    def offline(self) -> bool:
+        """``HUBCACHE_OFFLINE``: use only cached entries."""
+        return bool(self._value("offline"))
+
+    @property
+    def max_size(self) -> int | None:
+        """``HUBCACHE_MAX_SIZE`` in bytes: the home cache's budget; ``None``: no budget."""
+        return None if self._value("max_size") is None else self._count("max_size")
+
+    @property
+    def max_archive_bytes(self) -> int:
+        """``HUBCACHE_MAX_EXTRACT_SIZE``: the most an archive may unpack to."""
+        return self._count("max_archive_bytes")
+
+    @property
+    def max_members(self) -> int:
+        """``HUBCACHE_MAX_MEMBERS``: the most members an archive may have."""
+        return self._count("max_members")
+
+    @property
+    def timeout(self) -> float:
+        """``HUBCACHE_TIMEOUT``: seconds to wait for a connection or the next bytes."""
+        return self._number("timeout")
+
+    @property
+    def download_deadline(self) -> float:
+        """``HUBCACHE_DOWNLOAD_DEADLINE``: seconds one whole download may take."""
+        return self._number("download_deadline")
+
+    @property
+    def retries(self) -> int:
+        """``HUBCACHE_RETRIES``: retries of a failed or interrupted download."""
+        return self._count("retries")
+
+    @property
+    def lock_timeout(self) -> float:
+        """``HUBCACHE_LOCK_TIMEOUT``: seconds to wait for another process's download."""
+        return self._number("lock_timeout")
+
+    @property
+    def pins(self) -> str | None:
+        """``HUBCACHE_PINS``: the path of a pins file, if set."""
+        return self._text("pins")
+
+    @property
+    def lease_ttl(self) -> float:
+        """``HUBCACHE_LEASE_TTL``: object-store caches' lease lifetime without a heartbeat."""
+        return self._number("lease_ttl")
+
+    @property
+    def progress(self) -> str:
+        """``auto``, ``always`` or ``never``."""
+        return str(self._value("progress"))
 
 
 def parse_size(text: str, *, name: str = "size") -> int:
@@ -192,9 +308,9 @@ def load_config() -> Config:
         ConfigError: if a setting has an invalid value.
     """
     s: dict[str, Setting] = {}
-    s["backend"] = _env(ENV_BACKEND, None, "backend",
+    s["backend"] = _env(ENV_BACKEND, DEFAULTS["backend"], "backend",
                         "backend name, or a comma-separated chain of tiers (default: implied)")
-    s["cache_dir"] = _env_or_flag(ENV_CACHE_DIR, FLAG_CACHE_DIR, None, "cache_dir",
+    s["cache_dir"] = _env_or_flag(ENV_CACHE_DIR, FLAG_CACHE_DIR, DEFAULTS["cache_dir"], "cache_dir",
                                   "cache root; a gs:// (or other fsspec) URL selects that store")
     cache_dir = s["cache_dir"]
     # An empty value means unset, as for tensorflow_hub; spaces alone would make a cache in a
@@ -202,7 +318,7 @@ def load_config() -> Config:
     if isinstance(cache_dir.value, str) and not cache_dir.value.strip():
         raise ConfigError(f"{cache_dir.origin}={cache_dir.value!r} is blank",
                           hint=f"unset {cache_dir.origin} for the default cache, or name a directory")
-    fmt = _env_or_flag(ENV_LOAD_FORMAT, FLAG_LOAD_FORMAT, "AUTO", "load_format",
+    fmt = _env_or_flag(ENV_LOAD_FORMAT, FLAG_LOAD_FORMAT, DEFAULTS["load_format"], "load_format",
                        "COMPRESSED (download + cache), UNCOMPRESSED (read remote), AUTO (= COMPRESSED)")
     value = str(fmt.value).strip().upper()
     if value not in LOAD_FORMATS:
@@ -210,34 +326,34 @@ def load_config() -> Config:
             f"{fmt.origin or 'load format'}={fmt.value!r} is not a model load format",
             hint="use COMPRESSED, UNCOMPRESSED or AUTO")
     s["load_format"] = Setting(fmt.name, value, fmt.source, fmt.origin, fmt.help)
-    s["offline"] = _env("HUBCACHE_OFFLINE", False, "offline",
+    s["offline"] = _env("HUBCACHE_OFFLINE", DEFAULTS["offline"], "offline",
                         "1: use only cached entries, never the network", _parse_bool)
-    s["max_size"] = _env("HUBCACHE_MAX_SIZE", None, "max_size",
+    s["max_size"] = _env("HUBCACHE_MAX_SIZE", DEFAULTS["max_size"], "max_size",
                          "size budget of the home cache, e.g. 20G (LRU eviction)",
                          lambda t: parse_size(t, name="HUBCACHE_MAX_SIZE"))
-    s["max_archive_bytes"] = _env("HUBCACHE_MAX_EXTRACT_SIZE", 256 << 30, "max_archive_bytes",
+    s["max_archive_bytes"] = _env("HUBCACHE_MAX_EXTRACT_SIZE", DEFAULTS["max_archive_bytes"], "max_archive_bytes",
                                   "refuse archives that unpack to more than this",
                                   lambda t: parse_size(t, name="HUBCACHE_MAX_EXTRACT_SIZE"))
     # A SavedModel has tens to thousands of files; each member costs a file creation (~200 µs
     # here), so a member flood is refused in seconds, not minutes.
-    s["max_members"] = _env("HUBCACHE_MAX_MEMBERS", 50_000, "max_members",
+    s["max_members"] = _env("HUBCACHE_MAX_MEMBERS", DEFAULTS["max_members"], "max_members",
                             "refuse archives with more members than this",
                             lambda t: _parse_int(t, "HUBCACHE_MAX_MEMBERS"))
-    s["timeout"] = _env("HUBCACHE_TIMEOUT", 60.0, "timeout",
+    s["timeout"] = _env("HUBCACHE_TIMEOUT", DEFAULTS["timeout"], "timeout",
                         "seconds to wait for a connection or for the next bytes",
                         lambda t: _parse_float(t, "HUBCACHE_TIMEOUT"))
-    s["download_deadline"] = _env(ENV_DOWNLOAD_DEADLINE, DEFAULT_DOWNLOAD_DEADLINE, "download_deadline",
+    s["download_deadline"] = _env(ENV_DOWNLOAD_DEADLINE, DEFAULTS["download_deadline"], "download_deadline",
                                   "seconds one whole download may take, however steadily bytes arrive",
                                   lambda t: _parse_positive(t, ENV_DOWNLOAD_DEADLINE))
-    s["retries"] = _env("HUBCACHE_RETRIES", 4, "retries",
+    s["retries"] = _env("HUBCACHE_RETRIES", DEFAULTS["retries"], "retries",
                         "retries of a failed or interrupted download",
                         lambda t: _parse_int(t, "HUBCACHE_RETRIES"))
-    s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", 3600.0, "lock_timeout",
+    s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", DEFAULTS["lock_timeout"], "lock_timeout",
                              "seconds to wait for another process downloading the same handle",
                              lambda t: _parse_float(t, "HUBCACHE_LOCK_TIMEOUT"))
-    s["pins"] = _env("HUBCACHE_PINS", None, "pins",
+    s["pins"] = _env("HUBCACHE_PINS", DEFAULTS["pins"], "pins",
                      "a file of `HANDLE sha256=HEX` lines: those archives must have that digest")
-    s["lease_ttl"] = _env("HUBCACHE_LEASE_TTL", 30.0, "lease_ttl",
+    s["lease_ttl"] = _env("HUBCACHE_LEASE_TTL", DEFAULTS["lease_ttl"], "lease_ttl",
                           "object-store caches (gcs): seconds without a heartbeat before a "
                           "download lease is taken over",
                           lambda t: _parse_float(t, "HUBCACHE_LEASE_TTL"))
@@ -251,7 +367,7 @@ def load_config() -> Config:
             s["progress"] = Setting("progress", "always", "env", "TFHUB_DOWNLOAD_PROGRESS",
                                     "progress bar: auto (when stderr is a terminal), always, never")
         else:
-            s["progress"] = Setting("progress", "auto", "default", "",
+            s["progress"] = Setting("progress", DEFAULTS["progress"], "default", "",
                                     "progress bar: auto (when stderr is a terminal), always, never")
     return Config(s)
 

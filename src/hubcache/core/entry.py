@@ -75,6 +75,27 @@ def descriptor_text(handle: str) -> str:
             f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """Text read from a cache (a descriptor's handle, a lock holder's note) made safe to show: one
+    line, every non-printable character escaped (``\\x1b``, ``\\u202e``), at most ``limit``
+    characters and ``...``. Whoever wrote the cache may have planted terminal escapes in it."""
+    text = text.strip()
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+def descriptor_module(descriptor: bytes | str | None) -> str | None:
+    """The handle a descriptor names on its ``Module:`` line (tensorflow_hub's and hubcache's
+    descriptors both start with it), made :func:`printable`; ``None`` if there is no such line."""
+    if descriptor is None:
+        return None
+    text = descriptor.decode("utf-8", "replace") if isinstance(descriptor, bytes) else descriptor
+    for line in text.splitlines():
+        if line.startswith("Module: "):
+            return printable(line[len("Module: "):]) or None
+    return None
+
+
 def written_by_tensorflow_hub(descriptor: bytes | str | None) -> bool:
     """Whether a descriptor (``None``: there is none) is tensorflow_hub's: one without the
     :data:`WRITER_MARK` line hubcache adds. Such an entry has no manifest and may be adopted

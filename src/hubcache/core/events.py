@@ -1,12 +1,13 @@
-"""Events: what hubcache reports while it works (the ``hubcache_event`` hook carries them)."""
+"""Events: what hubcache reports while it works.
+
+The vocabulary only: :func:`hubcache.plugins.registry.emit` sends an :class:`Event` to every
+``hubcache_event`` implementation and to the log.
+"""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
-
-logger = logging.getLogger("hubcache")
 
 #: Event kinds and the keys of their ``data``.
 KINDS = {
@@ -24,8 +25,8 @@ KINDS = {
     "repaired": "path, problems",
 }
 
-# Events that are only noise in a log.
-_QUIET = {"download_progress"}
+#: Events that are only noise in a log.
+QUIET = {"download_progress"}
 
 
 def _size(n: object) -> str:
@@ -89,17 +90,3 @@ class Event:
     backend: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
-
-def emit(kind: str, handle: str, backend: str = "", **data: Any) -> None:
-    """Send an event to every ``hubcache_event`` implementation and to the log."""
-    from .plugins import get_registry
-
-    event = Event(kind, handle, backend, data)
-    if kind not in _QUIET and logger.isEnabledFor(logging.INFO):
-        logger.info("%s", describe(event))
-    hook = get_registry().hook.hubcache_event
-    for impl in hook.get_hookimpls():
-        try:
-            impl.function(event=event)
-        except Exception:  # an observer must never break a resolve
-            logger.exception("hubcache_event of plugin %r failed", impl.plugin_name)

@@ -1,4 +1,8 @@
-"""Locate: map a handle to where its bytes are (the built-in ``hubcache_locate``)."""
+"""Locate: map a handle to where its bytes are.
+
+:func:`locate` is the built-in answer; :mod:`hubcache.plugins.locator` is the built-in
+``hubcache_locate`` implementation that returns it, last, so a plugin can claim any handle shape first.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import HandleError
 from .handles import Handle
-from .hookspecs import hookimpl
 
 Kind = Literal["archive", "directory", "pointer"]
 
@@ -63,10 +66,3 @@ def locate(handle: Handle, load_format: str) -> Location:
     # Any other fsspec URL: an archive by its suffix, otherwise a directory.
     return Location(handle.url, "archive" if handle.is_archive_url else "directory")
 
-
-class DefaultLocator:
-    """The built-in locator plugin; it runs last so plugins can override any handle shape."""
-
-    @hookimpl(trylast=True)
-    def hubcache_locate(self, handle: Handle, load_format: str) -> Location:
-        return locate(handle, load_format)

@@ -52,6 +52,15 @@ class Manifest:
         """The sum of the files' sizes."""
         return sum(f.size for f in self.files)
 
+    def verified_digest(self, algorithm: str = "sha256") -> str | None:
+        """The archive digest hubcache computed from the bytes itself; ``None`` when there is
+        none, or when ``archive["verified"]`` is false (an entry adopted from tensorflow_hub, or
+        whose manifest was copied from another tier): only such a digest can vouch for a pin."""
+        digest = self.archive.get(algorithm)
+        if self.archive.get("verified", True) is False or not isinstance(digest, str) or not digest:
+            return None
+        return digest
+
     def to_json(self) -> bytes:
         data = asdict(self)
         data["format"] = FORMAT_VERSION

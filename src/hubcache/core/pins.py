@@ -102,7 +102,7 @@ def apply_pins(handle: Handle, config: Config) -> Handle:
     Raises:
         ConfigError: if the file is unusable, or the handle's own pin disagrees with it.
     """
-    path = config.get("pins")
+    path = config.pins
     if not path:
         return handle
     pins = load_pins(str(path))
@@ -121,7 +121,7 @@ def apply_pins(handle: Handle, config: Config) -> Handle:
 def apply_configured_pins(parsed: Handle, config: Config) -> Handle:
     """:func:`apply_pins`, also for a pins file that names a handle with its credentials, as the
     user writes it (``parsed`` shows them as ``***``). What a resolve applies."""
-    if parsed.userinfo and config.get("pins"):
+    if parsed.userinfo and config.pins:
         written = dataclasses.replace(parsed, url=parsed.reveal(parsed.url), raw=parsed.reveal(parsed.raw.strip()))
         parsed = dataclasses.replace(parsed, pin=apply_pins(written, config).pin)
     return apply_pins(parsed, config)
@@ -137,7 +137,7 @@ def require_checkable_pin(handle: Handle, location: Location, config: Config) ->
     if handle.pin is None or location.kind == "archive":
         return
     algorithm, digest = handle.pin
-    pins = config.get("pins")
+    pins = config.pins
     from_file = pins and not has_pin(handle.raw)
     if location.kind == "directory":
         what = "names a directory, not an archive"
@@ -175,18 +175,24 @@ def check_pin(handle: Handle, manifest: Manifest, *, unverified_is_miss: bool = 
     """
     if handle.pin is None:
         return True
-    algorithm, expected = handle.pin
-    actual = manifest.archive.get(algorithm)
-    if manifest.archive.get("verified", True) is False or not isinstance(actual, str) or not actual:
-        if unverified_is_miss:
-            return False
-        raise IntegrityError(
-            f"the cached entry has no {algorithm} that hubcache verified (it was adopted from tensorflow_hub "
-            f"or copied from another tier), so it cannot be checked against the pin {expected}",
-            hint="run `hubcache rm` on the handle to download and verify it again")
+    problem = pin_problem(handle.pin, manifest)
+    if problem is None:
+        return True
+    if unverified_is_miss and manifest.verified_digest(handle.pin[0]) is None:
+        return False
+    raise IntegrityError(f"the cached entry {problem}",
+                         hint="run `hubcache rm` on the handle to download and verify it again")
+
+
+def pin_problem(pin: tuple[str, str], manifest: Manifest) -> str | None:
+    """Why an entry's manifest does not vouch for ``pin`` (``(algorithm, hex)``), as a phrase
+    that follows "the entry"; ``None`` when its verified digest matches. One wording for
+    resolve's :class:`IntegrityError` and ``hubcache verify``'s report."""
+    algorithm, expected = pin
+    actual = manifest.verified_digest(algorithm)
+    if actual is None:
+        return (f"has no {algorithm} that hubcache verified (it was adopted from tensorflow_hub or "
+                f"copied from another tier), so it cannot be checked against the pin {expected}")
     if actual != expected:
-        raise IntegrityError(
-            f"the cached entry was built from an archive whose {algorithm} is {actual}, "
-            f"but the handle pins {expected}",
-            hint="run `hubcache rm` on the handle to download it again")
-    return True
+        return f"was built from an archive whose {algorithm} is {actual}, but the handle pins {expected}"
+    return None

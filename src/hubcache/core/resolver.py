@@ -15,7 +15,7 @@ from .errors import ConfigError, HubcacheError
 from .handles import Handle, parse_handle
 from .locate import Location
 from .pins import apply_configured_pins, require_checkable_pin
-from .plugins import get_registry
+from ..plugins.registry import get_registry
 from .redact import redact
 
 DEFAULT_BACKEND = "tmp"
@@ -91,7 +91,7 @@ def locate_handle(handle: Handle, config: Config, *, load_format: str | None = N
         HubcacheError: as a locator raises it (e.g. a local path that does not exist).
     """
     if load_format is None:
-        load_format = "UNCOMPRESSED" if config["load_format"] == "UNCOMPRESSED" else "COMPRESSED"
+        load_format = "UNCOMPRESSED" if config.load_format == "UNCOMPRESSED" else "COMPRESSED"
     # pluggy's hook calls return Any: the spec (a firstresult hook) says what a locator returns.
     location: Location = get_registry().hook.hubcache_locate(handle=handle, load_format=load_format)
     return location

@@ -150,7 +150,7 @@ class Store(ABC):
         """A cheap check that a memoised entry still exists (``None``: always valid)."""
         return None
 
-    # -- use tracking and guarded removal (hubcache.core.usage explains the local scheme) ---------
+    # -- use tracking and guarded removal (hubcache.stores.usage explains the local scheme) ---------
 
     def entry(self, key: str) -> EntryInfo | None:
         """The listing of one entry, or ``None`` if the store has nothing for ``key``."""

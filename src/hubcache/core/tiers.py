@@ -22,7 +22,7 @@ process wrote), so a copy treats it as an archive from the network:
   (``HUBCACHE_MAX_EXTRACT_SIZE``, ``HUBCACHE_MAX_MEMBERS``): normal names only, links that stay
   inside and never pass through links, no more bytes or members than an archive may have;
 - a local source file is opened one directory at a time without following any link
-  (:class:`hubcache.core.treewalk.Beneath`) and must be a regular file; every file's size and
+  (:class:`hubcache.stores.treewalk.Beneath`) and must be a regular file; every file's size and
   CRC-32 must match the manifest, and no more bytes than it announces are read;
 - what is written comes from the validated manifest only (directories, files, then links), never
   from what else lies in the source directory.
@@ -33,7 +33,7 @@ cannot be written (read-only, full) serves the source, as before.
 
 A manifest's archive digest is only as trustworthy as the tier it was read from. Local tiers are
 trusted as a single backend is (the local store refuses files other users own or can write; see
-``hubcache.core.safefs``), so a copy from one keeps the manifest as it is. A manifest read from any
+``hubcache.stores.safefs``), so a copy from one keeps the manifest as it is. A manifest read from any
 other tier (an object store) counts as ``archive["verified"] = False``: it cannot vouch for a
 pinned handle there, and the copy records that, so ``check_pin`` makes a pinned handle download
 and verify its archive instead of trusting a digest someone else wrote.
@@ -55,7 +55,7 @@ from .commit import commit_entry
 from .config import Config
 from .crc import crc32_function
 from .errors import CacheError, ConfigError, HubcacheError, IntegrityError, OfflineError, UnsafeArchiveError
-from .events import emit
+from ..plugins.registry import emit
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest, crc_hex
@@ -64,7 +64,7 @@ from .store import EntryWriter, Store
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from .paths import Limits
-    from .treewalk import Beneath
+    from ..stores.treewalk import Beneath
 
 logger = logging.getLogger("hubcache")
 
@@ -86,7 +86,7 @@ def tier_names(name: str) -> list[str]:
 def is_trusted(store: Store) -> bool:
     """Whether digests in ``store``'s manifests are taken as verified (local tiers; see the
     module doc)."""
-    from .localstore import LocalStore
+    from ..stores.localstore import LocalStore
 
     return isinstance(store, LocalStore)
 
@@ -123,7 +123,7 @@ class TieredBackend(Backend):
     @classmethod
     def from_setting(cls, config: Config, setting: str) -> TieredBackend:
         """Build the chain a ``HUBCACHE_BACKEND`` value names."""
-        from .plugins import get_registry
+        from ..plugins.registry import get_registry
 
         registry = get_registry()
         return cls(config, [registry.backend_class(name)(config) for name in tier_names(setting)])
@@ -162,7 +162,7 @@ class TieredBackend(Backend):
                                error.message, tier.name, handle.raw)
                 continue
             return path, tier.store.validator(path, manifest)
-        if self.config.get("offline"):
+        if self.config.offline:
             raise OfflineError(f"not in any tier of {self.name}, and offline mode is on (HUBCACHE_OFFLINE)",
                                hint=f"run `hubcache prefetch {handle.raw}` while online")
         return self._download(handle, location)
@@ -191,8 +191,7 @@ class TieredBackend(Backend):
     def _limits(self) -> Limits:
         from .paths import Limits
 
-        return Limits(int(self.config.get("max_archive_bytes", Limits.max_bytes)),
-                      int(self.config.get("max_members", Limits.max_members)))
+        return Limits(self.config.max_archive_bytes, self.config.max_members)
 
     def _check_source(self, manifest: Manifest) -> None:
         from .paths import validate_manifest
@@ -259,7 +258,7 @@ class _Source:
         self.fs = fs
         self.tree: Beneath | None = None
         if "://" not in root:
-            from .treewalk import Beneath
+            from ..stores.treewalk import Beneath
 
             try:
                 self.tree = Beneath(root)

@@ -5,7 +5,7 @@ a plain streaming GET needs): redirects are followed (to http and https URLs onl
 failures (connection errors, 429/5xx, a stall, a reset mid-body) are retried with backoff, and a
 body cut short resumes with a ``Range`` request where that provably continues the same file, so
 the decompressor downstream just sees one continuous stream. Local paths use ``open``; any other
-URL goes through ``fsspec``, pinned to the object's version seen at open (``core/objectread.py``).
+URL goes through ``fsspec``, pinned to the object's version seen at open (``download/objectread.py``).
 Every source stops at an overall deadline (``HUBCACHE_DOWNLOAD_DEADLINE``), however steadily bytes
 arrive.
 
@@ -29,10 +29,10 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from .errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
-from .handles import origin_of
+from ..core.errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
+from ..core.handles import origin_of
 from .objectread import open_pinned
-from .redact import split_credentials
+from ..core.redact import split_credentials
 
 if TYPE_CHECKING:  # urllib3 is imported where it is used: importing hubcache does not import it
     import urllib3

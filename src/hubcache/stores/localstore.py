@@ -7,7 +7,7 @@ entries with a manifest). A crash at any point leaves either nothing visible or 
 a manifest, which hubcache rebuilds. The OS file lock ``<key>.hubcache.lock`` is released by the
 kernel when its holder dies, so a crashed downloader never blocks anyone.
 
-Trust (the model of ssh's ``StrictModes`` and pip's cache-dir check; :mod:`hubcache.core.safefs`
+Trust (the model of ssh's ``StrictModes`` and pip's cache-dir check; :mod:`hubcache.stores.safefs`
 does the opening): a root other users can write is refused outright, with a :class:`CacheError`
 saying how to fix it. Inside a root, only what hubcache itself would have made is used: real
 directories and regular files owned by this user, root or the root's owner, and not writable by
@@ -23,7 +23,6 @@ import errno
 import glob
 import logging
 import os
-import re
 import shlex
 import socket
 import stat
@@ -31,12 +30,13 @@ import time
 import uuid
 from typing import Callable, Collection, Iterable, Iterator
 
-from . import entry as layout, paths, safefs, treewalk, usage
-from .crc import file_crc32
-from .entry import WRITER_TAG, EntryState  # noqa: F401 - WRITER_TAG re-exported (tests/second_user.py)
-from .errors import CacheError, UnsafeArchiveError
-from .manifest import FileRecord, Manifest, crc_hex
-from .store import EntryInfo, EntryWriter, Store
+from ..core import entry as layout, paths
+from . import safefs, treewalk, usage
+from ..core.crc import file_crc32
+from ..core.entry import WRITER_TAG, EntryState  # noqa: F401 - WRITER_TAG re-exported (tests/second_user.py)
+from ..core.errors import CacheError, UnsafeArchiveError
+from ..core.manifest import FileRecord, Manifest, crc_hex
+from ..core.store import EntryInfo, EntryWriter, Store
 
 try:
     import fcntl
@@ -45,7 +45,6 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger("hubcache")
 
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 #: Checking an entry already on disk against its manifest: only the manifest's shape matters
 #: (the size and member limits were applied when the entry was written).
 _NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
@@ -79,11 +78,6 @@ def _cache_error(error: OSError, what: str) -> CacheError:
         return CacheError(f"the cache is not writable ({error.strerror}) while {what}",
                           hint="set TFHUB_CACHE_DIR to a writable directory")
     return CacheError(f"{error.strerror or error} while {what}")
-
-
-def _printable(text: str) -> str:
-    """One line of plain text (a note or descriptor is shown in messages and listings)."""
-    return _UNPRINTABLE.sub("?", text.strip())
 
 
 def describe_model_dir(path: str) -> list[str]:
@@ -128,7 +122,7 @@ def scan_files(path: str, *, digests: bool = True, trusted: Collection[int] | No
     """Build the file lists of a manifest by walking a directory (an entry to adopt).
 
     The walk never follows a link (links are recorded with their targets), reads files without
-    blocking, and accepts only what :func:`hubcache.core.safefs.problem` accepts, owned by
+    blocking, and accepts only what :func:`hubcache.stores.safefs.problem` accepts, owned by
     ``trusted`` (default: this user and root). The result passes
     :func:`hubcache.core.paths.validate_manifest`: a link that leaves the directory, or passes
     through another link, refuses the whole tree.
@@ -414,7 +408,7 @@ class LocalStore(Store):
 
         return still_valid
 
-    # -- use tracking (see hubcache.core.usage) ---------------------------------------------------
+    # -- use tracking (see hubcache.stores.usage) ---------------------------------------------------
 
     def mark_used(self, key: str) -> None:
         try:
@@ -492,7 +486,7 @@ class LocalStore(Store):
             os.close(fd)  # releases the lock
 
     def _acquire(self, path: str, on_wait: Callable[[str], None]) -> int:
-        """Open the lock file safely (:func:`hubcache.core.safefs.open_lock`) and ``flock`` it,
+        """Open the lock file safely (:func:`hubcache.stores.safefs.open_lock`) and ``flock`` it,
         waiting at most ``lock_timeout`` for a trusted holder; returns the locked descriptor.
 
         Raises:
@@ -583,7 +577,7 @@ class LocalStore(Store):
 
     def _holder(self, key: str) -> str:
         text = self._read_note(self._owner_path(key))
-        return _printable(text)[:200] or "unknown" if text is not None else "unknown"
+        return layout.printable(text) or "unknown" if text is not None else "unknown"
 
     def writer(self, key: str, handle: str) -> LocalWriter:
         return LocalWriter(self, key, handle)
@@ -664,10 +658,7 @@ class LocalStore(Store):
 
     def _module(self, key: str) -> str | None:
         """The handle a descriptor names (``Module: ...``, as tensorflow_hub writes it)."""
-        for line in (self._read_note(self.descriptor_path(key)) or "").splitlines():
-            if line.startswith("Module: "):
-                return _printable(line[len("Module: "):])
-        return None
+        return layout.descriptor_module(self._read_note(self.descriptor_path(key)))
 
     def remove(self, key: str) -> bool:
         existed = os.path.lexists(self.entry_path(key)) or os.path.lexists(self.manifest_path(key))
@@ -688,15 +679,6 @@ class LocalStore(Store):
 
 class _ReplacedLock(Exception):
     """A lock file held by an untrusted user was unlinked: open the fresh one."""
-
-
-def _verified_sha256(manifest: Manifest) -> str | None:
-    """The archive SHA-256 hubcache computed from the bytes itself (``None`` for an adopted
-    entry, or one whose manifest was copied from another tier: ``archive["verified"] is False``)."""
-    digest = manifest.archive.get("sha256")
-    if manifest.archive.get("verified", True) is False or not isinstance(digest, str) or not digest:
-        return None
-    return digest
 
 
 class LocalWriter(EntryWriter):
@@ -842,8 +824,8 @@ class LocalWriter(EntryWriter):
         """Whether a complete entry found in the way is kept instead of ours: always, unless ours
         comes from bytes this process verified and theirs does not vouch for the same digest
         (an adopted entry, or one copied from another tier, in the way of a pinned download)."""
-        mine = _verified_sha256(ours)
-        return mine is None or _verified_sha256(theirs) == mine
+        mine = ours.verified_digest()
+        return mine is None or theirs.verified_digest() == mine
 
     def _take_over(self, entry: str) -> None:
         """Remove an unverified entry in the way of a verified one, unless a process uses it."""

@@ -12,19 +12,19 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .backend import Backend, CacheBackend
-from .config import Config
-from .entry import USABLE_STATES, is_key
-from .errors import ConfigError, HubcacheError
-from .handles import parse_handle
+from ..core.backend import Backend, CacheBackend
+from ..core.config import Config
+from ..core.entry import USABLE_STATES, is_key
+from ..core.errors import ConfigError, HubcacheError
+from ..core.handles import parse_handle
 from .prune import Action, remove_entry, timestamp as _when
-from .store import EntryInfo
+from ..core.store import EntryInfo
 
 
 def backend_names(config: Config, names: Iterable[str] | None = None) -> list[str]:
     """The backend names a command works on: ``names`` (comma-separated allowed), else the
     selected backend's tiers."""
-    from .resolver import select_backend_name
+    from ..core.resolver import select_backend_name
 
     if not names:
         names = [select_backend_name(config)[0]]
@@ -39,7 +39,7 @@ def backend_names(config: Config, names: Iterable[str] | None = None) -> list[st
 
 def make_backend(name: str, config: Config) -> Backend:
     """An instance of the installed backend ``name``."""
-    from .plugins import get_registry
+    from ..plugins.registry import get_registry
 
     return get_registry().backend_class(name)(config)
 
@@ -134,13 +134,13 @@ def describe_handle(handle: str, config: Config) -> dict[str, object]:
     Raises:
         HubcacheError: for a malformed handle or settings that select no backend.
     """
-    from .resolver import locate_handle, select_backend_name
+    from ..core.resolver import locate_handle, select_backend_name
 
     parsed = parse_handle(handle)
     name, why = select_backend_name(config)
     info: dict[str, object] = {"handle": handle, "url": parsed.url, "key": parsed.key,
                                "pin": "=".join(parsed.pin) if parsed.pin else None,
-                               "backend": name, "backend_reason": why, "offline": bool(config.get("offline"))}
+                               "backend": name, "backend_reason": why, "offline": config.offline}
     try:
         location = locate_handle(parsed, config)
         info["location"] = {"url": location.url, "kind": location.kind}

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-import pluggy
+from .markers import PROJECT, hookimpl, hookspec
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from .backend import Backend
-    from .events import Event
-    from .handles import Handle
-    from .locate import Location
+    from ..core.backend import Backend
+    from ..core.events import Event
+    from ..core.handles import Handle
+    from ..core.locate import Location
 
-PROJECT = "hubcache"
-
-#: Marks a function as a hook specification (used only here).
-hookspec = pluggy.HookspecMarker(PROJECT)
-#: Marks a plugin function as a hook implementation: ``@hubcache.hookimpl``.
-hookimpl = pluggy.HookimplMarker(PROJECT)
+# hookimpl stays importable from here (its home before hubcache.plugins.markers).
+__all__ = ["PROJECT", "HookSpecs", "hookimpl", "hookspec"]
 
 
 class HookSpecs:

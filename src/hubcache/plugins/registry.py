@@ -1,7 +1,7 @@
 """The plugin manager: registers the built-in plugins and the ``hubcache`` entry points, and
 collects their backends.
 
-The built-ins are registered by module name (:data:`hubcache.default_plugins.DEFAULT_PLUGINS`),
+The built-ins are registered by module name (:data:`hubcache.plugins.builtin.DEFAULT_PLUGINS`),
 so a source tree without installed metadata has them; an entry point naming the same module under
 the same name is the same plugin and skipped. Loading is lazy (first use), thread-safe, and
 fault-isolated: a plugin that fails to import, implements a hook hubcache does not have, or whose
@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -21,12 +22,15 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pluggy
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.events import QUIET, Event, describe
+from .builtin import DEFAULT_PLUGINS, LOCATOR
 from .hookspecs import PROJECT, HookSpecs
-from .locate import DefaultLocator
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from .backend import Backend
+    from ..core.backend import Backend
+
+logger = logging.getLogger("hubcache")
 
 ENTRY_POINT_GROUP = "hubcache"
 ENV_DISABLE = "HUBCACHE_DISABLE_PLUGINS"
@@ -68,18 +72,15 @@ class Registry:
 
     Args:
         builtins: plugin name -> module of the plugins registered without metadata (default:
-            :data:`hubcache.default_plugins.DEFAULT_PLUGINS`).
+            :data:`hubcache.plugins.builtin.DEFAULT_PLUGINS`).
     """
 
     def __init__(self, builtins: Mapping[str, str] | None = None) -> None:
-        if builtins is None:
-            from ..default_plugins import DEFAULT_PLUGINS
-
-            builtins = DEFAULT_PLUGINS
-        self.builtins: dict[str, str] = dict(builtins)
+        self.builtins: dict[str, str] = dict(DEFAULT_PLUGINS if builtins is None else builtins)
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(HookSpecs)
-        self.pm.register(DefaultLocator(), name="hubcache.locate")
+        # By module name, as every built-in: the registry itself does not import the domain modules.
+        self.pm.register(importlib.import_module(LOCATOR[1]), name=LOCATOR[0])
         self.plugins: dict[str, PluginInfo] = {}
         self.backends: dict[str, type[Backend]] = {}
         self.backend_plugin: dict[str, str] = {}
@@ -149,7 +150,7 @@ class Registry:
             lines = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
             raise ConfigError(f"plugin {name!r} has an invalid hook implementation: {lines}",
                               hint=f"the hooks and their arguments: {', '.join(KNOWN_HOOKS)} "
-                                   "in hubcache/core/hookspecs.py") from None
+                                   "in hubcache/plugins/hookspecs.py") from None
         settings_before = self.setting_names
         try:
             self._check_pending(plugin, name)
@@ -250,3 +251,16 @@ def reset_registry() -> None:
 def _disabled() -> set[str]:
     """The plugin names ``HUBCACHE_DISABLE_PLUGINS`` blocks."""
     return {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
+
+
+def emit(kind: str, handle: str, backend: str = "", **data: Any) -> None:
+    """Send an event to every ``hubcache_event`` implementation and to the log."""
+    event = Event(kind, handle, backend, data)
+    if kind not in QUIET and logger.isEnabledFor(logging.INFO):
+        logger.info("%s", describe(event))
+    hook = get_registry().hook.hubcache_event
+    for impl in hook.get_hookimpls():
+        try:
+            impl.function(event=event)
+        except Exception:  # an observer must never break a resolve
+            logger.exception("hubcache_event of plugin %r failed", impl.plugin_name)

@@ -16,12 +16,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Callable, Iterator, cast
 
-from .errors import ArchiveError, HubcacheError, UnsafeArchiveError
+from ..core.errors import ArchiveError, HubcacheError, UnsafeArchiveError
 from .formats import CHUNK, Readable, read_head, sniff
-from .manifest import FileRecord, Manifest, crc_hex
-from .paths import EntryTree, Limits, member_path
+from ..core.manifest import FileRecord, Manifest, crc_hex
+from ..core.paths import EntryTree, Limits, member_path
 from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
-from .store import EntryWriter
+from ..core.store import EntryWriter
 
 if TYPE_CHECKING:
     from typing_extensions import NotRequired, TypedDict, Unpack

@@ -1,7 +1,7 @@
 """Removing entries: ``hubcache rm``, ``hubcache prune`` and the size budget (LRU eviction).
 
 Every removal goes through :meth:`Store.guard`, which refuses entries another process is using
-or downloading (see :mod:`hubcache.core.usage`), and re-reads the entry under the guard so that
+or downloading (see :mod:`hubcache.stores.usage`), and re-reads the entry under the guard so that
 one used or rebuilt since it was listed is left alone. A dry run asks :meth:`Store.busy` instead,
 which changes nothing on disk.
 
@@ -17,9 +17,9 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-from .entry import USABLE_STATES
-from .events import emit
-from .store import EntryInfo, Store
+from ..core.entry import USABLE_STATES
+from ..plugins.registry import emit
+from ..core.store import EntryInfo, Store
 
 logger = logging.getLogger("hubcache")
 
@@ -97,17 +97,17 @@ def timestamp(value: object) -> float | None:
 def real_size(store: Store, entry: EntryInfo) -> int:
     """The bytes ``entry`` really occupies, not what its manifest says.
 
-    A local entry is measured on disk (:func:`hubcache.core.treewalk.disk_usage`, links not
+    A local entry is measured on disk (:func:`hubcache.stores.treewalk.disk_usage`, links not
     followed); an object store entry by listing its objects. Other stores: the listed size.
     Neither a claim too small (bytes hidden from the budget) nor too large (a forged ``1e18``
     that would evict every other entry) counts.
     """
-    from .localstore import LocalStore
-    from .objectstore import ObjectStore
+    from ..stores.localstore import LocalStore
+    from ..stores.objectstore import ObjectStore
 
     try:
         if isinstance(store, LocalStore):
-            from . import treewalk
+            from ..stores import treewalk
 
             return treewalk.disk_usage(entry.path)
         if isinstance(store, ObjectStore):

@@ -2,7 +2,7 @@
 
 Each handle goes through the ordinary resolver in a worker thread, so locks, extraction checks,
 the size budget and offline mode behave exactly as for ``hubcache.resolve``. A prefetch does not
-*use* what it fetches, so it releases each entry's in-use mark (see :mod:`hubcache.core.usage`)
+*use* what it fetches, so it releases each entry's in-use mark (see :mod:`hubcache.stores.usage`)
 once it is committed: prefetching more than the size budget holds evicts the least recently used
 entries, as any later download would.
 """
@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, TextIO
 
-from .events import Event
-from .hookspecs import hookimpl
+from ..core.events import Event
+from ..plugins.markers import hookimpl
 
 
 @dataclass
@@ -156,8 +156,8 @@ def prefetch(handles: Sequence[str], *, jobs: int = 4, observer: Observer | None
     Returns:
         One :class:`Fetched` per distinct handle, in the order given.
     """
-    from .errors import HubcacheError
-    from .plugins import get_registry
+    from ..core.errors import HubcacheError
+    from ..plugins.registry import get_registry
 
     unique = list(dict.fromkeys(handles))
     observer = observer or Observer(unique)
@@ -167,7 +167,7 @@ def prefetch(handles: Sequence[str], *, jobs: int = 4, observer: Observer | None
     registry.pm.register(observer, name=name)
 
     def one(handle: str) -> Fetched:
-        from .resolver import resolve
+        from ..core.resolver import resolve
 
         result = Fetched(handle)
         started = time.monotonic()
@@ -193,9 +193,9 @@ def prefetch(handles: Sequence[str], *, jobs: int = 4, observer: Observer | None
 
 
 def _release(handle: str) -> None:
-    from .backend import CacheBackend
-    from .handles import parse_handle
-    from .resolver import current_backend
+    from ..core.backend import CacheBackend
+    from ..core.handles import parse_handle
+    from ..core.resolver import current_backend
 
     _, backend = current_backend()
     for tier in getattr(backend, "tiers", [backend]):

@@ -15,7 +15,7 @@ import zlib
 from types import ModuleType
 from typing import IO, Callable, Protocol, cast
 
-from .errors import ArchiveError
+from ..core.errors import ArchiveError
 
 CHUNK = 1 << 20
 

@@ -7,7 +7,7 @@ link, never blocks, and never trusts what an untrusted user owns or can change:
 
 - opens use ``O_NOFOLLOW`` (a link in the last component is refused, not followed) and
   ``O_NONBLOCK`` (a FIFO or device planted as a model file, manifest or lock never blocks the
-  open); files inside an entry are reached through :class:`hubcache.core.treewalk.Beneath`, one
+  open); files inside an entry are reached through :class:`hubcache.stores.treewalk.Beneath`, one
   directory at a time, so no component on the way is followed either;
 - the open file is ``fstat``-checked: a regular file, owned by a *trusted owner* (this process's
   user, root, or the owner of the cache root, who controls the root anyway), and not writable by

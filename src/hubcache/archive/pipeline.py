@@ -17,8 +17,8 @@ import threading
 from collections import deque
 from typing import Callable, Iterable, Iterator, Protocol, cast
 
-from .crc import crc32_function as crc32_function  # noqa: F401 - re-exported: the extractor's CRC-32
-from .errors import UnsafeArchiveError
+from ..core.crc import crc32_function as crc32_function  # noqa: F401 - re-exported: the extractor's CRC-32
+from ..core.errors import UnsafeArchiveError
 from .formats import CHUNK, PrefixedReader, Readable, open_decoder
 
 #: Chunks each queue may hold (raw into the decoder, decoded out of it, raw into the digest).

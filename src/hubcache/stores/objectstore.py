@@ -76,7 +76,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import socket
 import tempfile
@@ -87,12 +86,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator, cast
 
-from . import entry as layout, paths
-from .crc import file_crc32
-from .errors import ArchiveError, CacheError, HubcacheError, LeaseLostError, UnsafeArchiveError
-from .manifest import FileRecord, Manifest, crc_hex
-from .entry import EntryState
-from .store import EntryInfo, EntryWriter, Store
+from ..core import entry as layout, paths
+from ..core.crc import file_crc32
+from ..core.errors import ArchiveError, CacheError, HubcacheError, LeaseLostError, UnsafeArchiveError
+from ..core.manifest import FileRecord, Manifest, crc_hex
+from ..core.entry import EntryState
+from ..core.store import EntryInfo, EntryWriter, Store
 
 logger = logging.getLogger("hubcache")
 
@@ -153,7 +152,7 @@ class LeaseState:
             ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) else 0.0
             ttl = ttl if math.isfinite(ttl) and ttl > 0 else 0.0
             when = float(data["time"])
-            return cls(raw, str(data["lease"]), _printable(str(data["owner"])),
+            return cls(raw, str(data["lease"]), layout.printable(str(data["owner"])),
                        when if math.isfinite(when) else 0.0, version, ttl)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return cls(raw, "", "unknown", 0.0, version)  # unreadable: treated as long dead
@@ -169,12 +168,6 @@ class LeaseState:
         """True if the holder's own heartbeat time is older than the judged TTL plus
         :data:`CLOCK_SKEW` (a clock-based verdict; waiters also time silence themselves)."""
         return time.time() - self.time > self.judged_ttl(own) + CLOCK_SKEW
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """Text from the bucket made safe to print: control characters escaped, length capped."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
 
 
 class PreconditionFailed(Exception):
@@ -786,9 +779,8 @@ class ObjectStore(Store):
         else:
             return None  # only a descriptor or lease debris
         if handle is None and layout.DESCRIPTOR_SUFFIX in names:
-            raw = self.read_object(self.object_path(layout.descriptor_name(key)), MAX_SMALL_OBJECT) or b""
-            match = re.search(rb"^Module: (.+)$", raw, re.MULTILINE)
-            handle = match.group(1).decode("utf-8", "replace").strip() if match else None
+            handle = layout.descriptor_module(
+                self.read_object(self.object_path(layout.descriptor_name(key)), MAX_SMALL_OBJECT))
         size = manifest.total_bytes if manifest else sum(files.values())
         return EntryInfo(key, path, state, manifest, size, None, handle)
 

@@ -3,7 +3,7 @@
 ``GET <handle>?tf-hub-format=uncompressed`` is answered with ``303 See Other`` whose *body* (not a
 ``Location`` header) is the ``gs://`` directory holding the model, uncompressed. Ordinary
 redirects (301, 302, 307, 308) on the way are followed; transient failures (connection errors,
-429, 5xx) are retried with backoff, as downloads are (:mod:`hubcache.core.fetch`).
+429, 5xx) are retried with backoff, as downloads are (:mod:`hubcache.download.fetch`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import time
 from urllib.parse import urljoin
 
-from .errors import DownloadError
+from ..core.errors import DownloadError
 from .fetch import RETRY_STATUS, USER_AGENT, _pool_manager
 
 #: ``gs://bucket/path``: a bucket name (3-222 chars of [a-z0-9._-]) and an optional path.

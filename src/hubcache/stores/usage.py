@@ -21,7 +21,7 @@ Last use is the mtime of the same file, set when a process first uses the entry 
 later (memoised) hits at most every :data:`REFRESH_SECONDS`: a hot loop of resolves costs one
 clock read each, not a write.
 
-Use files are opened through :mod:`hubcache.core.safefs` (no link followed, no blocking open, only
+Use files are opened through :mod:`hubcache.stores.safefs` (no link followed, no blocking open, only
 a regular file of a trusted owner): one another user planted is replaced when this user owns the
 cache directory, else ignored (no protection, never an error). Anyone who can read a use file can
 lock it, so a user waits at most :data:`SHARED_WAIT_SECONDS` for a remover's exclusive lock, then

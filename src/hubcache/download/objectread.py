@@ -29,7 +29,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from .errors import SourceChangedError
+from ..core.errors import SourceChangedError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

@@ -21,12 +21,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from .backend import CacheBackend
-from .entry import is_key
-from .errors import HubcacheError
-from .handles import parse_handle
-from .manifest import Manifest
-from .store import Store
+from ..core.backend import CacheBackend
+from ..core.entry import is_key
+from ..core.errors import HubcacheError
+from ..core.handles import parse_handle
+from ..core.manifest import Manifest
+from ..core.pins import apply_configured_pins, pin_problem
+from ..core.store import Store
 
 #: statuses that need no action
 GOOD = ("ok", "foreign", "downloading", "repaired", "cleaned", "removed")
@@ -103,16 +104,11 @@ def _check(backend: CacheBackend, key: str, handle: str | None, pin: tuple[str, 
             except OSError as error:  # a bucket listing that failed: say so, check the rest
                 damage.append(f"could not list what the entry holds: {error}")
         if not damage and pin is not None and info.manifest is not None:
-            archive = info.manifest.archive
-            actual = archive.get(pin[0])
-            # As a resolve does (cache.check_pin): only a digest hubcache verified can vouch for a pin.
-            if archive.get("verified", True) is False or not isinstance(actual, str) or not actual:
+            # The resolve path's own check and wording (core/pins.py).
+            problem = pin_problem(pin, info.manifest)
+            if problem is not None:
                 mismatch = True
-                damage.append(f"its archive's {pin[0]} was not verified by hubcache (the entry was copied "
-                              f"from another tier or adopted), so it cannot vouch for the pin {pin[1]}")
-            elif actual != pin[1]:
-                mismatch = True
-                damage.append(f"built from an archive whose {pin[0]} is {actual}, but the handle pins {pin[1]}")
+                damage.append(f"the entry {problem}")
     result.problems.extend(damage)
     result.status = ("pin mismatch" if mismatch else "damaged" if damage else "leftover" if leftover
                      else "ok")
@@ -130,12 +126,12 @@ def unlisted(store: Store, key: str, manifest: Manifest) -> list[str]:
     manifest)`` if it has one, else the objects under the entry's prefix are listed. Stores of
     other kinds report nothing. At most ``_MAX_UNLISTED`` names, then a count of the rest.
     """
-    from .localstore import LocalStore
-    from .objectstore import ObjectStore
+    from ..stores.localstore import LocalStore
+    from ..stores.objectstore import ObjectStore
 
     found: list[str] = []
     if isinstance(store, LocalStore):
-        from . import treewalk
+        from ..stores import treewalk
 
         known = {f.path for f in manifest.files} | set(manifest.symlinks) | set(manifest.dirs)
         parents = {p for name in known for p in _parents_of(name)}
@@ -170,7 +166,7 @@ def _parents_of(name: str) -> list[str]:
 
 def _repair(backend: CacheBackend, result: Verified, *, fetch: bool) -> None:
     """Repair one entry; ``fetch``: the user named its handle, so it may be downloaded again."""
-    from .resolver import locate_handle
+    from ..core.resolver import locate_handle
 
     store = backend.store
     if fetch and result.handle is None and result.status != "leftover":
@@ -215,8 +211,6 @@ def verify(backends: Sequence[CacheBackend], handles: Sequence[str] = (), *, ful
     Raises:
         HubcacheError: for a malformed handle or pins file.
     """
-    from .pins import apply_configured_pins
-
     results = []
     for backend in backends:
         targets: list[tuple[str, str | None, tuple[str, str] | None]]

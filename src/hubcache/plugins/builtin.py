@@ -15,3 +15,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "remote": "hubcache.backends.remote",
     "progress": "hubcache.progress",
 }
+
+#: The built-in ``hubcache_locate`` (it runs last, so a plugin can claim any handle shape first).
+#: Always registered, whatever ``HUBCACHE_DISABLE_PLUGINS`` says: without it no handle resolves.
+LOCATOR: tuple[str, str] = ("hubcache.locate", "hubcache.plugins.locator")

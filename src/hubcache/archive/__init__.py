@@ -1,0 +1,1 @@
+"""Bytes in, files out: archive formats, the decode and digest stages, and safe extraction."""
