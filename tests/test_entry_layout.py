@@ -112,21 +112,21 @@ def test_local_directory_and_object_listing_agree(tmp_path, files):
     """The same files give the same verdict, in the same words, on a disk and in a bucket (the
     object store judges its listing with ``entry.model_dir_problems`` itself)."""
     path = _make(str(tmp_path / "entry"), files)
-    assert localstore.describe_model_dir(path) == entry.model_dir_problems(files)
+    assert localstore.local_model_dir_problems(path) == entry.model_dir_problems(files)
     assert not hasattr(objectstore, "model_dir_problems") and not hasattr(objectstore, "_MARKERS")
 
 
 def test_local_directory_only_problems(tmp_path):
-    assert localstore.describe_model_dir(str(tmp_path / "absent")) == ["the entry directory is missing"]
+    assert localstore.local_model_dir_problems(str(tmp_path / "absent")) == ["the entry directory is missing"]
     (tmp_path / "file").write_bytes(b"x")
-    assert localstore.describe_model_dir(str(tmp_path / "file")) == ["the entry directory is not a directory"]
+    assert localstore.local_model_dir_problems(str(tmp_path / "file")) == ["the entry directory is not a directory"]
     (tmp_path / "empty").mkdir()
-    assert localstore.describe_model_dir(str(tmp_path / "empty")) == ["the entry directory is empty"]
+    assert localstore.local_model_dir_problems(str(tmp_path / "empty")) == ["the entry directory is empty"]
     linked = _make(str(tmp_path / "linked"), {"real.pb": 3})
     os.symlink("real.pb", os.path.join(linked, "saved_model.pb"))
-    assert localstore.describe_model_dir(linked) == ["saved_model.pb is not a regular file"]
+    assert localstore.local_model_dir_problems(linked) == ["saved_model.pb is not a regular file"]
     os.mkdir(os.path.join(linked, "tfhub_module.pb"))
-    assert localstore.describe_model_dir(linked) == ["saved_model.pb is not a regular file",
+    assert localstore.local_model_dir_problems(linked) == ["saved_model.pb is not a regular file",
                                                      "tfhub_module.pb is not a regular file"]
 
 
@@ -136,10 +136,10 @@ def test_local_variables_link_is_not_followed(tmp_path):
     path = _make(str(tmp_path / "entry"), {"saved_model.pb": 3})
     elsewhere = _make(str(tmp_path / "elsewhere"), {"variables.index": 1})
     os.symlink(elsewhere, os.path.join(path, "variables"))
-    assert localstore.describe_model_dir(path) == []
+    assert localstore.local_model_dir_problems(path) == []
     os.unlink(os.path.join(path, "variables"))
     os.rename(elsewhere, os.path.join(path, "variables"))
-    assert localstore.describe_model_dir(path) == ["variables shard 0 of 1 is missing"]
+    assert localstore.local_model_dir_problems(path) == ["variables shard 0 of 1 is missing"]
 
 
 def test_entry_states():

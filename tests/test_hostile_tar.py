@@ -24,7 +24,8 @@ import time
 import pytest
 
 from hubcache import ArchiveError, HubcacheError, UnsafeArchiveError
-from hubcache.archive.extract import MAX_TRAILER, Meter
+from hubcache.archive.digest import Meter
+from hubcache.archive.formats import MAX_TRAILER
 from hubcache.archive.pipeline import MAX_METADATA_READ
 
 from extract_sandbox import refused, sandbox, unpack  # noqa: F401 (fixtures)

@@ -24,7 +24,8 @@ import pytest
 from hubcache import ArchiveError, DownloadError, UnsafeArchiveError
 from hubcache.core import crc
 from hubcache.archive import formats
-from hubcache.archive.extract import Limits, Meter, extract
+from hubcache.archive.digest import Meter
+from hubcache.archive.extract import Limits, extract
 from hubcache.archive.formats import open_decoder
 from hubcache.stores.localstore import LocalStore
 from hubcache.archive.pipeline import ForwardReader, ThreadedDecoder

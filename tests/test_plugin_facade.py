@@ -22,11 +22,16 @@ from hubcache.backends.gcs import GcsBackend
 from hubcache.core.config import load_config
 from hubcache.core.errors import ConfigError
 
-S3_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hubcache-s3" / "hubcache_s3.py"
+S3_DIR = Path(__file__).resolve().parents[1] / "examples" / "hubcache-s3"
+S3_EXAMPLE = S3_DIR / "hubcache_s3.py"
+#: The example's two modules: the plugin, and the store class it imports when a store is built.
+S3_MODULES = (S3_EXAMPLE, S3_DIR / "hubcache_s3_store.py")
 
 
 def _s3_module():
     """The example's module, loaded from its file (whether or not the example is installed)."""
+    if str(S3_DIR) not in sys.path:  # its store module, imported lazily, is found beside it
+        sys.path.append(str(S3_DIR))
     spec = importlib.util.spec_from_file_location("hubcache_s3_under_test", S3_EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -50,10 +55,30 @@ def _hubcache_references(source: str) -> list[str]:
     return found
 
 
-def test_the_s3_example_imports_only_the_facade():
-    references = _hubcache_references(S3_EXAMPLE.read_text())
+@pytest.mark.parametrize("module", S3_MODULES, ids=lambda p: p.name)
+def test_the_s3_example_imports_only_the_facade(module):
+    references = _hubcache_references(module.read_text())
     assert references, "the example must use hubcache at all"
     assert {ref for ref in references if ref != "hubcache.plugin"} == set(), references
+
+
+def test_loading_the_s3_plugin_does_not_load_the_object_store_machinery():
+    """Every hubcache command loads every plugin: the S3 one costs nothing until an s3:// cache
+    is used (before, it imported the object-store protocol, ~25 modules, on every command)."""
+    program = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(S3_DIR)!r})
+        import hubcache_s3
+        before = "hubcache.stores.objectstore" in sys.modules
+        from hubcache.plugin import ObjectStore
+        store_class = hubcache_s3.S3Backend.store_class(None)
+        print(json.dumps([before, issubclass(store_class, ObjectStore),
+                          hubcache_s3.S3ObjectStore is store_class]))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            env=dict(os.environ), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [False, True, True]
 
 
 def test_the_reference_finder_sees_internal_imports():

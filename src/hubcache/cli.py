@@ -143,8 +143,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from .core.config import env_settings, load_config
-    from .plugins.registry import get_registry
     from .core.resolver import make_backend, select_backend_name
+    from .plugins.registry import get_registry
 
     config = load_config()
     name, why = select_backend_name(config)
@@ -296,11 +296,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .core.config import load_config
-    from .maintenance.manage import ago, describe_handle
+    from .maintenance.manage import ago, handle_info
     from .maintenance.prune import format_size
 
-    # A JSON document, nested (its shape: manage.describe_handle); read here as such.
-    info: dict[str, Any] = describe_handle(args.handle, load_config())
+    # A JSON document, nested (its shape: manage.handle_info); read here as such.
+    info: dict[str, Any] = handle_info(args.handle, load_config())
     if args.json:
         _print_json(info)
         return 0
@@ -407,7 +407,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     import time
 
     from . import progress
-    from .maintenance.prefetch import BarObserver, Fetched, Observer, prefetch, read_handle_list
+    from .maintenance.prefetch import (
+        BarObserver,
+        Fetched,
+        Observer,
+        prefetch,
+        read_handle_list,
+    )
     from .maintenance.prune import format_size
 
     handles = list(args.handles)

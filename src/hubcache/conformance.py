@@ -35,17 +35,26 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, TypedDict
 
 import pytest
 
-from .testkit import FORMATS, SUFFIX, OriginServer, archive_of, build_model_dir, hostile_archives, read_tree, tree_of
+from .testkit import (
+    FORMATS,
+    SUFFIX,
+    OriginServer,
+    archive_of,
+    build_model_dir,
+    hostile_archives,
+    read_tree,
+    tree_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import pathlib
 
     from .core.backend import Backend, CacheBackend
     from .core.config import Config
-    from .stores.localstore import LocalStore
     from .core.manifest import FileRecord, Manifest
-    from .stores.objectstore import ObjectStore
     from .core.tiers import TieredBackend
+    from .stores.localstore import LocalStore
+    from .stores.objectstore import ObjectStore
 
 
 class ConformanceFixtures:
@@ -241,9 +250,8 @@ class ResolveCases(ConformanceFixtures):
         assert {e.key: e.state for e in self.fresh(backend).entries()}[key] == "foreign"
         assert self.resolve(backend, url) == entry
         assert origin.count() == 0, "an adopted entry is not downloaded"
-        # read_manifest is not on the Store API, but the stores hubcache ships (and this case) have it.
-        manifest = backend.store.read_manifest(key)  # type: ignore[attr-defined]
-        assert manifest.creator == "adopted from tensorflow_hub"
+        manifest = backend.store.read_manifest(key)
+        assert manifest is not None and manifest.creator == "adopted from tensorflow_hub"
         assert self.read(backend, entry) == tree_of(model)
 
     LINKS: list[_Member] = [("chain", "sym:variables/alias", 0o777), ("saved_model.pb", b"model bytes", 0o644),
@@ -794,9 +802,9 @@ class ObjectStoreCases(ObjectStoreFixtures):
         ``verify --full``."""
         import json
 
-        from .stores import objectstore
         from .core.handles import cache_key
         from .maintenance.verify import verify
+        from .stores import objectstore
 
         store = self.object_store(backend)
         monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 16 << 10)

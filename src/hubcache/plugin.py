@@ -52,10 +52,10 @@ from .core.errors import (
 )
 from .core.events import Event
 from .core.handles import Handle
-from .plugins.markers import hookimpl
 from .core.locate import Location
 from .core.manifest import Manifest
 from .core.store import EntryInfo, EntryWriter, Store
+from .plugins.markers import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     from .stores.objectstore import ObjectStore, PreconditionFailed

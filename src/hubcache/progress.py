@@ -12,8 +12,8 @@ import sys
 import threading
 from typing import Any, Iterator
 
-from .plugins.markers import hookimpl
 from .core.events import Event
+from .plugins.markers import hookimpl
 
 _bars: dict[tuple[str, int], Any] = {}
 _lock = threading.Lock()

@@ -18,9 +18,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .testkit import (FORMATS, SETTINGS, SUFFIX, OriginServer, ReplaceMidRead, Request, Route, archive_of,
-                      build_model_dir, compress, hostile_archives, isolate, read_tree, replacing_mid_read,
-                      same_layout_models, tar_directory, tree_of)
+from .testkit import (
+    FORMATS,
+    SETTINGS,
+    SUFFIX,
+    OriginServer,
+    ReplaceMidRead,
+    Request,
+    Route,
+    archive_of,
+    build_model_dir,
+    compress,
+    hostile_archives,
+    isolate,
+    read_tree,
+    replacing_mid_read,
+    same_layout_models,
+    tar_directory,
+    tree_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - at run time the suite is imported when asked for (below)
     from .conformance import CacheBackendConformance, ObjectStoreConformance

@@ -26,9 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 from .plugins.markers import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only (pytest is not needed here)
-    from _typeshed import WriteableBuffer
-
     import pytest
+    from _typeshed import WriteableBuffer
 
     from .core.events import Event
     from .download.fetch import Source

@@ -29,7 +29,9 @@ import time
 import pytest
 
 from hubcache import ArchiveError, UnsafeArchiveError
-from hubcache.archive.extract import MAX_TRAILER, Limits, Meter, extract
+from hubcache.archive.digest import Meter
+from hubcache.archive.extract import Limits, extract
+from hubcache.archive.formats import MAX_TRAILER
 from hubcache.archive.formats import MAX_IDLE_INPUT
 from hubcache.archive.pipeline import MAX_METADATA_READ, MAX_READS_PER_MEMBER
 from hubcache.core.store import EntryWriter

@@ -327,7 +327,7 @@ def _endless_cases() -> dict[str, tuple[bytes, bytes]]:
 def test_an_endless_trailer_is_refused(name, sandbox, figures):
     """A complete archive followed by compressed nothing, forever, from a real server: refused
     after a bounded read (before: read until the server stopped, holding the entry's lock)."""
-    from hubcache.archive.extract import MAX_TRAILER
+    from hubcache.archive.formats import MAX_TRAILER
 
     root, cache = sandbox
     prefix, unit = _endless_cases()[name]

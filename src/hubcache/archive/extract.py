@@ -7,21 +7,20 @@ is checked before anything is written for it.
 
 from __future__ import annotations
 
-import hashlib
 import lzma
 import struct
 import tarfile
-import time
 import zlib
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Callable, Iterator, cast
+from typing import IO, TYPE_CHECKING, Iterator, cast
 
 from ..core.errors import ArchiveError, HubcacheError, UnsafeArchiveError
-from .formats import CHUNK, Readable, read_head, sniff
 from ..core.manifest import FileRecord, Manifest, crc_hex
 from ..core.paths import EntryTree, Limits, member_path
-from .pipeline import ForwardReader, background_digest, crc32_function, decoding, member_data
 from ..core.store import EntryWriter
+from .digest import Meter, background_digest
+from .formats import MAX_TRAILER, Readable, read_head, read_to_end, sniff
+from .pipeline import ForwardReader, crc32_function, decoding, member_data
 
 if TYPE_CHECKING:
     from typing_extensions import NotRequired, TypedDict, Unpack
@@ -35,58 +34,15 @@ if TYPE_CHECKING:
         created: NotRequired[float]
         creator: NotRequired[str]
 
+# Meter and MAX_TRAILER stay importable from here (their home before archive/digest.py, formats.py).
 __all__ = ["MAX_TRAILER", "Contents", "Limits", "Meter", "extract", "member_path"]
 
-#: Bytes allowed after the tar end-of-archive marker, both decoded and raw (compressed). Writers
-#: pad to a record (10 KiB by default, 1 MiB with the largest blocking factors); more is refused
-#: at once, so a tiny download cannot make hubcache decode gigabytes of trailing zeros, and an
-#: endless trailer (zero padding, empty gzip members, zstd skippable frames) cannot hold the lock.
-MAX_TRAILER = 16 << 20
 
 _NOT_ARCHIVES = {
     "empty": "the server sent an empty body, not an archive",
     "html": "the server sent an HTML page, not an archive",
     "unknown": "the bytes are not a tar archive (nor gzip, zstd, bzip2 or xz compressed)",
 }
-
-
-class Meter:
-    """Passes bytes through, hashing them and reporting progress at most every 0.1 s."""
-
-    def __init__(self, raw: Readable, algorithms: tuple[str, ...] = ("sha256",),
-                 on_progress: Callable[[int], None] | None = None):
-        self._raw = raw
-        self.hashes = {name: hashlib.new(name) for name in algorithms}
-        self.bytes = 0
-        self._on_progress = on_progress
-        self._next_report = 0.0
-        #: a ``pipeline.HashWorker`` that digests on another core while ``extract`` runs
-        self.hasher = None
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        if data:
-            self.bytes += len(data)
-            if self.hasher is not None:
-                self.hasher.put(data)
-            else:
-                for h in self.hashes.values():
-                    h.update(data)
-            if self._on_progress is not None:
-                now = time.monotonic()
-                if now >= self._next_report:
-                    self._next_report = now + 0.1
-                    self._on_progress(self.bytes)
-        return data
-
-    def drain(self, limit: int | None = None) -> None:
-        """Read to the end (trailing padding), so the digests cover every byte.
-
-        Raises:
-            UnsafeArchiveError: more than ``limit`` bytes are left (default: :data:`MAX_TRAILER`):
-                an endless trailer ends in an error, not an endless read holding the lock.
-        """
-        _drain(self, MAX_TRAILER if limit is None else limit)
 
 
 @dataclass
@@ -179,7 +135,7 @@ def _extract_decoded(fmt: str, decoded: Readable, gate: _TrailerGate, writer: En
                            hint="the file is damaged or was made to attack tar readers") from None
     # Decode to the end so compressed trailers (CRC, sizes, checksums) are checked too.
     gate.tar_ended()
-    _drain(decoded, min(limits.max_bytes, MAX_TRAILER))
+    read_to_end(decoded, min(limits.max_bytes, MAX_TRAILER))
     return contents
 
 
@@ -194,20 +150,6 @@ def _check_end(reader: ForwardReader) -> None:
         where = "between two members" if not block else "inside a header"
         raise ArchiveError(f"the tar archive is truncated: it ends {where}, without the end-of-archive "
                            "marker", hint="the download was cut short or the file is incomplete")
-
-
-def _drain(reader: Readable, limit: int) -> None:
-    """Read ``reader`` to its end, refusing more than ``limit`` bytes: whatever follows an
-    archive's end is bounded (an endless trailer, a decompression bomb), never read forever."""
-    left = limit
-    while True:
-        data = reader.read(CHUNK)
-        if not data:
-            return
-        left -= len(data)
-        if left < 0:
-            raise UnsafeArchiveError(f"the archive goes on for more than {limit} bytes after its end "
-                                     "(an endless trailer or a decompression bomb?)", member="")
 
 
 def _unpack(tar: tarfile.TarFile, reader: ForwardReader, writer: EntryWriter, limits: Limits,

@@ -15,9 +15,11 @@ import zlib
 from types import ModuleType
 from typing import IO, Callable, Protocol, cast
 
-from ..core.errors import ArchiveError
+from ..core.errors import ArchiveError, UnsafeArchiveError
 
 CHUNK = 1 << 20
+#: Chunks each queue may hold (raw into the decoder, decoded out of it, raw into the digest).
+DEPTH = 4
 
 #: Memory a decoder may use for its dictionary or window: what zstd allows by default (2**27), and
 #: twice what ``xz -9`` needs; bzip2 needs no limit (its blocks are at most 900 kB, so its decoder
@@ -393,3 +395,24 @@ def open_decoder(fmt: str, raw: Readable) -> Readable:
     if fmt == "zst":
         return _ZstdDecoder(raw)
     raise ValueError(fmt)
+
+
+#: Bytes allowed after the tar end-of-archive marker, both decoded and raw (compressed). Writers
+#: pad to a record (10 KiB by default, 1 MiB with the largest blocking factors); more is refused
+#: at once, so a tiny download cannot make hubcache decode gigabytes of trailing zeros, and an
+#: endless trailer (zero padding, empty gzip members, zstd skippable frames) cannot hold the lock.
+MAX_TRAILER = 16 << 20
+
+
+def read_to_end(reader: Readable, limit: int) -> None:
+    """Read ``reader`` to its end, refusing more than ``limit`` bytes: whatever follows an
+    archive's end is bounded (an endless trailer, a decompression bomb), never read forever."""
+    left = limit
+    while True:
+        data = reader.read(CHUNK)
+        if not data:
+            return
+        left -= len(data)
+        if left < 0:
+            raise UnsafeArchiveError(f"the archive goes on for more than {limit} bytes after its end "
+                                     "(an endless trailer or a decompression bomb?)", member="")

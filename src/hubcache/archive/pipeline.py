@@ -11,67 +11,14 @@ Queues are bounded (a few chunks each): memory does not grow with the archive.
 from __future__ import annotations
 
 import contextlib
-import queue
 import tarfile
 import threading
 from collections import deque
-from typing import Callable, Iterable, Iterator, Protocol, cast
+from typing import Callable, Iterator, cast
 
 from ..core.crc import crc32_function as crc32_function  # noqa: F401 - re-exported: the extractor's CRC-32
 from ..core.errors import UnsafeArchiveError
-from .formats import CHUNK, PrefixedReader, Readable, open_decoder
-
-#: Chunks each queue may hold (raw into the decoder, decoded out of it, raw into the digest).
-DEPTH = 4
-
-
-class _Hash(Protocol):
-    """What :class:`HashWorker` uses of a ``hashlib`` object."""
-
-    def update(self, data: bytes, /) -> None: ...
-
-
-class HashWorker:
-    """Feeds chunks to hash objects in a thread; :meth:`finish` waits until all are hashed."""
-
-    def __init__(self, hashes: Iterable[_Hash]) -> None:
-        self._hashes = list(hashes)
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2 * DEPTH)
-        self._thread = threading.Thread(target=self._work, name="hubcache-digest", daemon=True)
-        self._thread.start()
-
-    def put(self, data: bytes) -> None:
-        self._queue.put(data)
-
-    def _work(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            for h in self._hashes:
-                h.update(data)
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-
-@contextlib.contextmanager
-def background_digest(meter: Readable) -> Iterator[None]:
-    """While the block runs, ``meter`` hashes in a :class:`HashWorker` (a no-op for other readers).
-
-    The digests are complete when the block exits, normally or not.
-    """
-    if not hasattr(meter, "hashes") or not hasattr(meter, "hasher") or not meter.hashes:
-        yield
-        return
-    worker = HashWorker(meter.hashes.values())
-    meter.hasher = worker
-    try:
-        yield
-    finally:
-        meter.hasher = None
-        worker.finish()
+from .formats import CHUNK, DEPTH, PrefixedReader, Readable, open_decoder
 
 
 class _Stop(Exception):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Callable
 
-from ..plugins.markers import hookimpl
 from ..core.backend import Backend, LocalCacheBackend
+from ..plugins.markers import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from ..core.handles import Handle

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, cast
 
-from ..plugins.markers import hookimpl
 from ..core.backend import Backend
-from ..core.errors import ConfigError, DownloadError, HandleError, MissingDependencyError
+from ..core.errors import (
+    ConfigError,
+    DownloadError,
+    HandleError,
+    MissingDependencyError,
+)
 from ..core.handles import Handle
 from ..core.locate import Location
+from ..plugins.markers import hookimpl
 
 
 def _filesystem(path: str) -> tuple[Any, str]:

@@ -20,9 +20,9 @@ import stat
 import tempfile
 from typing import TYPE_CHECKING, Callable
 
+from ..core.backend import Backend, LocalCacheBackend
 from ..plugins.markers import hookimpl
 from ..stores import safefs
-from ..core.backend import Backend, LocalCacheBackend
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from ..stores.localstore import LocalStore

@@ -13,8 +13,8 @@ from .locate import Location
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..stores.localstore import LocalStore
-    from .manifest import Manifest
     from ..stores.objectstore import ObjectStore
+    from .manifest import Manifest
     from .store import EntryInfo, Store
 
 
@@ -168,7 +168,9 @@ class ObjectStoreBackend(CacheBackend):
     def store_class(self) -> type[ObjectStore]:
         """The store class (default: the generic :class:`~hubcache.stores.objectstore.ObjectStore`,
         whose versioned primitives only emulate preconditions: override it for real ones)."""
-        from ..stores.objectstore import ObjectStore  # lazily: plugins load on every command
+        from ..stores.objectstore import (
+            ObjectStore,  # lazily: plugins load on every command
+        )
 
         return ObjectStore
 

@@ -6,12 +6,19 @@ import time
 from typing import Callable
 
 from .._version import __version__
-from .config import Config
-from .commit import commit_entry
-from .errors import ArchiveError, IntegrityError, LeaseLostError, OfflineError, SourceChangedError
-from ..plugins.registry import emit
-from ..archive.extract import Limits, Meter, extract
+from ..archive.digest import Meter
+from ..archive.extract import Limits, extract
 from ..download.fetch import Deadline, open_source
+from ..plugins.registry import emit
+from .commit import commit_entry
+from .config import Config
+from .errors import (
+    ArchiveError,
+    IntegrityError,
+    LeaseLostError,
+    OfflineError,
+    SourceChangedError,
+)
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest

@@ -39,7 +39,7 @@ def _size(n: object) -> str:
     return ""
 
 
-def describe(event: Event) -> str:
+def log_line(event: Event) -> str:
     """One line for the log: what happened, to which handle, with the numbers that matter."""
     d, h = event.data, event.handle
     where = f" [{event.backend}]" if event.backend else ""

@@ -9,13 +9,13 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from ..plugins.registry import get_registry
 from .backend import Backend
 from .config import Config, config_fingerprint, load_config
 from .errors import ConfigError, HubcacheError
 from .handles import Handle, parse_handle
 from .locate import Location
 from .pins import apply_configured_pins, require_checkable_pin
-from ..plugins.registry import get_registry
 from .redact import redact
 
 DEFAULT_BACKEND = "tmp"

@@ -156,6 +156,13 @@ class Store(ABC):
         """The listing of one entry, or ``None`` if the store has nothing for ``key``."""
         return next((e for e in self.entries() if e.key == key), None)
 
+    def read_manifest(self, key: str) -> Manifest | None:
+        """The entry's manifest, if it has a readable and safe one (its files unchecked), else
+        ``None``. Stores override this with a direct read; the default goes through
+        :meth:`entry`."""
+        info = self.entry(key)
+        return info.manifest if info is not None else None
+
     def mark_used(self, key: str) -> None:
         """Record that this process uses the entry (called before every lookup of a resolve).
 

@@ -49,13 +49,20 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence, cast
 
+from ..plugins.registry import emit
 from .backend import Backend, CacheBackend
 from .cache import resolve_in_store
 from .commit import commit_entry
 from .config import Config
 from .crc import crc32_function
-from .errors import CacheError, ConfigError, HubcacheError, IntegrityError, OfflineError, UnsafeArchiveError
-from ..plugins.registry import emit
+from .errors import (
+    CacheError,
+    ConfigError,
+    HubcacheError,
+    IntegrityError,
+    OfflineError,
+    UnsafeArchiveError,
+)
 from .handles import Handle
 from .locate import Location
 from .manifest import Manifest, crc_hex
@@ -63,8 +70,8 @@ from .pins import check_pin
 from .store import EntryWriter, Store
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
-    from .paths import Limits
     from ..stores.treewalk import Beneath
+    from .paths import Limits
 
 logger = logging.getLogger("hubcache")
 

@@ -29,10 +29,15 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from ..core.errors import DownloadError, HandleError, MissingDependencyError, SourceChangedError
+from ..core.errors import (
+    DownloadError,
+    HandleError,
+    MissingDependencyError,
+    SourceChangedError,
+)
 from ..core.handles import origin_of
-from .objectread import open_pinned
 from ..core.redact import split_credentials
+from .objectread import open_pinned
 
 if TYPE_CHECKING:  # urllib3 is imported where it is used: importing hubcache does not import it
     import urllib3
@@ -311,7 +316,7 @@ class HttpSource(Source):
             try:
                 urllib3.util.parse_url(target)
             except urllib3.exceptions.LocationValueError:
-                raise self._fail(f"the server redirected to an invalid URL ({_describe_location(location)})",
+                raise self._fail(f"the server redirected to an invalid URL ({_location_text(location)})",
                                  status=response.status) from None
             if "Authorization" in headers and origin_of(target) != origin_of(url):
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
@@ -422,7 +427,7 @@ class HttpSource(Source):
                 count -= len(chunk)
         except (urllib3.exceptions.HTTPError, OSError) as error:
             self._check_deadline()
-            raise self._fail(f"interrupted while skipping the bytes already read: {_describe(error)}") from None
+            raise self._fail(f"interrupted while skipping the bytes already read: {_error_text(error)}") from None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -458,7 +463,7 @@ class HttpSource(Source):
                 if self._expired:
                     raise self._deadline_error() from None
                 self._response.release_conn()
-                self._wait_before_retry(f"interrupted after {self.position} bytes: {_describe(error)}",
+                self._wait_before_retry(f"interrupted after {self.position} bytes: {_error_text(error)}",
                                         self.position)
                 if self._validator is None:
                     raise self._changed("the download was interrupted, and the server sent no ETag or "
@@ -513,14 +518,14 @@ def _discard_response(response: urllib3.BaseHTTPResponse) -> None:
     response.release_conn()
 
 
-def _describe(error: BaseException) -> str:
+def _error_text(error: BaseException) -> str:
     """A short reason: urllib3 wraps the useful text in tuples of nested exceptions."""
     first = error.args[0] if error.args else error
     text = first if isinstance(first, str) else str(error)
     return text.split(": IncompleteRead")[0].split("(\'")[0] or type(error).__name__
 
 
-def _describe_location(location: str) -> str:
+def _location_text(location: str) -> str:
     """A redirect target fit for a message: its scheme and host at most (no path or query,
     which may carry a signature)."""
     parts = urlsplit(location)

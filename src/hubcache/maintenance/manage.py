@@ -12,13 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ..core.backend import Backend, CacheBackend
+from ..core.backend import CacheBackend
 from ..core.config import Config
 from ..core.entry import USABLE_STATES, is_key
 from ..core.errors import ConfigError, HubcacheError
 from ..core.handles import parse_handle
-from .prune import Action, remove_entry, timestamp as _when
+from ..core.resolver import make_backend
 from ..core.store import EntryInfo
+from .prune import Action, remove_entry
+from .prune import timestamp as _when
 
 
 def backend_names(config: Config, names: Iterable[str] | None = None) -> list[str]:
@@ -35,13 +37,6 @@ def backend_names(config: Config, names: Iterable[str] | None = None) -> list[st
             if name and name not in out:
                 out.append(name)
     return out
-
-
-def make_backend(name: str, config: Config) -> Backend:
-    """An instance of the installed backend ``name``."""
-    from ..plugins.registry import get_registry
-
-    return get_registry().backend_class(name)(config)
 
 
 def cache_backends(config: Config, names: Iterable[str] | None = None) -> list[CacheBackend]:
@@ -128,7 +123,7 @@ def remove(targets: Sequence[str], backends: Sequence[CacheBackend]) -> list[dic
     return results
 
 
-def describe_handle(handle: str, config: Config) -> dict[str, object]:
+def handle_info(handle: str, config: Config) -> dict[str, object]:
     """Where ``handle`` would resolve and what the caches hold for it; downloads nothing.
 
     Raises:

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from ..core.entry import USABLE_STATES
-from ..plugins.registry import emit
 from ..core.store import EntryInfo, Store
+from ..plugins.registry import emit
 
 logger = logging.getLogger("hubcache")
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import pluggy
 
 from ..core.errors import ConfigError
-from ..core.events import QUIET, Event, describe
+from ..core.events import QUIET, Event, log_line
 from .builtin import DEFAULT_PLUGINS, LOCATOR
 from .hookspecs import PROJECT, HookSpecs
 
@@ -257,7 +257,7 @@ def emit(kind: str, handle: str, backend: str = "", **data: Any) -> None:
     """Send an event to every ``hubcache_event`` implementation and to the log."""
     event = Event(kind, handle, backend, data)
     if kind not in QUIET and logger.isEnabledFor(logging.INFO):
-        logger.info("%s", describe(event))
+        logger.info("%s", log_line(event))
     hook = get_registry().hook.hubcache_event
     for impl in hook.get_hookimpls():
         try:

@@ -30,13 +30,14 @@ import time
 import uuid
 from typing import Callable, Collection, Iterable, Iterator
 
-from ..core import entry as layout, paths
-from . import safefs, treewalk, usage
+from ..core import entry as layout
+from ..core import paths
 from ..core.crc import file_crc32
 from ..core.entry import WRITER_TAG, EntryState  # noqa: F401 - WRITER_TAG re-exported (tests/second_user.py)
 from ..core.errors import CacheError, UnsafeArchiveError
 from ..core.manifest import FileRecord, Manifest, crc_hex
 from ..core.store import EntryInfo, EntryWriter, Store
+from . import safefs, treewalk, usage
 
 try:
     import fcntl
@@ -80,7 +81,7 @@ def _cache_error(error: OSError, what: str) -> CacheError:
     return CacheError(f"{error.strerror or error} while {what}")
 
 
-def describe_model_dir(path: str) -> list[str]:
+def local_model_dir_problems(path: str) -> list[str]:
     """Problems that make a directory an incomplete SavedModel or hub module (``[]``: complete).
 
     Used to adopt entries written by tensorflow_hub, which have no manifest: the directory's
@@ -375,7 +376,7 @@ class LocalStore(Store):
 
     def _adopt(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         path = self.entry_path(key)
-        if self._entry_problem(path) is not None or not self._is_foreign(key) or describe_model_dir(path):
+        if self._entry_problem(path) is not None or not self._is_foreign(key) or local_model_dir_problems(path):
             return None
         # Digests mean reading every byte: worth it only when the manifest can be kept. A
         # read-only (shared) cache gets a sizes-only manifest in memory and writes nothing.
@@ -641,7 +642,7 @@ class LocalStore(Store):
         if manifest is not None and "" in suffixes and not self.check(path, manifest):
             state = "committed"
         elif (manifest is None and "" in suffixes and self._entry_problem(path) is None and self._is_foreign(key)
-              and not describe_model_dir(path)):
+              and not local_model_dir_problems(path)):
             state = "foreign"
         elif in_progress:
             state = "in progress"

@@ -86,11 +86,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator, cast
 
-from ..core import entry as layout, paths
+from ..core import entry as layout
+from ..core import paths
 from ..core.crc import file_crc32
-from ..core.errors import ArchiveError, CacheError, HubcacheError, LeaseLostError, UnsafeArchiveError
-from ..core.manifest import FileRecord, Manifest, crc_hex
 from ..core.entry import EntryState
+from ..core.errors import (
+    ArchiveError,
+    CacheError,
+    HubcacheError,
+    LeaseLostError,
+    UnsafeArchiveError,
+)
+from ..core.manifest import FileRecord, Manifest, crc_hex
 from ..core.store import EntryInfo, EntryWriter, Store
 
 logger = logging.getLogger("hubcache")

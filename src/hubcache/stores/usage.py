@@ -217,7 +217,7 @@ def holder_uids(path: str) -> list[int]:
     return uids
 
 
-def _describe(path: str) -> str:
+def _users_text(path: str) -> str:
     pids = holders(path)
     if not pids:
         return "in use by a running process"
@@ -237,7 +237,7 @@ def probe(path: str) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return _describe(path)
+        return _users_text(path)
     finally:
         os.close(fd)
     return None
@@ -273,7 +273,7 @@ def exclusive(path: str, mode: int = 0o644) -> Iterator[str | None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            yield _describe(path)
+            yield _users_text(path)
             return
         if not _same_file(fd, path):  # another remover unlinked it: it is theirs now
             yield "being removed by another process"
