@@ -1411,52 +1411,22 @@ def stalled_holder_takeover(backend: CacheBackend, workdir: str, lease_ttl: floa
         (each holder's own view), ``b_lease_after_a_exit`` (B's lease intact after A released),
         ``b_released`` (the object gone after B released), ``distinct_leases``, ``a_beat_pending``.
     """
-    import base64
     import json
-    import pickle
     import signal
-    import subprocess
-    import sys
-    import threading
     import time
     import uuid
 
     config = backend.config.replace(lease_ttl=lease_ttl)
     cls = type(backend)
     key = uuid.uuid4().hex + "0" * 8
-    stderr_path = os.path.join(workdir, "holder-stderr.txt")
-    stderr = open(stderr_path, "w")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _STALLING_HOLDER, cls.__module__, cls.__qualname__,
-         base64.b64encode(pickle.dumps(config)).decode(), key],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
-        env={**os.environ, "TMPDIR": workdir})
-    lines: list[dict[str, Any]] = []
-
-    def read_lines() -> None:
-        for line in _pipe(holder.stdout):
-            lines.append(json.loads(line))
-
-    reader = threading.Thread(target=read_lines, daemon=True)
-    reader.start()
-
-    def wait_for(event: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in lines if line["event"] == event]
-            if found:
-                return found[0]
-            if holder.poll() is not None and not reader.is_alive():
-                break
-            time.sleep(0.01)
-        stderr.flush()
-        with open(stderr_path) as f:
-            raise AssertionError(f"the holder never said {event!r}: {lines}, {f.read()[-2000:]}")
+    holder = _Child(_STALLING_HOLDER, backend, config, [key], os.path.join(workdir, "holder-stderr.txt"),
+                    workdir, stdin=True)
+    wait_for = holder.wait_for
 
     entered = None
     try:
-        a_lease = wait_for("acquired", 60)["lease"]
-        stall = wait_for("stalling", 10 * lease_ttl)
+        a_lease = wait_for("acquired", timeout=60)["lease"]
+        stall = wait_for("stalling", timeout=10 * lease_ttl)
         _wait_stopped(holder.pid)
         stopped_at = time.time()
         # B: another host (this process), with its own store instance.
@@ -1478,22 +1448,18 @@ def stalled_holder_takeover(backend: CacheBackend, workdir: str, lease_ttl: floa
             seen.append(json.loads(raw) if raw is not None else None)
             time.sleep(0.02)
         try:
-            noticed = wait_for("lost", 5 * lease_ttl)["time"] - resumed_at
+            noticed = wait_for("lost", timeout=5 * lease_ttl)["time"] - resumed_at
         except AssertionError:
             noticed = None
-        _pipe(holder.stdin).write("done\n")
-        _pipe(holder.stdin).flush()
-        done = wait_for("done", 30)
-        exit_status = holder.wait(30)
+        holder.tell("done")
+        done = wait_for("done", timeout=30)
+        exit_status = holder.process.wait(30)
         after_a_exit = store_b.read_object(lease_path)
         b_lost = store_b.lease_lost(key)
     finally:
         if entered is not None:
             entered.__exit__(None, None, None)
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-        stderr.close()
+        holder.close()
     beats = [s["beat"] for s in seen if s is not None and s["lease"] == b_lease]
     return {
         "takeover_seconds": took_over,
@@ -1541,13 +1507,7 @@ def stalled_writer_republished(backend: CacheBackend, workdir: str, url: str, le
         "failed", "error"}``), ``a_lost`` (A saw its lease taken over), ``b_path``,
         ``b_seconds`` (A stopped to B's commit), ``a_seconds`` (SIGCONT to A's answer).
     """
-    import base64
-    import json
-    import pickle
     import signal
-    import subprocess
-    import sys
-    import threading
     import time
 
     from .core.handles import parse_handle
@@ -1555,32 +1515,10 @@ def stalled_writer_republished(backend: CacheBackend, workdir: str, url: str, le
 
     config = backend.config.replace(lease_ttl=lease_ttl)
     cls = type(backend)
-    stderr_path = os.path.join(workdir, f"writer-{stall_at}-stderr.txt")
-    with open(stderr_path, "w") as stderr:
-        writer = subprocess.Popen(
-            [sys.executable, "-c", _STALLING_WRITER, cls.__module__, cls.__qualname__,
-             base64.b64encode(pickle.dumps(config)).decode(), url, stall_at],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "TMPDIR": workdir})
-    lines: list[dict[str, Any]] = []
-
-    def read_lines() -> None:
-        for line in _pipe(writer.stdout):
-            lines.append(json.loads(line))
-
-    reader = threading.Thread(target=read_lines, daemon=True)
-    reader.start()
-
-    def wait_for(*events: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in lines if line["event"] in events]
-            if found:
-                return found[0]
-            if writer.poll() is not None and not reader.is_alive():
-                break
-            time.sleep(0.01)
-        with open(stderr_path) as f:
-            raise AssertionError(f"writer A never said {events}: {lines}, {f.read()[-3000:]}")
+    writer = _Child(_STALLING_WRITER, backend, config, [url, stall_at],
+                    os.path.join(workdir, f"writer-{stall_at}-stderr.txt"), workdir)
+    wait_for = writer.wait_for
+    lines = writer.lines
 
     try:
         wait_for("stalling", timeout=60)
@@ -1594,14 +1532,86 @@ def stalled_writer_republished(backend: CacheBackend, workdir: str, url: str, le
         resumed_at = time.time()
         a = wait_for("resolved", "failed", timeout=30 + 10 * lease_ttl)
         a_seconds = time.time() - resumed_at
-        writer.wait(30)
+        writer.process.wait(30)
     finally:
-        if writer.poll() is None:
-            os.kill(writer.pid, signal.SIGCONT)
-            writer.kill()
-            writer.wait()
+        writer.close()
     return {"a": a, "a_lost": any(line["event"] == "lost" for line in lines), "b_path": b_path,
             "b_seconds": b_seconds, "a_seconds": a_seconds}
+
+
+class _Child:
+    """A kit child process: ``script`` (a :data:`_CHILD_PRELUDE` script) run with the backend's
+    class and pickled ``config`` and ``args``; each JSON line it says is collected by a thread.
+
+    Args:
+        script: the child's program.
+        backend: whose class the child rebuilds (it must be importable there).
+        config: the config the child's backend gets.
+        args: more arguments for the script.
+        stderr_path: where the child's stderr goes (quoted when it never says an event).
+        workdir: the child's ``TMPDIR``.
+        stdin: give the child a pipe to read (``tell``).
+    """
+
+    def __init__(self, script: str, backend: CacheBackend, config: Config, args: list[str],
+                 stderr_path: str, workdir: str, *, stdin: bool = False) -> None:
+        import base64
+        import json
+        import pickle
+        import subprocess
+        import sys
+        import threading
+
+        cls = type(backend)
+        self.stderr_path = stderr_path
+        with open(stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", script, cls.__module__, cls.__qualname__,
+                 base64.b64encode(pickle.dumps(config)).decode(), *args],
+                stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE, stderr=stderr,
+                text=True, env={**os.environ, "TMPDIR": workdir})
+        self.pid = self.process.pid
+        self.lines: list[dict[str, Any]] = []
+
+        def read_lines() -> None:
+            for line in _pipe(self.process.stdout):
+                self.lines.append(json.loads(line))
+
+        self._reader = threading.Thread(target=read_lines, daemon=True)
+        self._reader.start()
+
+    def wait_for(self, *events: str, timeout: float) -> dict[str, Any]:
+        """The first line the child said with one of ``events``, waiting up to ``timeout``.
+
+        Raises:
+            AssertionError: it did not say one in time (or exited), with its lines and stderr.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.lines if line["event"] in events]
+            if found:
+                return found[0]
+            if self.process.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.01)
+        with open(self.stderr_path) as f:
+            raise AssertionError(f"the child never said {events}: {self.lines}, {f.read()[-3000:]}")
+
+    def tell(self, line: str) -> None:
+        """Write one line to the child's stdin."""
+        _pipe(self.process.stdin).write(line + "\n")
+        _pipe(self.process.stdin).flush()
+
+    def close(self) -> None:
+        """Kill the child if it still runs (resumed first, in case it is stopped)."""
+        import signal
+
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait()
 
 
 def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
