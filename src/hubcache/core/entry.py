@@ -75,6 +75,16 @@ def descriptor_text(handle: str) -> str:
             f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
 
 
+def size_problem(path: str, found: int | None, expected: int) -> str | None:
+    """What is wrong with an entry file the manifest lists with ``expected`` bytes, when the store
+    found ``found`` (``None``: not there); ``None`` if nothing. One wording for both stores."""
+    if found is None:
+        return f"{path} is missing"
+    if found != expected:
+        return f"{path} has {found} bytes, expected {expected}"
+    return None
+
+
 def printable(text: str, limit: int = 200) -> str:
     """Text read from a cache (a descriptor's handle, a lock holder's note) made safe to show: one
     line, every non-printable character escaped (``\\x1b``, ``\\u202e``), at most ``limit``

@@ -307,13 +307,13 @@ class LocalStore(Store):
                 try:
                     st = tree.lstat(record.path)
                 except OSError:
-                    problems.append(f"{record.path} is missing")
-                    continue
-                reason = safefs.problem(st, self.trusted)
+                    st = None
+                reason = None if st is None else safefs.problem(st, self.trusted)
+                size_problem = layout.size_problem(record.path, st and st.st_size, record.size)
                 if reason is not None:
                     problems.append(f"{record.path} {reason}")
-                elif st.st_size != record.size:
-                    problems.append(f"{record.path} has {st.st_size} bytes, expected {record.size}")
+                elif size_problem is not None:
+                    problems.append(size_problem)
                 elif full:
                     crc = self._crc(tree, record.path)
                     if crc != record.crc32:

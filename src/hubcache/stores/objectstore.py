@@ -517,13 +517,11 @@ class ObjectStore(Store):
 
     def check(self, files: dict[str, int], manifest: Manifest) -> list[str]:
         """Compare an entry's objects (relative path -> size) with its manifest."""
-        problems = []
+        problems: list[str] = []
         for record in manifest.files:
-            size = files.get(record.path)
-            if size is None:
-                problems.append(f"{record.path} is missing")
-            elif size != record.size:
-                problems.append(f"{record.path} has {size} bytes, expected {record.size}")
+            problem = layout.size_problem(record.path, files.get(record.path), record.size)
+            if problem is not None:
+                problems.append(problem)
         problems += [f"link copy {link} is missing" for link in manifest.symlinks if link not in files]
         return problems
 
