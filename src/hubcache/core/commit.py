@@ -4,6 +4,7 @@ every writer of a store goes through (a download in ``core/cache.py``, a copy be
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Literal, NamedTuple, overload
 
 from .handles import Handle
@@ -30,20 +31,23 @@ class Committed(NamedTuple):
 def commit_entry(store: Store, handle: Handle, fill: Callable[[EntryWriter], Manifest], *,
                  on_wait: Callable[[str], None], wait: Literal[True] = ...,
                  usable: Callable[[Manifest], bool] | None = ...,
-                 restart: Callable[[BaseException, int], bool] | None = ...) -> Committed: ...
+                 restart: Callable[[BaseException, int], bool] | None = ...,
+                 held: bool = ...) -> Committed: ...
 
 
 @overload
 def commit_entry(store: Store, handle: Handle, fill: Callable[[EntryWriter], Manifest], *,
                  on_wait: Callable[[str], None], wait: bool,
                  usable: Callable[[Manifest], bool] | None = ...,
-                 restart: Callable[[BaseException, int], bool] | None = ...) -> Committed | str: ...
+                 restart: Callable[[BaseException, int], bool] | None = ...,
+                 held: bool = ...) -> Committed | str: ...
 
 
 def commit_entry(store: Store, handle: Handle, fill: Callable[[EntryWriter], Manifest], *,
                  on_wait: Callable[[str], None], wait: bool = True,
                  usable: Callable[[Manifest], bool] | None = None,
-                 restart: Callable[[BaseException, int], bool] | None = None) -> Committed | str:
+                 restart: Callable[[BaseException, int], bool] | None = None,
+                 held: bool = False) -> Committed | str:
     """Make ``handle``'s entry in ``store``, unless another writer already has.
 
     Under the store's lock for the handle's key: look the entry up (a committed one is returned
@@ -62,6 +66,8 @@ def commit_entry(store: Store, handle: Handle, fill: Callable[[EntryWriter], Man
         restart: called with the exception ``fill`` raised (the writer already aborted) and the
             number of restarts so far; ``True`` fills a fresh writer again, ``False`` re-raises.
             It may raise an exception of its own instead.
+        held: the caller already holds ``store``'s lock for the key (taken with
+            :meth:`Store.lock` on this very store object): do not take it again.
 
     Returns:
         A :class:`Committed`, or, only when not waiting, the string saying who holds the lock.
@@ -70,7 +76,8 @@ def commit_entry(store: Store, handle: Handle, fill: Callable[[EntryWriter], Man
         Whatever ``fill``, the lock or the store raise; nothing is committed then.
     """
     key = handle.key
-    with store.lock(key, on_wait) if wait else store.try_lock(key) as busy:
+    held_lock: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(None)
+    with held_lock if held else store.lock(key, on_wait) if wait else store.try_lock(key) as busy:
         if busy is not None:
             return busy
         found = store.lookup(key, handle.url)  # another process may have finished meanwhile

@@ -104,6 +104,13 @@ class Store(ABC):
         """Hold off other writers of ``key`` (bandwidth only). ``on_wait(holder)`` is called once
         if someone else holds it."""
 
+    def lock_live_holder(self, key: str, on_wait: Callable[[str], None],
+                         patience: float | None) -> AbstractContextManager[None]:
+        """:meth:`lock`, waiting only while the holder shows signs of life: a store that can tell
+        (an object store's lease heartbeat) raises :class:`~hubcache.core.errors.CacheError` once
+        the holder has been silent for ``patience`` seconds. This default is :meth:`lock`."""
+        return self.lock(key, on_wait)
+
     @contextmanager
     def try_lock(self, key: str) -> Iterator[str | None]:
         """:meth:`lock` without waiting: yields ``None`` while holding it, or, without taking it,

@@ -6,9 +6,13 @@
   every earlier writable tier, committed with that tier's own protocol; the origin is not
   contacted.
 - A miss everywhere downloads once, into the first writable tier, then copies the entry up into
-  every other writable tier, so the next host finds it in the shared one.
-- A copy up never waits: if another process holds the target tier's lock (a host downloading
-  the same model into the shared bucket holds its lease), the copy is skipped (a
+  every other writable tier, so the next host finds it in the shared one. When a later tier is
+  shared by other hosts (an object store: ``home,gcs``), its lock — the bucket's download lease —
+  is taken *before* the download and held until the copy up is committed: hosts that miss
+  together (a pod starting at once) wait for that one download and then copy the bucket's entry
+  down, so the origin is asked once per fleet, not once per host.
+- Any other copy up never waits: if another process holds the target tier's lock (a host
+  downloading the same model into a tier it shares holds its lock), the copy is skipped (a
   ``copy_skipped`` event) and the local path returned at once; the holder fills that tier. A
   copy down does wait for the earlier tier's lock, like a single backend: that copy is the path
   this resolve returns, and its holder (a local process) is committing the same entry.
@@ -44,6 +48,7 @@ tier and never downloads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -77,6 +82,9 @@ logger = logging.getLogger("hubcache")
 
 #: Bytes per read when copying a file between tiers.
 CHUNK = 1 << 20
+#: Added to the peer patience: a waiter reads the lease at most every quarter TTL and polls at
+#: most every second, so it sees a beat up to this late.
+MAX_POLL_SLACK = 1.0
 
 
 class SourceUnusable(IntegrityError):
@@ -145,39 +153,96 @@ class TieredBackend(Backend):
     def resolve_checked(self, handle: Handle, location: Location) -> tuple[str, Callable[[], bool] | None]:
         if location.kind in ("directory", "pointer"):
             return self.tiers[0].resolve_checked(handle, location)  # the same answer as one tier
-        key = handle.key
         for index, tier in enumerate(self.tiers):
-            store = tier.store
-            store.mark_used(key)
-            found = store.lookup(key, handle.url)
-            if found is None:
-                continue
-            path, manifest = found
-            if not is_trusted(store):
-                manifest = untrusted(manifest)  # a digest someone else wrote never satisfies a pin
-            if not check_pin(handle, manifest, unverified_is_miss=True):
-                continue  # the pin needs an archive this process verifies: download it
-            # Copy down: the earliest tier that takes the copy serves this and every later call.
-            try:
-                for upper in reversed(self.tiers[:index]):
-                    copied = self._copy(handle, tier.store, path, manifest, upper, wait=True)
-                    if copied is not None:
-                        tier, (path, manifest) = upper, copied
-            except SourceUnusable as error:
-                logger.warning("%s: tier %s holds an entry that cannot be used (%s); trying the next tier "
-                               "(`hubcache rm --backend %s %s` removes it)", handle.raw, tier.name,
-                               error.message, tier.name, handle.raw)
-                continue
-            return path, tier.store.validator(path, manifest)
+            served = self._serve(handle, index)
+            if served is not None:
+                return served
         if self.config.offline:
             raise OfflineError(f"not in any tier of {self.name}, and offline mode is on (HUBCACHE_OFFLINE)",
                                hint=f"run `hubcache prefetch {handle.raw}` while online")
         return self._download(handle, location)
 
+    def _serve(self, handle: Handle, index: int) -> tuple[str, Callable[[], bool] | None] | None:
+        """Serve the handle from tier ``index`` if it holds a usable entry, copying it down into
+        every earlier tier that takes it; ``None`` if that tier is a miss."""
+        tier = self.tiers[index]
+        key, store = handle.key, tier.store
+        store.mark_used(key)
+        found = store.lookup(key, handle.url)
+        if found is None:
+            return None
+        path, manifest = found
+        if not is_trusted(store):
+            manifest = untrusted(manifest)  # a digest someone else wrote never satisfies a pin
+        if not check_pin(handle, manifest, unverified_is_miss=True):
+            return None  # the pin needs an archive this process verifies: download it
+        # Copy down: the earliest tier that takes the copy serves this and every later call.
+        try:
+            for upper in reversed(self.tiers[:index]):
+                copied = self._copy(handle, tier.store, path, manifest, upper, wait=True)
+                if copied is not None:
+                    tier, (path, manifest) = upper, copied
+        except SourceUnusable as error:
+            logger.warning("%s: tier %s holds an entry that cannot be used (%s); trying the next tier "
+                           "(`hubcache rm --backend %s %s` removes it)", handle.raw, tier.name,
+                           error.message, tier.name, handle.raw)
+            return None
+        return path, tier.store.validator(path, manifest)
+
     def _download(self, handle: Handle, location: Location) -> tuple[str, Callable[[], bool] | None]:
-        """Download once into the first tier that can be written, then fill the others."""
+        """Download once into the first tier that can be written, then fill the others.
+
+        When a later tier is shared by other hosts (an object store), its lock (the bucket's
+        download lease) is held from before the download until the entry is committed there:
+        hosts that miss together wait for one download, then copy the bucket's entry down,
+        instead of each downloading from the origin.
+        """
+        shared = self._shared_index()
+        if shared is None:
+            return self._download_into_tiers(handle, location)
+        tier, key = self.tiers[shared], handle.key
+
+        def on_wait(holder: str) -> None:
+            emit("waiting", handle.raw, tier.name, path=tier.store.entry_path(key), holder=holder)
+
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(tier.store.lock_live_holder(key, on_wait, self._peer_patience()))
+            except CacheError as error:  # e.g. a bucket this host may read but not write
+                logger.info("tier %s of %s cannot be locked for %s: %s", tier.name, self.name, handle.raw,
+                            error.message)
+                return self._download_into_tiers(handle, location)
+            # Another host may have committed while this one waited for the lease.
+            served = self._serve(handle, shared)
+            if served is not None:
+                return served
+            return self._download_into_tiers(handle, location, held=shared)
+        raise AssertionError("unreachable")  # pragma: no cover - mypy: ExitStack may swallow
+
+    def _peer_patience(self) -> float:
+        """How long a silent bucket lease holds this host: :data:`PEER_PATIENCE_BEATS`
+        heartbeats of a holder configured as this host is (a fleet shares its settings). A holder
+        downloading beats on; a lease planted by a bucket writer does not, and then costs this
+        host only these seconds before it downloads into its own tier."""
+        from ..stores.objectstore import PEER_PATIENCE_BEATS, heartbeat_interval
+
+        return PEER_PATIENCE_BEATS * heartbeat_interval(self.config.lease_ttl) + MAX_POLL_SLACK
+
+    def _shared_index(self) -> int | None:
+        """The first tier other hosts share (not a local store), if a local tier comes before it."""
+        for index, tier in enumerate(self.tiers):
+            if not is_trusted(tier.store):
+                return index if index > 0 else None
+        return None
+
+    def _download_into_tiers(self, handle: Handle, location: Location,
+                             held: int | None = None) -> tuple[str, Callable[[], bool] | None]:
+        """Download into the first tier that can be written, then copy the entry up into the
+        others (into tier ``held``, whose lock this process holds, without taking it again)."""
         errors = []
         for index, tier in enumerate(self.tiers):
+            if index == held:
+                continue  # filled by the copy up below, under the lock already held
             try:
                 path, manifest = resolve_in_store(tier.store, handle, location, self.config,
                                                   backend=tier.name, on_commit=tier.after_commit)
@@ -185,9 +250,10 @@ class TieredBackend(Backend):
                 logger.info("tier %s of %s cannot take %s: %s", tier.name, self.name, handle.raw, error.message)
                 errors.append(f"{tier.name}: {error.message}")
                 continue
-            for other in self.tiers[index + 1:]:
+            for other_index in range(index + 1, len(self.tiers)):
+                other = self.tiers[other_index]
                 try:
-                    self._copy(handle, tier.store, path, manifest, other, wait=False)
+                    self._copy(handle, tier.store, path, manifest, other, wait=False, held=other_index == held)
                 except SourceUnusable as error:  # our own fresh entry: damaged since, e.g. by a cleaner
                     logger.warning("%s: could not copy it into tier %s: %s", handle.raw, other.name, error.message)
                     break
@@ -209,12 +275,13 @@ class TieredBackend(Backend):
             raise SourceUnusable(error.message) from None
 
     def _copy(self, handle: Handle, source: Store, path: str, manifest: Manifest,
-              target: CacheBackend, *, wait: bool = True) -> tuple[str, Manifest] | None:
+              target: CacheBackend, *, wait: bool = True, held: bool = False) -> tuple[str, Manifest] | None:
         """Copy a committed entry into ``target``'s store.
 
         Args:
             wait: wait for ``target``'s lock if another process holds it (a copy down, which
                 serves this resolve); else skip the copy at once (a copy up: the holder fills it).
+            held: this process holds ``target``'s lock for the key already (see :meth:`_download`).
 
         Returns:
             The copy's path and manifest, or ``None`` if the target tier cannot take it
@@ -238,7 +305,7 @@ class TieredBackend(Backend):
 
         try:
             # Another process may have copied it meanwhile: its committed entry is returned.
-            result = commit_entry(store, handle, fill, on_wait=on_wait, wait=wait)
+            result = commit_entry(store, handle, fill, on_wait=on_wait, wait=wait, held=held)
             if isinstance(result, str):  # not waiting, and another process holds the lock
                 emit("copy_skipped", handle.raw, target.name, path=store.entry_path(key), reason=result)
                 return None

@@ -110,6 +110,13 @@ MIN_HEARTBEAT = 1.0
 #: The shortest TTL a lease is judged by: three heartbeats, so a live holder beating at
 #: :data:`MIN_HEARTBEAT` never looks silent for a whole TTL.
 MIN_LEASE_TTL = 3 * MIN_HEARTBEAT
+#: A holder rewrites its lease at least this often (its TTL permitting less often still within
+#: GCS's one update per second), so a waiter learns within seconds whether a holder is alive:
+#: a host in a tier chain waits only for a holder whose heartbeat goes on (see
+#: :meth:`ObjectStore.lock_live_holder`).
+MAX_HEARTBEAT = 2.0
+#: Heartbeats a chain host may miss before it stops waiting for the holder.
+PEER_PATIENCE_BEATS = 3
 #: A lease claiming a longer TTL than this (or than the waiter's own, if longer) is judged by
 #: this one: a planted lease saying ``"ttl": 1e9`` must not hold every waiter off for ever.
 MAX_LEASE_TTL = 600.0
@@ -529,8 +536,20 @@ class ObjectStore(Store):
 
     @contextlib.contextmanager
     def lock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+        with self.lock_live_holder(key, on_wait, patience=None):
+            yield
+
+    @contextlib.contextmanager
+    def lock_live_holder(self, key: str, on_wait: Callable[[str], None],
+                         patience: float | None) -> Iterator[None]:
+        """:meth:`lock`, but wait only while the holder's heartbeat goes on: if its lease object
+        has not changed for ``patience`` seconds, give up with :class:`CacheError` instead of
+        waiting for the lease to be judged dead (up to :data:`MAX_LEASE_TTL` for a lease that
+        claims a long TTL). For a host with another place to put the model (a tier chain's local
+        tier): a lease planted in the bucket then costs it ``patience`` seconds, not minutes.
+        ``None``: as :meth:`lock`."""
         with self._io(f"taking the download lease in {self.root}"):
-            lease = self._acquire(key, on_wait)
+            lease = self._acquire(key, on_wait, patience)
         if lease is not None:
             self._leases[key] = lease
         try:
@@ -599,7 +618,7 @@ class ObjectStore(Store):
         found = self.read_versioned(self._lease_path(key), MAX_SMALL_OBJECT)
         return None if found is None else LeaseState.parse(*found)
 
-    def _acquire(self, key: str, on_wait: Callable[[str], None]) -> _Lease | None:
+    def _acquire(self, key: str, on_wait: Callable[[str], None], patience: float | None = None) -> _Lease | None:
         """Take the lease of ``key``; ``None`` when the entry got committed while we waited.
 
         A waiter reads the manifest with exponential backoff and jitter (up to :data:`MAX_POLL`)
@@ -622,7 +641,9 @@ class ObjectStore(Store):
                 return None  # committed by the holder: the caller's lookup finds it
             now = time.monotonic()
             ttl = state.judged_ttl(self.lease_ttl) if state is not None else MIN_LEASE_TTL
-            if now - read_at >= ttl / 4:
+            # With patience, often enough to see each heartbeat of a holder configured as we are.
+            every = ttl / 4 if patience is None else min(ttl / 4, patience / (PEER_PATIENCE_BEATS + 1))
+            if now - read_at >= every:
                 state, read_at = self._read_lease(key), now
                 if state is None:  # released (the holder failed?): try to become the holder
                     lease = self._try_create_lease(key)
@@ -637,6 +658,10 @@ class ObjectStore(Store):
                     seen, seen_at = state.raw, now
                 ttl = state.judged_ttl(self.lease_ttl)
                 silent = now - seen_at
+                if patience is not None and silent > patience and not state.abandoned(self.lease_ttl):
+                    raise CacheError(f"the download lease of {self.entry_path(key)} is held by {state.owner}, "
+                                     f"whose heartbeat stopped {silent:.0f} s ago",
+                                     hint="it is taken over once its TTL has passed")
                 if silent > ttl or state.abandoned(self.lease_ttl):
                     lease = self._take_over_spread(key, state, ttl)
                     if lease is not None:
@@ -823,6 +848,12 @@ def _owner() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
+def heartbeat_interval(ttl: float) -> float:
+    """Seconds between a holder's heartbeats: a third of its TTL, within :data:`MIN_HEARTBEAT`
+    and :data:`MAX_HEARTBEAT`."""
+    return max(MIN_HEARTBEAT, min(ttl / 3, MAX_HEARTBEAT))
+
+
 class _Lease:
     """A lease this process holds, and the thread that keeps its heartbeat going."""
 
@@ -848,7 +879,7 @@ class _Lease:
         self._thread.start()
 
     def _run(self) -> None:
-        interval = max(MIN_HEARTBEAT, self.store.lease_ttl / 3)  # see MIN_HEARTBEAT
+        interval = heartbeat_interval(self.store.lease_ttl)
         while not self._stop.wait(interval):
             payload = self.payload()
             if self.version:
