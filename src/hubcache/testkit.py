@@ -538,6 +538,51 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+# -- real host names, served on loopback ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def routed_hosts(routes: dict[str, str]) -> Iterator[None]:
+    """Send hubcache's HTTP requests for some origins to others, for tests only (in this
+    process): a request for a URL that starts with a key of ``routes`` goes to that key's value
+    plus the rest of the URL instead, redirect targets included, while hubcache itself keeps
+    seeing the URLs as written (handles, cache keys, ``Location`` headers, what it records).
+
+    The real hosts (tfhub.dev, www.kaggle.com, hub.tensorflow.google.cn, storage.googleapis.com)
+    cannot be reached from a test, nor served on loopback under their names and ports; routing
+    each to a path prefix on one :class:`OriginServer` lets that server answer as they do::
+
+        with routed_hosts({"https://tfhub.dev/": origin.url("/tfhub.dev/")}):
+            hubcache.resolve("https://tfhub.dev/google/spice/2")   # GET /tfhub.dev/google/spice/2?...
+
+    It replaces hubcache's connection pool for the ``with`` block (``hubcache.core.fetch``); it
+    is not a setting, so nothing outside a test can turn it on.
+    """
+    import urllib3
+
+    from .download import fetch
+
+    class RoutedPoolManager(urllib3.PoolManager):
+        def urlopen(self, method: str, url: str, *args: Any, **kw: Any) -> urllib3.BaseHTTPResponse:
+            for prefix, target in routes.items():
+                if url.startswith(prefix):
+                    url = target + url[len(prefix):]
+                    break
+            return super().urlopen(method, url, *args, **kw)
+
+    routed = RoutedPoolManager(num_pools=8, maxsize=16, retries=False)
+    routed.pool_classes_by_scheme = {"http": fetch._tracked_pool(urllib3.HTTPConnectionPool),
+                                     "https": fetch._tracked_pool(urllib3.HTTPSConnectionPool)}
+    with fetch._pool_lock:
+        saved, fetch._pool = fetch._pool, routed
+    try:
+        yield
+    finally:
+        with fetch._pool_lock:
+            fetch._pool = saved
+        routed.clear()
+
+
 # -- an object replaced in the middle of a download ----------------------------------------------
 
 def same_layout_models(root: str | os.PathLike[str], count: int = 3, *, weights_bytes: int = 12 << 20) -> list[str]:

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import HandleError
 from .handles import Handle
+from .mirrors import mirrored_archive
 
 Kind = Literal["archive", "directory", "pointer"]
 
@@ -57,6 +58,9 @@ def locate(handle: Handle, load_format: str) -> Location:
         raise HandleError(f"no such file or directory: {path}",
                           hint="check the path, or use a URL")
     if handle.scheme in ("http", "https"):
+        mirrored = mirrored_archive(handle.url) if load_format != "UNCOMPRESSED" else None
+        if mirrored is not None:  # before the suffix test, as in tensorflow_hub
+            return Location(mirrored, "archive")
         if handle.is_archive_url:
             return Location(handle.url, "archive")
         # A tfhub.dev-style model handle: the server picks the representation.
