@@ -33,6 +33,8 @@ __all__ = [
     "__version__",
     "resolve",
     "load",
+    "patch_tensorflow_hub",
+    "unpatch_tensorflow_hub",
     "hookimpl",
     "HubcacheError",
     "HandleError",
@@ -65,6 +67,26 @@ def load(handle: str, tags: Any = None, options: Any = None) -> Any:
     from .tf import load as _load
 
     return _load(handle, tags=tags, options=options)
+
+
+def patch_tensorflow_hub() -> None:
+    """Make ``import tensorflow_hub as hub`` code resolve through hubcache: ``hub.load``,
+    ``hub.resolve``, ``hub.KerasLayer`` and all built on them (see :mod:`hubcache.tfhub_patch`).
+
+    Idempotent and thread-safe. Imports neither tensorflow_hub nor TensorFlow: if tensorflow_hub
+    is not imported yet, the patch is applied when it is. ``HUBCACHE_PATCH_TFHUB=1`` does the same
+    without changing code. Handles hubcache cannot resolve go to tensorflow_hub's own resolvers.
+    """
+    from .tfhub_patch import patch_tensorflow_hub as _patch
+
+    _patch()
+
+
+def unpatch_tensorflow_hub() -> None:
+    """Undo :func:`patch_tensorflow_hub`: tensorflow_hub's resolvers are again the ones it had."""
+    from .tfhub_patch import unpatch_tensorflow_hub as _unpatch
+
+    _unpatch()
 
 
 # Old module paths (hubcache.core.fetch, ...) keep working for one release, with a warning.
