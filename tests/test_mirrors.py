@@ -17,8 +17,7 @@ import pytest
 import hubcache
 from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import Location, locate
-from hubcache.testing import archive_of, tree_of
-from hubcache.testkit import routed_hosts
+from hubcache.testing import archive_of, routed_hosts, tree_of
 
 TFHUB = "https://tfhub.dev/"
 KAGGLE = "https://www.kaggle.com/"

@@ -35,7 +35,7 @@ from hubcache.core.errors import MissingDependencyError
 from hubcache.core.handles import cache_key
 from hubcache.core.plugins import get_registry, reset_registry
 from hubcache.plugin import Backend
-from hubcache.testing import OriginServer, archive_of
+from hubcache.testing import OriginServer, archive_of, routed_hosts
 from hubcache.tfhub_patch import HubcacheResolver, is_patched, supports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +282,38 @@ def test_keras_layer_trains_saves_and_reloads(registry, hub, tfhub_served, event
     assert reloaded.layers[0].get_config()["handle"] == url
     assert tfhub_served.origin.count("/archives/tf2.tgz") - before == 1, "one download for build, train, reload"
     assert _committed(events) == [_entry(url)]
+
+
+def _on_origin(url: str) -> str:
+    """Where :func:`routed_hosts` (as set up below) serves a real URL: ``/<host>/<path>``."""
+    return "/" + url.split("://", 1)[1].split("?", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["kaggle", "tfhub.dev", "china"])
+def test_hub_load_of_kaggle_tfhub_and_china_mirror_handles(registry, hub, tfhub_models, events, x, where):
+    """The handles tensorflow_hub users have today, on their real host names (routed to a local
+    origin; tests/test_mirrors.py has the protocol details): a Kaggle model page's handle, a
+    tfhub.dev handle that redirects there, and a China mirror handle."""
+    kaggle = "https://www.kaggle.com/models/hubcache/tiny/tensorFlow2/tiny/1"
+    signed = "https://storage.googleapis.com/kaggle-models-data/1/2/bundle/archive.tar.gz?X-Goog-Signature=5e"
+    handle, archive_url = {
+        "kaggle": (kaggle, signed),
+        "tfhub.dev": ("https://tfhub.dev/hubcache/tiny/1", signed),
+        "china": ("https://hub.tensorflow.google.cn/hubcache/tiny/1",
+                  "https://gcs.tensorflow.google.cn/tfhub-modules/hubcache/tiny/1.tar.gz"),
+    }[where]
+    hosts = ("tfhub.dev", "www.kaggle.com", "storage.googleapis.com", "hub.tensorflow.google.cn",
+             "gcs.tensorflow.google.cn")
+    with OriginServer() as origin, routed_hosts({f"https://{h}/": origin.url(f"/{h}/") for h in hosts}):
+        origin.add(_on_origin(archive_url), archive_of(tfhub_models.tf2, "gz"))
+        origin.add_tfhub_model(_on_origin(kaggle), b"")
+        origin.routes[_on_origin(kaggle)].tfhub["compressed"] = signed
+        origin.redirect(_on_origin("https://tfhub.dev/hubcache/tiny/1"), kaggle + "?tf-hub-format=compressed", 301)
+        hubcache.patch_tensorflow_hub()
+        model = hub.load(handle)
+        assert origin.count(_on_origin(archive_url)) == 1
+    np.testing.assert_allclose(model(x)["y"].numpy(), _model.expected_tf2(x), rtol=1e-6)
+    assert _committed(events) == [_entry(handle)]
 
 
 # -- what hubcache leaves to tensorflow_hub ------------------------------------------------------

@@ -33,6 +33,7 @@ from .testkit import (
     isolate,
     read_tree,
     replacing_mid_read,
+    routed_hosts,
     same_layout_models,
     tar_directory,
     tree_of,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - at run time the suite is imported when a
 
 __all__ = ["FORMATS", "SETTINGS", "SUFFIX", "OriginServer", "ReplaceMidRead", "Request", "Route", "archive_of",
            "build_model_dir", "compress", "hostile_archives", "isolate", "read_tree", "replacing_mid_read",
-           "same_layout_models", "tar_directory", "tree_of"]
+           "routed_hosts", "same_layout_models", "tar_directory", "tree_of"]
 
 
 def __getattr__(name: str) -> type:
