@@ -319,15 +319,20 @@ def test_hub_load_of_kaggle_tfhub_and_china_mirror_handles(registry, hub, tfhub_
 # -- what hubcache leaves to tensorflow_hub ------------------------------------------------------
 
 
-def test_unsupported_handles_fall_through_to_tensorflow_hub(registry, hub):
+def test_unsupported_handles_fall_through_to_tensorflow_hub(registry, hub, tmp_path):
     import tensorflow as tf
 
     hubcache.patch_tensorflow_hub()
     assert importlib.util.find_spec("adlfs") is None, "abfs:// stands for a scheme whose fsspec package is missing"
     for handle in (42, None, b"https://tfhub.dev/google/spice/2", "", "ram://models/x", "abfs://container/models/x"):
         assert supports(handle) is False, handle
-    for handle in ("https://tfhub.dev/google/spice/2", "/models/x", "file:///models/x", "memory://m.tar.gz"):
+    for handle in ("https://tfhub.dev/google/spice/2", str(tmp_path), tmp_path.as_uri(), "memory://m.tar.gz"):
         assert supports(handle) is True, handle
+    # A local path that is not there: tensorflow_hub's own error, the IOError its users may catch.
+    for handle in (str(tmp_path / "absent"), (tmp_path / "absent").as_uri()):
+        assert supports(handle) is False
+    with pytest.raises(OSError, match="absent does not exist"):
+        hub.resolve(str(tmp_path / "absent"))
     # TensorFlow's in-memory filesystem: only tensorflow_hub's PathResolver (through tf.io.gfile)
     # can answer these.
     tf.io.gfile.makedirs("ram://hubcache-patch/model")

@@ -13,7 +13,7 @@ moment tensorflow_hub finishes importing. ``HUBCACHE_PATCH_TFHUB=1`` arms that s
 interpreter start-up, for code that cannot be edited.
 
 Handles hubcache cannot resolve here fall through to tensorflow_hub's own resolvers: non-strings,
-malformed handles, URLs of schemes for which no fsspec implementation is installed (``ram://``,
+malformed handles, local paths that do not exist (tensorflow_hub's ``IOError`` says so), URLs of schemes for which no fsspec implementation is installed (``ram://``,
 ``hdfs://`` read by TensorFlow's own filesystems, ``gs://`` without ``hubcache[gcs]``) are not
 supported (:func:`supports`), and a resolve that raises :class:`~hubcache.MissingDependencyError`
 (e.g. ``TFHUB_CACHE_DIR=gs://...`` without gcsfs) is handed to the next resolver tensorflow_hub
@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import threading
 from typing import Any
@@ -71,14 +72,20 @@ def _fsspec_reads(scheme: str) -> bool:
 
 def supports(handle: object) -> bool:
     """Whether hubcache answers ``handle`` in tensorflow_hub (else tensorflow_hub's own resolvers
-    do): a string hubcache can parse, local or http(s), or of a scheme fsspec can read here."""
+    do): a string hubcache can parse that is an existing local path, an http(s) URL, or a URL of
+    a scheme fsspec can read here."""
     if not isinstance(handle, str):
         return False
     try:
-        scheme = parse_handle(handle).scheme
+        parsed = parse_handle(handle)
     except HandleError:
         return False
-    return scheme in _OWN_SCHEMES or _fsspec_reads(scheme)
+    if parsed.is_local:
+        # A path that is not there is tensorflow_hub's PathResolver's to report (an IOError, which
+        # code written for tensorflow_hub may catch); one that is there is the same to both, or
+        # (an archive) unpacked by hubcache.
+        return os.path.exists(parsed.local_path)
+    return parsed.scheme in _OWN_SCHEMES or _fsspec_reads(parsed.scheme)
 
 
 class HubcacheResolver:
