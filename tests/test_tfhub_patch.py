@@ -33,7 +33,7 @@ import hubcache
 from hubcache.core import mirrors, resolver
 from hubcache.core.errors import MissingDependencyError
 from hubcache.core.handles import cache_key
-from hubcache.core.plugins import get_registry, reset_registry
+from hubcache.plugins.registry import get_registry, reset_registry
 from hubcache.plugin import Backend
 from hubcache.testing import OriginServer, archive_of, routed_hosts
 from hubcache.tfhub_patch import HubcacheResolver, is_patched, supports
