@@ -147,6 +147,18 @@ def test_a_stalled_server_times_out_and_the_download_resumes(origin, model, monk
     assert 0 < offset <= len(data) // 2 and resumed.status == 206
 
 
+def test_the_deadline_stops_a_stalled_body_sent_with_connection_close(origin, model, monkeypatch):
+    """http.client lets go of the connection's socket when the answer says ``Connection: close``
+    (an HTTP/1.0 server, many proxies): the deadline must still find the socket to cut."""
+    monkeypatch.setenv("HUBCACHE_DOWNLOAD_DEADLINE", "1")
+    url = origin.add("/close.tar.gz", archive_of(model), headers={"Connection": "close"})
+    origin.fail("/close.tar.gz", ("stall", 1000, 20.0))
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="HUBCACHE_DOWNLOAD_DEADLINE"):
+        hubcache.resolve(url)
+    assert time.monotonic() - started < 5.0, "the deadline, not the stall, must end the download"
+
+
 # -- bodies that are not archives --------------------------------------------------------------
 
 

@@ -251,6 +251,7 @@ class HttpSource(Source):
             response, pending = self._live, self._pending
         if response is not None:
             _shutdown(getattr(response, "connection", None))
+            _shutdown_socket(_body_socket(response))
         _shutdown(pending)
 
     def _waiting_on(self, connection: HTTPConnection | None) -> None:
@@ -499,11 +500,21 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
 
 def _shutdown(connection: object) -> None:
     """Shut down a connection's socket so a read blocked on it returns (from another thread)."""
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
+    _shutdown_socket(getattr(connection, "sock", None))
+
+
+def _shutdown_socket(sock: object) -> None:
+    if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             # socket.socket's own shutdown: SSLSocket's would drop its SSL object under the reader.
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _body_socket(response: urllib3.BaseHTTPResponse) -> object:
+    """The socket a response's body is read from: its connection lets go of it when the answer
+    says ``Connection: close`` (an HTTP/1.0 server, many proxies), http.client's file does not."""
+    fp = getattr(getattr(response, "_fp", None), "fp", None)  # http.client's buffered socket file
+    return getattr(getattr(fp, "raw", None), "_sock", None)
 
 
 def _discard_response(response: urllib3.BaseHTTPResponse) -> None:
