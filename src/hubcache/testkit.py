@@ -203,7 +203,8 @@ def isolate(monkeypatch: pytest.MonkeyPatch, root: str | os.PathLike[str]) -> No
     """Give hubcache a private world under ``root`` for one test.
 
     ``TMPDIR`` (the ``tmp`` backend) and the user cache dir (``home``) move under ``root``,
-    inherited hubcache settings are cleared, progress bars are off, cloud metadata servers are
+    inherited hubcache settings are cleared, and so are the proxy and certificate variables
+    (``download/network.py``), progress bars are off, cloud metadata servers are
     out of reach (nothing leaves the machine), and memoised resolves and
     backend instances are forgotten. Everything is restored by pytest's ``monkeypatch``; call
     ``hubcache.core.resolver.clear_memo()`` after the test too if you resolved in-process.
@@ -211,9 +212,13 @@ def isolate(monkeypatch: pytest.MonkeyPatch, root: str | os.PathLike[str]) -> No
     import tempfile
 
     from .core.resolver import clear_memo
+    from .download.network import VARIABLES as NETWORK_SETTINGS
 
     root = os.fspath(root)
     for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    # A proxy or CA of the developer's would change (or carry off) requests to loopback servers.
+    for name in NETWORK_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
     monkeypatch.setenv("TMPDIR", os.path.join(root, "tmp"))

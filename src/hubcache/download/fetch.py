@@ -37,6 +37,7 @@ from ..core.errors import (
 )
 from ..core.handles import origin_of
 from ..core.redact import split_credentials
+from . import network
 from .objectread import open_pinned
 
 if TYPE_CHECKING:  # urllib3 is imported where it is used: importing hubcache does not import it
@@ -54,24 +55,24 @@ MAX_REDIRECTS = 10
 DEADLINE_SETTING = "HUBCACHE_DOWNLOAD_DEADLINE"
 CHANGED_HINT = "try again once the file on the server stops changing"
 
-_pool: urllib3.PoolManager | None = None
-_pool_lock = threading.Lock()
 #: ``.source``: the HttpSource whose request this thread is making (see ``_tracked_pool``)
 _requesting = threading.local()
 
 
-def _pool_manager() -> urllib3.PoolManager:
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                import urllib3
+def _pool_manager(url: str) -> urllib3.PoolManager:
+    """The pools for ``url``: direct, or through the proxy the environment names for it, with the
+    certificate settings it names (``download/network.py``); shared until those variables change."""
+    return network.current().manager(url, _new_manager)
 
-                pool = urllib3.PoolManager(num_pools=8, maxsize=16, retries=False)
-                pool.pool_classes_by_scheme = {"http": _tracked_pool(urllib3.HTTPConnectionPool),
-                                               "https": _tracked_pool(urllib3.HTTPSConnectionPool)}
-                _pool = pool
-    return _pool
+
+def _new_manager(cls: type[urllib3.PoolManager], **kwargs: Any) -> urllib3.PoolManager:
+    """A ``PoolManager`` or ``ProxyManager`` (``cls``, with ``kwargs`` from network.py)."""
+    import urllib3
+
+    pool = cls(num_pools=8, maxsize=16, retries=False, **kwargs)
+    pool.pool_classes_by_scheme = {"http": _tracked_pool(urllib3.HTTPConnectionPool),
+                                   "https": _tracked_pool(urllib3.HTTPSConnectionPool)}
+    return pool
 
 
 def _tracked_pool(base: type[urllib3.HTTPConnectionPool]) -> type[urllib3.HTTPConnectionPool]:
@@ -202,6 +203,7 @@ class HttpSource(Source):
         self._backoff = backoff
         self._on_retry = on_retry
         self._attempts = 0
+        self._via = ""  # the proxy of the last request, as shown (network.proxy_of)
         self._etag: str | None = None  # the first response's strong ETag
         self._modified: str | None = None  # its Last-Modified
         self._validator: str | None = None  # what If-Range carries: the ETag, else the date
@@ -226,10 +228,12 @@ class HttpSource(Source):
     # -- errors ---------------------------------------------------------------------------------
 
     def _where(self) -> str:
-        return f"GET {self.url}, {self._attempts} attempt{'s' if self._attempts != 1 else ''}"
+        via = f", via the proxy {self._via}" if self._via else ""
+        return f"GET {self.url}, {self._attempts} attempt{'s' if self._attempts != 1 else ''}{via}"
 
-    def _fail(self, message: str, status: int | None = None) -> DownloadError:
-        return DownloadError(f"{message} ({self._where()})", url=self.url, status=status, attempts=self._attempts)
+    def _fail(self, message: str, status: int | None = None, hint: str | None = None) -> DownloadError:
+        return DownloadError(f"{message} ({self._where()})", url=self.url, status=status, attempts=self._attempts,
+                             hint=hint)
 
     def _changed(self, message: str, response: urllib3.BaseHTTPResponse | None = None,
                  hint: str = CHANGED_HINT) -> SourceChangedError:
@@ -293,9 +297,11 @@ class HttpSource(Source):
         if self._deadline is not None:
             timeout = max(0.001, min(timeout, self._deadline.left()))
         while True:
+            pool = _pool_manager(url)  # each hop: another host may be in NO_PROXY
+            self._via = network.proxy_of(pool)
             _requesting.source = self
             try:
-                response = _pool_manager().request(
+                response = pool.request(
                     "GET", url, headers=headers, preload_content=False, decode_content=False,
                     redirect=False, retries=False,
                     timeout=urllib3.Timeout(connect=timeout, read=self._timeout))
@@ -339,7 +345,10 @@ class HttpSource(Source):
                 raise self._fail(f"not a valid URL: {error}") from None
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 self._check_deadline()
-                reason = getattr(error, "reason", None) or error
+                fatal = network.unrecoverable(error)  # a refused certificate: no retry mends it
+                if fatal is not None:
+                    raise self._fail(fatal[0], hint=fatal[1]) from None
+                reason = network.connection_problem(error)
                 self._wait_before_retry(f"cannot connect: {reason}", offset)
                 continue
             status = response.status

@@ -13,6 +13,7 @@ import time
 from urllib.parse import urljoin
 
 from ..core.errors import DownloadError
+from . import network
 from .fetch import RETRY_STATUS, USER_AGENT, _pool_manager
 
 #: ``gs://bucket/path``: a bucket name (3-222 chars of [a-z0-9._-]) and an optional path.
@@ -44,7 +45,7 @@ def follow_pointer(url: str, *, timeout: float = 60.0, retries: int = 4, backoff
         error: str | None = None
         status: int | None = None
         try:
-            response = _pool_manager().request(
+            response = _pool_manager(current).request(
                 "GET", current, headers={"User-Agent": USER_AGENT}, redirect=False, retries=False,
                 preload_content=False, timeout=urllib3.Timeout(connect=timeout, read=timeout))
             try:
@@ -57,7 +58,11 @@ def follow_pointer(url: str, *, timeout: float = 60.0, retries: int = 4, backoff
                 response.close()
                 response.release_conn()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            error = f"cannot connect: {exc}"
+            fatal = network.unrecoverable(exc)  # a refused certificate: no retry mends it
+            if fatal is not None:
+                raise DownloadError(f"{fatal[0]} (GET {current})", url=current, attempts=attempts,
+                                    hint=fatal[1]) from None
+            error = f"cannot connect: {network.connection_problem(exc)}"
         if error is None and status in RETRY_STATUS:
             error = f"HTTP {status}"
         if error is not None:
