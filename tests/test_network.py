@@ -506,6 +506,31 @@ def test_a_certificate_refused_through_the_proxy(tls_origin, proxy, archive, mon
     assert info.value.attempts == 1
 
 
+# -- what `hubcache config` shows -------------------------------------------------------------------
+
+
+def test_config_shows_the_proxies_without_credentials_and_the_certificates(monkeypatch, pki, capsys):
+    from hubcache.cli import main
+
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{USER}:{PASSWORD}@proxy.corp.example:3128")
+    monkeypatch.setenv("no_proxy", "localhost,.corp.example")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca)
+    monkeypatch.setenv("TFHUB_DISABLE_CERT_VALIDATION", "1")
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert PASSWORD not in text and USER not in text
+    lines = {line.split()[0]: line for line in text.splitlines()}
+    assert "http://***@proxy.corp.example:3128" in lines["https_proxy"] and "(HTTPS_PROXY)" in lines["https_proxy"]
+    assert "localhost,.corp.example" in lines["no_proxy"] and "(no_proxy)" in lines["no_proxy"]
+    assert pki.ca in lines["ca_bundle"] and "(REQUESTS_CA_BUNDLE)" in lines["ca_bundle"]
+    assert "only 'true' turns it off" in lines["cert_validation"]
+    assert main(["config", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["network"]["https_proxy"]["value"] == "http://***@proxy.corp.example:3128"
+    assert data["network"]["http_proxy"]["value"] is None
+    assert PASSWORD not in json.dumps(data)
+
+
 def test_isolate_clears_the_network_variables(tmp_path):
     """The suite's own servers are on 127.0.0.1: a developer's proxy must not carry them."""
     for name in network.VARIABLES:

@@ -144,6 +144,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from .core.config import env_settings, load_config
     from .core.resolver import make_backend, select_backend_name
+    from .download import network
     from .plugins.registry import get_registry
 
     config = load_config()
@@ -173,12 +174,19 @@ def cmd_config(args: argparse.Namespace) -> int:
             continue
         source = setting.source + (f" ({setting.origin})" if setting.origin else "")
         rows.append({"name": setting.name, "value": setting.value, "source": source, "help": setting.help})
+    # Proxies and certificates: the standard variables tensorflow_hub honours (proxy credentials as ***).
+    network_settings = network.current().settings()
+    for setting in network_settings:
+        rows.append({"name": setting.name, "value": setting.value,
+                     "source": setting.source + (f" ({setting.origin})" if setting.origin else "")})
     if args.json:
         _print_json({"backend": name, "reason": why, "backend_details": details,
                      "backend_settings": {b.name: {"value": b.value, "source": b.source, "help": b.help}
                                           for b in backend_settings},
                      "settings": {s.name: {"value": s.value, "source": s.source, "origin": s.origin}
                                   for s in config.settings.values()},
+                     "network": {s.name: {"value": s.value, "source": s.source, "origin": s.origin, "help": s.help}
+                                 for s in network_settings},
                      "installed_backends": sorted(registry.backends)})
         return 0
     width = max(len(r["name"]) for r in rows)
