@@ -560,12 +560,12 @@ def routed_hosts(routes: dict[str, str]) -> Iterator[None]:
         with routed_hosts({"https://tfhub.dev/": origin.url("/tfhub.dev/")}):
             hubcache.resolve("https://tfhub.dev/google/spice/2")   # GET /tfhub.dev/google/spice/2?...
 
-    It replaces hubcache's connection pool for the ``with`` block (``hubcache.core.fetch``); it
+    It replaces hubcache's connection pools for the ``with`` block (``hubcache.download.fetch``); it
     is not a setting, so nothing outside a test can turn it on.
     """
     import urllib3
 
-    from .download import fetch
+    from .download import fetch, pointer
 
     class RoutedPoolManager(urllib3.PoolManager):
         def urlopen(self, method: str, url: str, *args: Any, **kw: Any) -> urllib3.BaseHTTPResponse:
@@ -575,16 +575,17 @@ def routed_hosts(routes: dict[str, str]) -> Iterator[None]:
                     break
             return super().urlopen(method, url, *args, **kw)
 
-    routed = RoutedPoolManager(num_pools=8, maxsize=16, retries=False)
-    routed.pool_classes_by_scheme = {"http": fetch._tracked_pool(urllib3.HTTPConnectionPool),
-                                     "https": fetch._tracked_pool(urllib3.HTTPSConnectionPool)}
-    with fetch._pool_lock:
-        saved, fetch._pool = fetch._pool, routed
+    routed = fetch._new_manager(RoutedPoolManager)
+    # Every module that asks fetch for a pool (fetch itself, the pointer reader) gets this one.
+    users = [module for module in (fetch, pointer) if hasattr(module, "_pool_manager")]
+    saved = [module._pool_manager for module in users]
+    for module in users:
+        module._pool_manager = lambda url: routed  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        with fetch._pool_lock:
-            fetch._pool = saved
+        for module, pool_manager in zip(users, saved):
+            module._pool_manager = pool_manager  # type: ignore[attr-defined]
         routed.clear()
 
 
