@@ -262,8 +262,21 @@ class Route:
     #: these; ("extra", n): send ``n`` bytes beyond the announced Content-Length;
     #: ("unframed", n): no Content-Length, close-delimited, ``n`` bytes beyond the body (a 206
     #: keeps its Content-Range, so the client knows where it should have ended);
-    #: ("slow_headers", seconds): a header line that never ends, one byte every ``seconds``
+    #: ("slow_headers", seconds): a header line that never ends, one byte every ``seconds``;
+    #: for range requests (``bytes=A-B`` is honoured): ("long_range", n) / ("short_range", n):
+    #: a 206 whose Content-Range (and body) ends ``n`` bytes after / before the end asked for;
+    #: ("body_delta", n): a 206 with the right Content-Range whose body (and Content-Length)
+    #: has ``n`` bytes more (random) or, negative, fewer; ("length", n): announce a
+    #: Content-Length of ``n`` (and a Content-Range total of ``n``), send the real body, close
     faults: list[Fault] = field(default_factory=list)
+    #: failures for range requests starting at a given byte only: {start: [fault, ...]}, consumed
+    #: in order by the requests for that start (before :attr:`faults`); see :meth:`OriginServer.fail_range`
+    range_faults: dict[int, list[Fault]] = field(default_factory=dict)
+    #: seconds before each answer (a round trip to a distant origin)
+    latency: float = 0.0
+    #: answer 503 to a request that would make more than this many being answered at once (an
+    #: origin limiting connections), or ``None``
+    max_active: int | None = None
     #: send the body at this many bytes per second (``None``: as fast as possible)
     rate: float | None = None
     #: bytes per write when ``rate`` is set (small values make a trickle)
@@ -288,6 +301,8 @@ class Request:
     status: int = 0
     #: body bytes written to the client (a resumed download re-sends only the rest)
     sent: int = 0
+    #: the client's port: one per connection (requests on a kept-alive connection share it)
+    client: int = 0
 
 
 class OriginServer:
@@ -303,6 +318,13 @@ class OriginServer:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: GETs being answered now, and the most at once
+        self.active = 0
+        self.peak_active = 0
+        #: open client connections now, and the most at once; the client ports of those open
+        self.connections = 0
+        self.peak_connections = 0
+        self.open_clients: set[int] = set()
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -332,6 +354,21 @@ class OriginServer:
     def fail(self, path: str, *faults: Fault) -> None:
         """Inject failures on the next requests of ``path`` (see :class:`Route`)."""
         self.routes[path].faults.extend(faults)
+
+    def fail_range(self, path: str, start: int, *faults: Fault) -> None:
+        """Inject failures on the next range requests of ``path`` that start at byte ``start``
+        (the other requests, however many run at once, are answered normally)."""
+        self.routes[path].range_faults.setdefault(start, []).extend(faults)
+
+    def network(self, path: str, rate: float | None, latency: float = 0.0, *, step: int = 64 << 10) -> None:
+        """A distant origin for ``path``: each answer (hence each connection: one answer at a
+        time) sent at ``rate`` bytes per second, after ``latency`` seconds."""
+        self.throttle(path, rate, step=step)
+        self.routes[path].latency = latency
+
+    def reset_peaks(self) -> None:
+        with self._lock:
+            self.peak_active, self.peak_connections = self.active, self.connections
 
     def throttle(self, path: str, rate: float | None, *, step: int | None = None) -> None:
         """Send the body of ``path`` at ``rate`` bytes per second (``None``: full speed), so a
@@ -404,14 +441,32 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def handle(self) -> None:
+            with origin._lock:
+                origin.connections += 1
+                origin.peak_connections = max(origin.peak_connections, origin.connections)
+                origin.open_clients.add(self.client_address[1])
             try:
                 super().handle()
             except (ConnectionResetError, BrokenPipeError):
                 pass  # the client hung up (e.g. it gave up on a body it does not want): not news
+            finally:
+                with origin._lock:
+                    origin.connections -= 1
+                    origin.open_clients.discard(self.client_address[1])
 
         def do_GET(self) -> None:
+            with origin._lock:
+                origin.active += 1
+                origin.peak_active = max(origin.peak_active, origin.active)
+            try:
+                self._get()
+            finally:
+                with origin._lock:
+                    origin.active -= 1
+
+        def _get(self) -> None:
             parts = urlsplit(self.path)
-            record = Request(parts.path, parts.query, dict(self.headers))
+            record = Request(parts.path, parts.query, dict(self.headers), client=self.client_address[1])
             with origin._lock:
                 origin.requests.append(record)
             route = origin.routes.get(parts.path)
@@ -420,9 +475,19 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
             if route.auth is not None and self.headers.get("Authorization") != route.auth:
                 return self._send(record, 401, b"sign in", {"Content-Type": "text/plain",
                                                            "WWW-Authenticate": 'Basic realm="models"'})
-            fault = None
             with origin._lock:
-                if route.faults:
+                busy = route.max_active is not None and origin.active > route.max_active
+            if busy:
+                return self._send(record, 503, b"too many connections", {"Content-Type": "text/plain"})
+            if route.latency:
+                time.sleep(route.latency)
+            fault = None
+            asked = self.headers.get("Range", "")
+            with origin._lock:
+                if asked.startswith("bytes=") and asked[6:].split("-", 1)[0].isdigit() \
+                        and route.range_faults.get(int(asked[6:].split("-", 1)[0])):
+                    fault = route.range_faults[int(asked[6:].split("-", 1)[0])].pop(0)
+                elif route.faults:
                     fault = route.faults.pop(0)
             if fault and fault[0] == "status":
                 return self._send(record, fault[1], b"injected failure", {"Content-Type": "text/plain"})
@@ -454,12 +519,15 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                 headers["ETag"] = "W/" + etag
             elif route.validator == "last-modified":
                 headers["Last-Modified"] = formatdate(1_700_000_000 + 3600 * route.version, usegmt=True)
-            start = 0
+            start, stop = 0, len(body)  # the bytes sent: body[start:stop]
             range_header = self.headers.get("Range")
             ignore = fault is not None and fault[0] == "ignore_range"
             if (route.ranges and not ignore and status == 200 and range_header
                     and range_header.startswith("bytes=")):
-                start = int(range_header[6:].split("-", 1)[0])
+                first, _, last = range_header[6:].partition("-")
+                start = int(first)
+                if last.strip():
+                    stop = min(len(body), int(last) + 1)
                 if_range = self.headers.get("If-Range")
                 # A strong ETag or a Last-Modified date matches; a weak ETag never does (RFC 9110).
                 current = headers.get("ETag") if route.validator == "etag" else headers.get("Last-Modified")
@@ -468,12 +536,21 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                     total = len(body)
                     if fault and fault[0] == "bad_range":
                         start, total = start + fault[1], total + fault[2]
-                    headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{total}"
+                    elif fault and fault[0] == "long_range":
+                        stop = min(len(body), stop + fault[1])
+                    elif fault and fault[0] == "short_range":
+                        stop -= fault[1]
+                    elif fault and fault[0] == "length":
+                        total = fault[1]
+                    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
                 else:
-                    start = 0
+                    start, stop = 0, len(body)
             if route.ranges:
                 headers["Accept-Ranges"] = "bytes"
-            self._send(record, status, body[start:], headers, fault, route.rate, route.step)
+            sent = body[start:stop]
+            if fault and fault[0] == "body_delta":
+                sent = sent + random.Random(7).randbytes(fault[1]) if fault[1] > 0 else sent[:fault[1]]
+            self._send(record, status, sent, headers, fault, route.rate, route.step)
 
         def _slow_headers(self, record: Request, interval: float) -> None:
             # A header line that never ends, one byte every ``interval`` seconds (at most 10 min).
@@ -496,6 +573,9 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             if fault and fault[0] == "unframed":
                 self.send_header("Connection", "close")
+                self.close_connection = True
+            elif fault and fault[0] == "length":  # a lie: the real body follows, then the close
+                self.send_header("Content-Length", str(fault[1]))
                 self.close_connection = True
             else:
                 self.send_header("Content-Length", str(len(body)))
