@@ -196,7 +196,7 @@ def hostile_archives(*, max_bytes: int = 1 << 20, max_members: int = 1000) -> di
 #: Settings that change what hubcache selects or does; :func:`isolate` clears them.
 SETTINGS = ("HUBCACHE_BACKEND", "TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "HUBCACHE_OFFLINE",
             "HUBCACHE_MAX_SIZE", "HUBCACHE_DISABLE_PLUGINS", "TFHUB_DOWNLOAD_PROGRESS", "HUBCACHE_PINS",
-            "HUBCACHE_DOWNLOAD_DEADLINE", "HUBCACHE_PATCH_TFHUB")
+            "HUBCACHE_DOWNLOAD_DEADLINE", "HUBCACHE_PATCH_TFHUB", "HUBCACHE_CONNECTIONS", "HUBCACHE_CHUNK_SIZE")
 
 
 def isolate(monkeypatch: pytest.MonkeyPatch, root: str | os.PathLike[str]) -> None:
