@@ -9,6 +9,7 @@ from .._version import __version__
 from ..archive.digest import Meter
 from ..archive.extract import Limits, extract
 from ..download.fetch import Deadline, open_source
+from ..download.parallel import RangeAnswerError, parallel_source
 from ..plugins.registry import emit
 from .commit import commit_entry
 from .config import Config
@@ -91,19 +92,25 @@ def _download(handle: Handle, location: Location, config: Config, backend: str) 
 
     A :class:`SourceChangedError` starts the download again from byte 0 (a fresh writer, digest
     and decoder), at most :data:`MAX_RESTARTS` times. One :class:`Deadline`, started by the
-    first download (not while waiting for the lock), bounds all of them.
+    first download (not while waiting for the lock), bounds all of them. After a
+    :class:`RangeAnswerError` (the origin answered a range request wrongly) the restarts use one
+    stream.
     """
     deadline: Deadline | None = None
+    parallel = True
 
     def fill(writer: EntryWriter) -> Manifest:
         nonlocal deadline
         if deadline is None:
             deadline = Deadline(config.download_deadline)
-        return download_into(writer, handle, location, config, backend, deadline=deadline)
+        return download_into(writer, handle, location, config, backend, deadline=deadline, parallel=parallel)
 
     def restart(error: BaseException, restarts: int) -> bool:
+        nonlocal parallel
         if not isinstance(error, SourceChangedError):
             return False
+        if isinstance(error, RangeAnswerError):
+            parallel = False
         if restarts >= MAX_RESTARTS:
             raise SourceChangedError(
                 f"{error.message}; the same on each of {restarts + 1} downloads from byte 0, so nothing "
@@ -116,8 +123,11 @@ def _download(handle: Handle, location: Location, config: Config, backend: str) 
 
 
 def download_into(writer: EntryWriter, handle: Handle, location: Location, config: Config, backend: str = "", *,
-                  deadline: Deadline | None = None) -> Manifest:
+                  deadline: Deadline | None = None, parallel: bool = True) -> Manifest:
     """Stream ``location`` into ``writer`` and return the manifest to commit (not yet committed).
+
+    ``parallel``: an http(s) origin that allows it is read over ``connections`` (a setting)
+    ranged connections; ``False`` reads one stream.
 
     Raises:
         SourceChangedError: the file changed during the download; ``writer`` holds a mix and
@@ -130,8 +140,13 @@ def download_into(writer: EntryWriter, handle: Handle, location: Location, confi
         emit("download_retry", handle.raw, backend, url=url, attempt=attempt, error=error, offset=offset)
 
     # The handle's credentials go only to its own host (``url`` shows them as ***).
-    source = open_source(handle.reveal(url), timeout=config.timeout,
-                         retries=config.retries, on_retry=on_retry, deadline=deadline)
+    timeout, retries = config.timeout, config.retries
+    source = open_source(handle.reveal(url), timeout=timeout, retries=retries, on_retry=on_retry, deadline=deadline)
+    connections = config.connections if parallel else 1
+    if connections > 1:  # an http(s) origin that allows it: the rest over ranged connections
+        source = parallel_source(source, handle.reveal(url), connections=connections,
+                                 chunk_size=config.chunk_size, timeout=timeout,
+                                 retries=retries, on_retry=on_retry, deadline=deadline)
     try:
         emit("download_started", handle.raw, backend, url=source.final_url, total=source.total)
 

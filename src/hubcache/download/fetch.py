@@ -69,7 +69,9 @@ def _new_manager(cls: type[urllib3.PoolManager], **kwargs: Any) -> urllib3.PoolM
     """A ``PoolManager`` or ``ProxyManager`` (``cls``, with ``kwargs`` from network.py)."""
     import urllib3
 
-    pool = cls(num_pools=8, maxsize=16, retries=False, **kwargs)
+    # maxsize: idle connections kept per host, up to HUBCACHE_CONNECTIONS' maximum (a download
+    # over more connections than the pool keeps would open a connection per chunk).
+    pool = cls(num_pools=8, maxsize=64, retries=False, **kwargs)
     pool.pool_classes_by_scheme = {"http": _tracked_pool(urllib3.HTTPConnectionPool),
                                    "https": _tracked_pool(urllib3.HTTPSConnectionPool)}
     return pool
@@ -208,6 +210,9 @@ class HttpSource(Source):
         self._modified: str | None = None  # its Last-Modified
         self._validator: str | None = None  # what If-Range carries: the ETag, else the date
         self._limit = sys.maxsize  # bytes beyond this are more than the origin announced
+        #: the first answer was a 200 announcing ``Accept-Ranges: bytes`` (see ``core/parallel.py``)
+        self.ranges = False
+        self._resolved = ""  # the URL the first answer came from, its query kept: never shown
         self._deadline = deadline
         self._expired = False
         self._guard = threading.Lock()
@@ -284,7 +289,11 @@ class HttpSource(Source):
         delay = min(10.0, self._backoff * 2 ** (self._attempts - 1))
         if self._deadline is not None:
             delay = min(delay, max(0.0, self._deadline.left()))
-        time.sleep(delay)
+        self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        """The wait before a retry (``core/parallel.py`` makes it end early when a download stops)."""
+        time.sleep(seconds)
 
     def _get(self, headers: dict[str, str]) -> tuple[urllib3.BaseHTTPResponse, str, int]:
         """One GET of the URL, following redirects by hand: only to http(s) URLs, without the
@@ -371,6 +380,9 @@ class HttpSource(Source):
             self.final_url = urlunsplit(urlsplit(_without_userinfo(url))._replace(query="", fragment="")) \
                 if hops else self.url
             if offset == 0:
+                self._resolved = url
+                accept = response.headers.get("Accept-Ranges") or ""
+                self.ranges = status == 200 and "bytes" in (t.strip().lower() for t in accept.split(","))
                 self.total = _length(response)
                 self._limit = self.total if self.total is not None else sys.maxsize
                 etag = response.headers.get("ETag")
@@ -481,6 +493,13 @@ class HttpSource(Source):
                                         hint="such a download starts over when cut; try again on a steadier "
                                              "connection")
                 self._response = self._request(self.position)
+
+    def cut(self) -> None:
+        """Close without reading the rest of the body: its connection is closed, not reused."""
+        response = getattr(self, "_response", None)
+        if response is not None and not self.closed:
+            response.close()
+        self.close()
 
     def close(self) -> None:
         if not self.closed:

@@ -1,0 +1,562 @@
+"""Parallel ranged downloads over http(s): several connections, one ordered stream.
+
+One TCP flow rarely gets a real link's bandwidth (CDNs and object stores cap each connection, a
+long round trip caps the window), so an object that allows it is fetched over several
+connections at once, in consecutive chunks, and handed to the reader in order: the digest,
+decoder and extractor downstream still see one stream and still work while bytes arrive, and
+no copy of the archive is ever written to disk.
+
+When. The first answer (the plain GET that :class:`~hubcache.download.fetch.HttpSource` makes, as for
+one stream) must be a 200 announcing ``Accept-Ranges: bytes``, with a Content-Length and a
+validator (a strong ``ETag``, else ``Last-Modified``), for an object of at least
+:data:`MIN_CHUNKS` chunks. Anything else is read as one stream, as before.
+
+How. The reader reads chunk 0 from that first answer itself; the answer is then closed (its
+connection dropped) and the rest comes from ``connections`` worker threads, each fetching one
+chunk at a time with ``Range: bytes=START-END`` and ``If-Range`` (the first answer's
+validator), into its place in a ring allocated once (``connections x chunk_size``, an anonymous
+mapping). A worker may start chunk ``k`` only while ``k`` is less than the reader's chunk plus
+``connections``: the bytes held, received but not yet read, are at most ``connections x
+chunk_size`` however slowly the reader reads (8 x 8 MiB = 64 MiB by default), and reads copy
+them out of the ring (a cold 1 GiB resolve peaked at 104-108 MiB of RSS, one stream at 36).
+
+The same object, or a restart. Every chunk's answer must be a 206 with the first answer's
+validator and a ``Content-Range`` of exactly the bytes asked for and the same total, and a
+Content-Length (if any) of exactly that many bytes; a body without a Content-Length must end
+where its range does. A different validator, a 416, or a 200 with another validator means the
+object changed: :class:`~hubcache.core.errors.SourceChangedError`, and the download starts
+again from byte 0 (``core/cache.py``), in parallel again. A wrong answer for the same version (a
+range not the one asked for, another total, a 200 with the same validator: the origin ignored
+the range) is a :class:`RangeAnswerError`, a ``SourceChangedError`` whose restart uses one
+stream, since such an origin would answer the next range requests wrongly too.
+
+Failures. Each chunk retries and resumes on its own, as one stream does (transient errors, a
+connection cut mid-chunk: ``Range: bytes=POSITION-END`` with the same checks), with the
+configured number of retries per chunk and the download's one deadline. An origin that limits
+connections answers the extra ones 429 or 503: a worker refused twice in a row for one chunk
+(or once with no retry left), while another worker is left, hands the chunk back (another goes
+on from the bytes received) and stops, so the download continues over fewer connections instead of failing; the last
+worker retries as one stream would. Retry events are handed to ``on_retry`` on the reading
+thread (with the absolute offset). The first error that is not retried stops every worker and
+is raised by the next read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, cast
+
+from ..core.config import DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS
+from ..core.errors import SourceChangedError
+from ..core.handles import origin_of
+from .fetch import (
+    RETRY_STATUS,
+    HttpSource,
+    Source,
+    _content_range,
+    _discard_response,
+    _length,
+)
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_CONNECTIONS", "MIN_CHUNKS", "ParallelSource", "RangeAnswerError",
+           "parallel_source"]
+
+if TYPE_CHECKING:
+    import urllib3
+    from _typeshed import WriteableBuffer
+
+    from .fetch import Deadline
+
+#: An object shorter than this many chunks is read as one stream (with the default 8 MiB chunks,
+#: a second connection would save at most half a second at 32 MB/s a connection).
+MIN_CHUNKS = 2
+#: Most bytes one read hands out (the pipeline's chunk).
+PIECE = 1 << 20
+#: Bytes a worker receives at a time before copying them into the ring: each worker's transient
+#: buffers (urllib3's and http.client's) are a few times this.
+RECEIVE = 256 << 10
+
+
+class RangeAnswerError(SourceChangedError):
+    """The origin answered a chunk's range request wrongly for the same version of the object (a
+    range not the one asked for, another total, more bytes than the range, the whole object).
+
+    The download starts again from byte 0, as for any :class:`SourceChangedError`, but as one
+    stream: an origin that answers ranges wrongly would do it again.
+    """
+
+
+class _Stopped(Exception):
+    """The download was closed or failed elsewhere: a worker leaves quietly."""
+
+
+class _Retire(Exception):
+    """The origin refused this connection's request twice in a row (429/503), or once with no
+    retry left, while others work:
+    the worker hands its chunk back and leaves, so the download goes on with one fewer."""
+
+
+def parallel_source(first: Source, url: str, *, connections: int = DEFAULT_CONNECTIONS,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, timeout: float = 60.0, retries: int = 4,
+                    on_retry: Callable[[int, str, int], None] | None = None,
+                    deadline: Deadline | None = None) -> Source:
+    """``first`` itself, or a :class:`ParallelSource` reading the same object from its first
+    answer and ``connections`` ranged connections (see the module's docstring for when).
+
+    Args:
+        first: the opened source (``fetch.open_source``); only an :class:`HttpSource` whose first
+            answer allows it becomes parallel.
+        url: the URL, credentials included (chunk requests send them as ``first`` does).
+        connections: how many connections at most (1: ``first`` as it is).
+        chunk_size: bytes per range request.
+        timeout, retries, deadline: as for ``fetch.open_source`` (retries: each chunk's own).
+        on_retry: called with ``(attempt, error, offset)`` for each retry of a chunk, on the
+            thread that reads the source.
+    """
+    if not isinstance(first, HttpSource):
+        return first
+    total = first.total
+    validator = first._validator
+    if (connections <= 1 or not first.ranges or total is None or validator is None
+            or total < MIN_CHUNKS * chunk_size):
+        return first
+    try:
+        return ParallelSource(first, url, connections=connections, chunk_size=chunk_size, timeout=timeout,
+                              retries=retries, on_retry=on_retry, deadline=deadline)
+    except BaseException:
+        first.close()
+        raise
+
+
+class _Slot:
+    """A chunk being received into its place in the ring: where that is, how many bytes arrived,
+    how many the reader took, and whether all of it arrived."""
+
+    __slots__ = ("base", "received", "taken", "done")
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.received = 0
+        self.taken = 0
+        self.done = False
+
+
+class ParallelSource(Source):
+    """An http(s) object read over several ranged connections, handed out in order.
+
+    Build it with :func:`parallel_source`. ``read`` returns the bytes in order; closing stops the
+    workers and drops their connections.
+
+    Attributes:
+        connections: the number of worker connections.
+        chunk_size: bytes per range request.
+        buffered: bytes received and not yet read.
+        peak_buffered: the most bytes ever held at once (at most ``connections x chunk_size``).
+    """
+
+    def __init__(self, first: HttpSource, url: str, *, connections: int, chunk_size: int, timeout: float,
+                 retries: int, on_retry: Callable[[int, str, int], None] | None, deadline: Deadline | None):
+        assert first.total is not None and first._validator is not None
+        self.url, self.final_url, self.total = first.url, first.final_url, first.total
+        self.connections, self.chunk_size = connections, chunk_size
+        self.etag, self.modified, self.validator = first._etag, first._modified, first._validator
+        self._first = first
+        self._url = url
+        # Chunks ask the URL the first answer came from (no redirect to follow each time); if
+        # that stops working (a signed redirect target expires), they go back to the original.
+        self._origin_target = first._target
+        self.direct: str | None = first._resolved if first._resolved != first._target else None
+        self._timeout, self._retries, self._deadline = timeout, retries, deadline
+        self._on_retry = on_retry
+        self._count = -(-self.total // chunk_size)
+        lock = threading.Lock()
+        self._readable = threading.Condition(lock)  # the reader waits for its chunk
+        self._claimable = threading.Condition(lock)  # workers wait for the window to move
+        self._slots: dict[int, _Slot] = {}  # chunk -> what arrived of it, only for claimed chunks
+        # The bytes held live in one ring of a place per worker (chunk k at (k - 1) mod workers),
+        # allocated once: workers copy into it, the reader copies out of it. Bytes objects made by
+        # the workers and held until read would live in each worker thread's malloc arena, and
+        # freed space in one arena is not reused by another: a cold 1 GiB resolve peaked ~50 MiB
+        # above the buffer's bound that way. An anonymous mapping: pages are touched as used.
+        workers = min(connections, self._count - 1)
+        self._places = workers
+        self._ring = mmap.mmap(-1, workers * chunk_size)
+        self._view = memoryview(self._ring)
+        self._claimed = 1  # the next chunk to claim (chunk 0 is the first answer's)
+        self._returned: list[int] = []  # chunks handed back by retiring workers, to take first
+        self._workers = workers  # workers still working
+        self._head = 0  # the chunk the reader is in
+        self._notices: list[tuple[int, str, int]] = []  # retries, for on_retry on the reading thread
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._stop = threading.Event()
+        self._live: set[_Chunk] = set()
+        self.buffered = 0
+        self.peak_buffered = 0
+        self._threads = [threading.Thread(target=self._work, name=f"hubcache-range-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    # -- geometry -------------------------------------------------------------------------------
+
+    def _span(self, k: int) -> tuple[int, int]:
+        """The first and last byte of chunk ``k``."""
+        assert self.total is not None
+        start = k * self.chunk_size
+        return start, min(self.total, start + self.chunk_size) - 1
+
+    # -- the workers ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            while True:
+                k = self._claim()
+                if k is None:
+                    return
+                self._fetch(k)
+        except (_Stopped, _Retire):
+            return
+        except BaseException as error:  # raised by the reader's next read
+            with self._readable:
+                if self._error is None and not self._stopping:
+                    self._error = error
+            self._halt()
+
+    def _claim(self) -> int | None:
+        with self._claimable:
+            while not self._stopping and not self._returned and self._claimed < self._count and \
+                    self._claimed >= self._head + self.connections:
+                self._claimable.wait()
+            if self._stopping:
+                return None
+            if self._returned:  # the oldest first: the reader may be waiting for it
+                self._returned.sort()
+                return self._returned.pop(0)
+            if self._claimed >= self._count:
+                return None
+            k = self._claimed
+            self._claimed += 1
+            self._slots[k] = _Slot((k - 1) % self._places * self.chunk_size)
+            return k
+
+    def _fetch(self, k: int) -> None:
+        start, end = self._span(k)
+        slot = self._slots[k]  # only this worker writes its place, only past what arrived
+        start += slot.received  # a chunk handed back goes on from the bytes received
+        try:
+            chunk = _Chunk(self, start, end, timeout=self._timeout, retries=self._retries, deadline=self._deadline)
+        except _Retire:
+            self._hand_back(k)
+            raise
+        try:
+            left, at = end - start + 1, slot.base + slot.received
+            while left:
+                data = chunk.read(min(RECEIVE, left))
+                if not 0 < len(data) <= left:  # HttpSource.read cannot do this: a guard of the ring
+                    raise chunk._fail(f"a read of {min(RECEIVE, left)} bytes returned {len(data)}")
+                self._view[at:at + len(data)] = data
+                at += len(data)
+                left -= len(data)
+                self._put(k, slot, len(data))
+            chunk.finish()
+        except _Retire:
+            self._hand_back(k)
+            raise
+        finally:
+            with self._readable:
+                self._live.discard(chunk)
+            chunk.close()
+        with self._readable:
+            slot.done = True
+            if k == self._head:
+                self._readable.notify()
+
+    def _put(self, k: int, slot: _Slot, count: int) -> None:
+        with self._readable:
+            if self._stopping:
+                raise _Stopped
+            slot.received += count
+            self.buffered += count
+            self.peak_buffered = max(self.peak_buffered, self.buffered)
+            if k == self._head:
+                self._readable.notify()
+
+    def _may_retire(self) -> bool:
+        """Whether a refused worker may leave (another one is left): it counts as gone if so."""
+        with self._readable:
+            if self._workers <= 1 or self._stopping:
+                return False
+            self._workers -= 1
+            return True
+
+    def _hand_back(self, k: int) -> None:
+        with self._readable:
+            self._returned.append(k)
+            self._claimable.notify()
+
+    def _enter(self, chunk: _Chunk) -> None:
+        """A chunk is about to make a request: it can be cut from now on."""
+        with self._readable:
+            if self._stopping:
+                raise _Stopped
+            self._live.add(chunk)
+
+    def _notice(self, attempt: int, error: str, offset: int) -> None:
+        with self._readable:
+            self._notices.append((attempt, error, offset))
+            self._readable.notify()
+
+    def _halt(self) -> None:
+        """Stop every worker: no new requests, waits end, live connections are shut down."""
+        with self._readable:
+            self._stopping = True
+            live = list(self._live)
+            self._readable.notify_all()
+            self._claimable.notify_all()
+        self._stop.set()
+        for chunk in live:
+            chunk.abort()
+
+    # -- the reader -------------------------------------------------------------------------------
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = cast("bytearray | memoryview", buffer)  # what io hands readinto
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if size == 0:
+            return b""
+        if self._notices or self._error is not None:
+            self._report()
+        if self._head == 0:  # chunk 0: straight from the first answer, on this thread
+            _, end = self._span(0)
+            if self.position <= end:
+                head = self._first.read(min(size, end + 1 - self.position))
+                if not head:  # HttpSource raises on an early end; this is a guard, not a path
+                    raise self._first._fail(f"the first answer ended at byte {self.position}")
+                self.position += len(head)
+                return head
+            self._first.cut()  # the rest of it comes over the ranged connections
+            with self._readable:
+                self._head = 1
+                self._claimable.notify_all()
+        while True:
+            with self._readable:
+                span = None
+                while not self._notices and self._error is None:
+                    span = self._take(size)
+                    if span is not None:
+                        break
+                    self._readable.wait(0.5)
+            if span is None:
+                self._report()
+                continue
+            slot, count = span
+            if slot is None:
+                return b""
+            # Outside the lock: the worker writes only past what arrived, and the place is not
+            # reused before the reader is done with this chunk.
+            data = bytes(self._view[slot.base + slot.taken:slot.base + slot.taken + count])
+            with self._readable:
+                slot.taken += count
+                self.buffered -= count
+            self.position += count
+            return data
+
+    def _report(self) -> None:
+        """Hand the workers' retries to ``on_retry``, then raise their error if one failed."""
+        with self._readable:
+            notices, self._notices = self._notices, []
+            error = self._error
+        for notice in notices:
+            if self._on_retry is not None:
+                self._on_retry(*notice)
+        if error is not None:
+            raise error
+
+    def _take(self, size: int) -> tuple[_Slot | None, int] | None:
+        """(The lock held.) ``(slot, count)``: the next ``count`` bytes of the reader's chunk are
+        in ``slot``; ``(None, 0)`` at the end; ``None`` if they have not arrived yet."""
+        while self._head < self._count:
+            slot = self._slots.get(self._head)
+            if slot is None:
+                return None
+            if slot.received > slot.taken:
+                return slot, min(size, PIECE, slot.received - slot.taken)
+            if not slot.done:
+                return None
+            del self._slots[self._head]
+            self._head += 1
+            self._claimable.notify_all()
+        return None, 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._halt()
+            self._first.cut()
+            until = time.monotonic() + 5.0  # their connections are shut down: they leave at once
+            for thread in self._threads:
+                thread.join(max(0.0, until - time.monotonic()))
+            if not any(thread.is_alive() for thread in self._threads):
+                with contextlib.suppress(BufferError):  # the ring's memory goes now, not at collection
+                    self._view.release()
+                    self._ring.close()
+        super().close()
+
+
+class _Chunk(HttpSource):
+    """One chunk's ranged GET: resumed within its range and retried as one stream is, and
+    accepted only if it is exactly the bytes asked for, of the same version of the object."""
+
+    def __init__(self, owner: ParallelSource, start: int, end: int, *, timeout: float, retries: int,
+                 deadline: Deadline | None):
+        self._owner = owner
+        self._start, self._end = start, end
+        self._framed = True  # the latest answer has a Content-Length
+        self._refusals = 0  # 429s and 503s in a row
+        try:
+            super().__init__(owner._url, timeout=timeout, retries=retries, deadline=deadline,
+                             on_retry=lambda attempt, error, offset: owner._notice(
+                                 attempt, f"{error} (bytes {start}-{end})", start + offset))
+        except BaseException:
+            with owner._readable:
+                owner._live.discard(self)
+            raise
+
+    def _where(self) -> str:
+        return (f"GET {self.url} bytes {self._start}-{self._end}, {self._attempts} "
+                f"attempt{'s' if self._attempts != 1 else ''}")
+
+    def _sleep(self, seconds: float) -> None:
+        if self._owner._stop.wait(seconds):
+            raise _Stopped
+
+    def _range_error(self, message: str, response: urllib3.BaseHTTPResponse | None = None) -> RangeAnswerError:
+        if response is not None:
+            _discard_response(response)
+        return RangeAnswerError(f"the server's answer to a range request does not match it: {message} "
+                                f"({self._where()})", url=self.url, attempts=self._attempts,
+                                hint="the server answers range requests wrongly; set HUBCACHE_CONNECTIONS=1 "
+                                     "to download it as one stream")
+
+    def _request(self, offset: int) -> urllib3.BaseHTTPResponse:
+        import urllib3
+
+        owner = self._owner
+        # The object's facts are the first answer's: every chunk and resume must match them.
+        self._etag, self._modified, self._validator = owner.etag, owner.modified, owner.validator
+        self.total = self._limit = self._end - self._start + 1
+        owner._enter(self)
+        first = self._start + offset
+        while True:
+            direct = owner.direct
+            self._target = direct or owner._origin_target
+            headers = dict(self._headers)
+            if direct and origin_of(direct) != origin_of(owner._origin_target):
+                headers.pop("Authorization", None)  # as a redirect to another host drops it
+            headers["Range"] = f"bytes={first}-{self._end}"
+            headers["If-Range"] = owner.validator
+            self._check_deadline()
+            self._attempts += 1
+            try:
+                response, url, hops = self._get(headers)
+            except urllib3.exceptions.LocationValueError as error:
+                raise self._fail(f"not a valid URL: {error}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                self._check_deadline()
+                reason = getattr(error, "reason", None) or error
+                self._wait_before_retry(f"cannot connect: {reason}", offset)
+                continue
+            status = response.status
+            if status in RETRY_STATUS:
+                _discard_response(response)
+                refused = f"HTTP {status} {response.reason or ''}".rstrip()
+                if status in (429, 503):
+                    self._refusals += 1
+                    if (self._refusals >= 2 or self._attempts > self._retries) and owner._may_retire():
+                        owner._notice(self._attempts, f"{refused} (bytes {self._start}-{self._end}): "
+                                      "going on with one connection fewer", first)
+                        raise _Retire
+                self._wait_before_retry(refused, offset, status)
+                continue
+            self._refusals = 0
+            if direct and status in (401, 403, 404, 410):
+                # The redirect target stopped answering (a signed URL expired): the original URL.
+                _discard_response(response)
+                owner.direct = None
+                continue
+            if status == 416:
+                raise self._changed("the file changed on the server during the download (HTTP 416 to the "
+                                    f"range {first}-{self._end})", response)
+            if status not in (200, 206):
+                _discard_response(response)
+                raise self._fail(f"HTTP {status} {response.reason or ''}".rstrip(), status)
+            with self._guard:
+                if self._expired:
+                    _discard_response(response)
+                    raise self._deadline_error()
+                self._live = response
+            self._check_chunk(response, first)
+            return response
+
+    def _check_chunk(self, response: urllib3.BaseHTTPResponse, first: int) -> None:
+        """Accept the answer only if it is exactly bytes ``first``..end of the same version."""
+        headers = response.headers
+        etag, modified = headers.get("ETag"), headers.get("Last-Modified")
+        same = etag == self._etag if self._etag is not None else modified == self._modified
+        if response.status == 200:
+            if same:  # the origin ignored the range (If-Range matched: the same version)
+                raise self._range_error(f"HTTP 200 (the whole file) to the range {first}-{self._end}", response)
+            raise self._changed(f"the file changed on the server during the download (the range "
+                                f"{first}-{self._end} was answered with the whole file, "
+                                f"{'ETag ' + str(etag) if self._etag else 'Last-Modified ' + str(modified)})",
+                                response)
+        if not same:
+            if self._etag is not None:
+                raise self._changed(f"the file changed on the server during the download (ETag {self._etag} "
+                                    f"became {etag or 'none'})", response)
+            raise self._changed(f"the file changed on the server during the download (Last-Modified "
+                                f"{self._modified} became {modified or 'none'})", response)
+        announced = headers.get("Content-Range")
+        expected = (first, self._end, self._owner.total)
+        if _content_range(announced) != expected:
+            raise self._range_error(f"its Content-Range is {announced!r}, not 'bytes {first}-{self._end}/"
+                                    f"{self._owner.total}'", response)
+        length = _length(response)
+        self._framed = length is not None
+        if length is not None and length != self._end - first + 1:
+            raise self._range_error(f"its Content-Length {length} does not match the range {first}-{self._end}",
+                                    response)
+        if length is None and headers.get("Content-Length"):
+            raise self._range_error(f"its Content-Length is {headers.get('Content-Length')!r}", response)
+
+    def finish(self) -> None:
+        """After the range's last byte: a body without a Content-Length must end there."""
+        import urllib3
+
+        if self._framed:
+            return
+        try:
+            extra = self._response.read(1)
+        except (urllib3.exceptions.HTTPError, OSError):
+            return  # every byte of the range arrived; how the connection ends does not matter
+        if extra:
+            raise self._range_error(f"the server sent more bytes than the range {self._start}-{self._end}")
+
+    def abort(self) -> None:
+        """Shut the connection down from another thread: a blocked read or request returns."""
+        from .fetch import _shutdown
+
+        with self._guard:
+            response, pending = self._live, self._pending
+        if response is not None:
+            _shutdown(getattr(response, "connection", None))
+        _shutdown(pending)
