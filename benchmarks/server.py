@@ -72,24 +72,27 @@ def _handler(origin: FileServer) -> type[BaseHTTPRequestHandler]:
                 return
             size = os.path.getsize(file)
             etag = f'"{size}-{int(os.path.getmtime(file))}"'
-            start, status = 0, 200
+            start, stop, status = 0, size, 200  # the bytes sent: start..stop-1
             wanted = self.headers.get("Range", "")
             if wanted.startswith("bytes=") and self.headers.get("If-Range", etag) == etag:
-                start, status = int(wanted[6:].split("-", 1)[0]), 206
+                first, _, last = wanted[6:].partition("-")
+                start, status = int(first), 206
+                if last.strip():  # bytes=A-B: parallel downloaders ask for chunks
+                    stop = min(size, int(last) + 1)
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size - start))
+            self.send_header("Content-Length", str(stop - start))
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", etag)
             if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
             self.end_headers()
             self.wfile.flush()
             try:
                 with open(file, "rb") as f:
                     offset = start
-                    while offset < size:
-                        sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, size - offset)
+                    while offset < stop:
+                        sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, stop - offset)
                         if sent == 0:
                             break
                         offset += sent
