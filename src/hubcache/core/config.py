@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .setting import Setting
 
 ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
 ENV_LOAD_FORMAT = "TFHUB_MODEL_LOAD_FORMAT"
@@ -27,7 +28,7 @@ ENV_DOWNLOAD_DEADLINE = "HUBCACHE_DOWNLOAD_DEADLINE"
 DEFAULT_DOWNLOAD_DEADLINE = 6 * 3600.0
 ENV_CONNECTIONS = "HUBCACHE_CONNECTIONS"
 ENV_CHUNK_SIZE = "HUBCACHE_CHUNK_SIZE"
-#: Connections one http(s) download uses (``core/parallel.py``). Eight fill a link whose
+#: Connections one http(s) download uses (``download/parallel.py``). Eight fill a link whose
 #: connections are capped at a few tens of MB/s each (CDNs, object stores, long round trips);
 #: each may hold a chunk in memory until the reader gets to it.
 DEFAULT_CONNECTIONS = 8
@@ -43,25 +44,6 @@ LOAD_FORMATS = ("COMPRESSED", "UNCOMPRESSED", "AUTO")
 
 #: hubcache's own numeric settings: env var -> (default, parser name, help).
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One effective setting.
-
-    Attributes:
-        name: the setting's name (``cache_dir``, ``load_format``...).
-        value: its effective value.
-        source: ``env``, ``flag`` or ``default``.
-        origin: the variable or flag it came from (empty for defaults).
-        help: one line saying what it does.
-    """
-
-    name: str
-    value: object
-    source: str
-    origin: str = ""
-    help: str = ""
 
 
 #: The defaults of hubcache's own settings (one place: :func:`load_config` and the typed

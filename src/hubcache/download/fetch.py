@@ -210,7 +210,7 @@ class HttpSource(Source):
         self._modified: str | None = None  # its Last-Modified
         self._validator: str | None = None  # what If-Range carries: the ETag, else the date
         self._limit = sys.maxsize  # bytes beyond this are more than the origin announced
-        #: the first answer was a 200 announcing ``Accept-Ranges: bytes`` (see ``core/parallel.py``)
+        #: the first answer was a 200 announcing ``Accept-Ranges: bytes`` (see ``download/parallel.py``)
         self.ranges = False
         self._resolved = ""  # the URL the first answer came from, its query kept: never shown
         self._deadline = deadline
@@ -292,7 +292,7 @@ class HttpSource(Source):
         self._sleep(delay)
 
     def _sleep(self, seconds: float) -> None:
-        """The wait before a retry (``core/parallel.py`` makes it end early when a download stops)."""
+        """The wait before a retry (``download/parallel.py`` makes it end early when a download stops)."""
         time.sleep(seconds)
 
     def _get(self, headers: dict[str, str]) -> tuple[urllib3.BaseHTTPResponse, str, int]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urlsplit
 
-from ..core.config import Setting
+from ..core.setting import Setting
 from ..core.errors import ConfigError
 from ..core.redact import HIDDEN
 
