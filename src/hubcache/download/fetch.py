@@ -454,10 +454,7 @@ class HttpSource(Source):
     # -- reading ------------------------------------------------------------------------------
 
     def readinto(self, buffer: WriteableBuffer) -> int:
-        view = cast("bytearray | memoryview", buffer)  # what io hands readinto
-        data = self.read(len(view))
-        view[:len(data)] = data
-        return len(data)
+        return readinto_by_read(self, buffer)
 
     def read(self, size: int = -1) -> bytes:
         # urllib3 hands out bytes (its own readinto is read + copy): returning them as they are
@@ -508,6 +505,15 @@ class HttpSource(Source):
             if response is not None:
                 response.release_conn()
         super().close()
+
+
+def readinto_by_read(source: Source, buffer: WriteableBuffer) -> int:
+    """``readinto`` for a source whose ``read`` is the primitive (it hands out the bytes objects
+    it received, without copying them): read, then copy into ``buffer``."""
+    view = cast("bytearray | memoryview", buffer)  # what io hands readinto
+    data = source.read(len(view))
+    view[:len(data)] = data
+    return len(data)
 
 
 def _length(response: urllib3.BaseHTTPResponse) -> int | None:

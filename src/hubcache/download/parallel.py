@@ -47,7 +47,7 @@ import contextlib
 import mmap
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, cast
+from typing import TYPE_CHECKING, Callable
 
 from ..core.config import DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS
 from ..core.errors import SourceChangedError
@@ -59,6 +59,7 @@ from .fetch import (
     _content_range,
     _discard_response,
     _length,
+    readinto_by_read,
 )
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_CONNECTIONS", "MIN_CHUNKS", "ParallelSource", "RangeAnswerError",
@@ -324,10 +325,7 @@ class ParallelSource(Source):
     # -- the reader -------------------------------------------------------------------------------
 
     def readinto(self, buffer: WriteableBuffer) -> int:
-        view = cast("bytearray | memoryview", buffer)  # what io hands readinto
-        data = self.read(len(view))
-        view[:len(data)] = data
-        return len(data)
+        return readinto_by_read(self, buffer)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
