@@ -361,3 +361,14 @@ def test_no_call_site_reads_hubcaches_own_settings_untyped():
                 text = Path(dirpath, name).read_text(encoding="utf-8")
                 found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
     assert found == []
+
+
+def test_config_shows_whether_tensorflow_hub_is_patched_by_the_same_rule_as_the_start_up_hook(monkeypatch):
+    # The hook reads HUBCACHE_PATCH_TFHUB at interpreter start; `hubcache config` must not say
+    # "off" where the hook says "on", or the reverse.
+    import _hubcache_autopatch
+
+    for value in ("", "0", "false", "No", " off ", "1", "true", "yes", "anything"):
+        monkeypatch.setenv("HUBCACHE_PATCH_TFHUB", value)
+        assert load_config().settings["patch_tfhub"].value is _hubcache_autopatch.enabled(value) \
+            or (value.strip() == "" and load_config().settings["patch_tfhub"].value is False), value

@@ -65,6 +65,7 @@ DEFAULTS: dict[str, object] = {
     "pins": None,
     "lease_ttl": 30.0,
     "progress": "auto",
+    "patch_tfhub": False,
 }
 
 
@@ -381,6 +382,11 @@ def load_config() -> Config:
                           "object-store caches (gcs): seconds without a heartbeat before a "
                           "download lease is taken over",
                           lambda t: _parse_float(t, "HUBCACHE_LEASE_TTL"))
+    # Read at interpreter start by the start-up hook (_hubcache_autopatch), with the same rule
+    # as _parse_bool; shown here so `hubcache config` says whether it is in force.
+    s["patch_tfhub"] = _env("HUBCACHE_PATCH_TFHUB", DEFAULTS["patch_tfhub"], "patch_tfhub",
+                            "1: tensorflow_hub resolves through hubcache once imported (read at start-up)",
+                            _parse_bool)
     progress = _env("HUBCACHE_NO_PROGRESS", None, "progress", "", _parse_bool)
     if progress.source == "env" and progress.value:
         s["progress"] = Setting("progress", "never", "env", "HUBCACHE_NO_PROGRESS",
