@@ -370,5 +370,4 @@ def test_config_shows_whether_tensorflow_hub_is_patched_by_the_same_rule_as_the_
 
     for value in ("", "0", "false", "No", " off ", "1", "true", "yes", "anything"):
         monkeypatch.setenv("HUBCACHE_PATCH_TFHUB", value)
-        assert load_config().settings["patch_tfhub"].value is _hubcache_autopatch.enabled(value) \
-            or (value.strip() == "" and load_config().settings["patch_tfhub"].value is False), value
+        assert load_config().settings["patch_tfhub"].value is _hubcache_autopatch.enabled(value), value
