@@ -26,6 +26,7 @@ import pytest
 from hubcache.core import resolver
 from hubcache.stores import usage
 from hubcache.core.handles import cache_key
+from hubcache.core.entry import descriptor_with_manifest
 from hubcache.stores.localstore import WRITER_TAG
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.testing import build_model_dir
@@ -75,17 +76,25 @@ def plant_shared_root(machine_tmp: str, handle: str, source: str, *, mode: int, 
     return shared, planted
 
 
-def plant_entry(root: str, handle: str, source: str, *, sha256: str = "0" * 64, uid: int = NOBODY) -> str:
-    """A committed-looking hubcache entry of ``handle`` holding ``source``'s files, owned by ``uid``."""
+def plant_entry(root: str, handle: str, source: str, *, sha256: str = "0" * 64, uid: int = NOBODY,
+                legacy: bool = False) -> str:
+    """A committed-looking hubcache entry of ``handle`` holding ``source``'s files, owned by ``uid``:
+    its manifest at the end of its descriptor, or (``legacy``) in ``<key>.manifest.json`` as an
+    older hubcache wrote it."""
     os.makedirs(root, exist_ok=True)
     key = cache_key(handle)
     entry = os.path.join(root, key)
     shutil.copytree(source, entry)
-    with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
-        f.write(manifest_of(entry, handle, sha256).to_json())
-    with open(os.path.join(root, f"{key}.descriptor.txt"), "w") as f:
-        f.write(f"Module: {handle}\nDownload Time: now\nDownloader Hostname: evil (PID:1)\n{WRITER_TAG}\n")
-    for name in (key, f"{key}.manifest.json", f"{key}.descriptor.txt"):
+    head = f"Module: {handle}\nDownload Time: now\nDownloader Hostname: evil (PID:1)\n{WRITER_TAG}\n"
+    manifest = manifest_of(entry, handle, sha256).to_json()
+    names = [key, f"{key}.descriptor.txt"]
+    with open(os.path.join(root, f"{key}.descriptor.txt"), "wb") as f:
+        f.write(head.encode() if legacy else descriptor_with_manifest(head, manifest))
+    if legacy:
+        with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
+            f.write(manifest)
+        names.append(f"{key}.manifest.json")
+    for name in names:
         chown_tree(os.path.join(root, name), uid)
     return entry
 

@@ -14,11 +14,11 @@ import pytest
 import hubcache
 from hubcache import DownloadError, HandleError
 from hubcache.testing import archive_of, tree_of
+from local_layout import committed_names
 
 
 def committed(root: str) -> list[str]:
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return [n for n in names if n.endswith(".manifest.json") or os.path.isdir(os.path.join(root, n))]
+    return committed_names(root)
 
 
 # -- redirects to something that is not http(s) ------------------------------------------------------

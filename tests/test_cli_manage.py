@@ -24,6 +24,7 @@ from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.plugins.registry import get_registry
 from hubcache.testing import archive_of, build_model_dir, tree_of
+from local_layout import manifest_data, write_manifest_json
 
 COMMANDS = ("ls", "info", "rm", "prune", "prefetch")
 
@@ -181,7 +182,7 @@ def test_prune_dry_run_then_for_real(urls, capsys):
     sizes = {e.handle: e.size for e in store().entries()}
     for url, days in zip(urls, (45, 2, 1)):  # least recently used first: urls[0], then urls[1]
         when = time.time() - days * 86400
-        os.utime(store().use_path(cache_key(url)), (when, when))
+        os.utime(store().entry_path(cache_key(url)), (when, when))  # the last use on record
     listing = sorted(os.listdir(store().root))
     [report] = run_json(capsys, "prune", "--dry-run", "--older-than", "30d", "--max-size", str(sizes[urls[2]]))
     assert sorted(os.listdir(store().root)) == listing
@@ -204,7 +205,7 @@ def test_prune_without_options_applies_the_configured_budget(urls, capsys, monke
     entries = sorted(store().entries(), key=lambda e: e.key)
     for age, entry in enumerate(entries):
         stamp = time.time() - 3600 * (age + 1)
-        os.utime(store().use_path(entry.key), (stamp, stamp))
+        os.utime(store().entry_path(entry.key), (stamp, stamp))
     newest = max(store().entries(), key=lambda e: e.last_used)
     assert newest.key == entries[0].key
     monkeypatch.setenv("HUBCACHE_MAX_SIZE", str(newest.size))
@@ -313,13 +314,10 @@ def test_manifests_with_nonsense_fields_break_no_command(urls, capsys):
               {"created": -1e20, "archive": {"bytes": -5, "sha256": 7}}]
     for url, fields in zip(urls, forged):
         key = cache_key(url)
-        path = os.path.join(store().root, f"{key}.manifest.json")
-        with open(path) as f:
-            data = json.load(f)
+        data = manifest_data(store().root, key)
         data.update(fields)
-        with open(path, "w") as f:
-            json.dump(data, f)  # NaN is written as NaN, which json.loads reads back
-        os.unlink(store().use_path(key))  # no recorded use: the manifest's time is all there is
+        write_manifest_json(store().root, key, json.dumps(data))  # NaN is written as NaN, which json.loads reads back
+        os.utime(store().entry_path(key), (0, 0))  # no recorded use: the manifest's time is all there is
     env = dict(os.environ)
     for argv in (["ls"], ["ls", "--json"], ["verify"], ["prune", "--dry-run"],
                  ["prune", "--older-than", "1d", "--dry-run"], ["prune", "--max-size", "1", "--dry-run"],

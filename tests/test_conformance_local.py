@@ -10,6 +10,8 @@ from hubcache.testing import CacheBackendConformance
 
 
 class TestTmpConformance(CacheBackendConformance):
+    TFHUB_LAYOUT = True
+
     @pytest.fixture
     def backend(self, conformance_config, tmp_path):
         backend = TmpBackend(conformance_config)
@@ -18,6 +20,8 @@ class TestTmpConformance(CacheBackendConformance):
 
 
 class TestHomeConformance(CacheBackendConformance):
+    TFHUB_LAYOUT = True
+
     @pytest.fixture
     def backend(self, conformance_config, tmp_path):
         backend = HomeBackend(conformance_config)

@@ -24,6 +24,7 @@ from hubcache.stores import treewalk
 from hubcache.core.handles import cache_key
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.testing import SETTINGS, archive_of, tree_of
+from local_layout import write_manifest_json
 
 DEPTH = 3000
 
@@ -246,8 +247,7 @@ def _plant(root: str, handle: str, state: str, outside: str) -> str:
                                 + [FileRecord("saved_model.pb", 2, crc_hex(zlib.crc32(b"pb")))],
                                 key=lambda r: r.path)
         manifest.dirs = ["/".join(["d"] * i) for i in range(1, depth + 1)]
-        with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
-            f.write(manifest.to_json())
+        write_manifest_json(root, key, manifest.to_json())
     if state == "damaged":
         fd = treewalk.open_beneath(path, files[-1], os.O_WRONLY)
         os.write(fd, b"X")
@@ -353,15 +353,17 @@ def test_repair_prune_and_rm_deep_entries(tmp_path, origin, model):
     assert code == 0, out + err
     assert not os.path.lexists(paths["committed"]) and not os.path.lexists(paths["foreign"])
     left = [n for n in os.listdir(root) if n.startswith((cache_key(HANDLES["committed"]), cache_key(HANDLES["foreign"])))]
-    assert not [n for n in left if not n.endswith((".hubcache.lock", ".hubcache.use"))], left
+    assert left == [], left
     assert not [n for n in os.listdir(root) if ".hc" in n], "no temp or trash dir left"
     with open(outside) as f:
         assert f.read() == "not the cache's"
 
 
-def test_a_manifest_nested_200000_levels_deep_breaks_no_command(tmp_path):
+@pytest.mark.parametrize("where", ["descriptor", "older manifest file"])
+def test_a_manifest_nested_200000_levels_deep_breaks_no_command(tmp_path, where):
     """JSON nesting is a tree too: ``json.loads`` recurses and raises ``RecursionError`` (not a
-    ``ValueError``) on ``[[[[…`` 200000 deep, a 400 KB file anyone who can write the cache can plant."""
+    ``ValueError``) on ``[[[[…`` 200000 deep, a 400 KB file anyone who can write the cache can plant
+    (as the descriptor's manifest, or as the ``.manifest.json`` an older hubcache kept)."""
     env = _env(str(tmp_path))
     root = json.loads(cli(env, "config", "--json")[1])["backend_details"]["root"]
     os.makedirs(root)
@@ -372,8 +374,12 @@ def test_a_manifest_nested_200000_levels_deep_breaks_no_command(tmp_path):
         f.write(b"pb")
     with open(os.path.join(root, f"{key}.descriptor.txt"), "w") as f:
         f.write(f"Module: {handle}\nWriter: hubcache 0.0\n")
-    with open(os.path.join(root, f"{key}.manifest.json"), "w") as f:
-        f.write('{"format": 1, "handle": "h", "files": [], "archive": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    nested = '{"format": 1, "handle": "h", "files": [], "archive": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    if where == "descriptor":
+        write_manifest_json(root, key, nested)
+    else:
+        with open(os.path.join(root, f"{key}.manifest.json"), "w") as f:
+            f.write(nested)
     for argv in (["ls"], ["verify"], ["info", handle], ["prune", "--dry-run"], ["rm", handle]):
         code, out, err, _ = cli(env, *argv)
         assert code in (0, 1), (argv, err)

@@ -36,10 +36,12 @@ def test_side_names():
     assert entry.descriptor_name(key) == f"{key}.descriptor.txt"
     root = "/cache"
     local = localstore.LocalStore(root)
-    assert local.manifest_path(key) == os.path.join(local.root, entry.manifest_name(key))
     assert local.descriptor_path(key) == os.path.join(local.root, entry.descriptor_name(key))
-    assert local.lock_path(key) == os.path.join(local.root, key + entry.HUBCACHE_LOCK_SUFFIX)
-    assert local.use_path(key) == os.path.join(local.root, key + entry.USE_SUFFIX)
+    # tensorflow_hub's own lock name (resolver._lock_filename), there only while a download runs.
+    assert local.lock_path(key) == os.path.join(local.root, key + ".lock")
+    # An older hubcache's manifest file, still read.
+    assert local.legacy_manifest_path(key) == os.path.join(local.root, entry.manifest_name(key))
+    assert not hasattr(local, "use_path") and not hasattr(local, "manifest_path")
 
 
 def test_descriptor_round_trip():

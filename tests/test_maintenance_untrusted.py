@@ -21,6 +21,7 @@ from gcs_emulator import fresh_root, gcs  # first: it sets up gcsfs for the emul
 from hubcache.core.handles import cache_key
 from hubcache.core.manifest import Manifest
 from hubcache.testing import archive_of, build_model_dir
+from local_layout import committed_names, manifest_data, write_manifest_json
 
 #: A terminal title change (OSC), a bell, a CR+LF that forges a line, a CSI (C1) and a bidi override.
 EVIL = "https://evil.example/m\x1b]0;pwned\x07\r\nok   FORGED LINE\x9b2J\u202e\x7f"
@@ -49,24 +50,21 @@ def resolved(handle: str) -> str:
 
 
 def plant_manifest(root: str, key: str, manifest: Manifest) -> None:
-    """Write a manifest as a writer of the cache could (owned by this trusted user)."""
+    """Write a manifest as a writer of the cache could (owned by this trusted user): at the end of
+    the entry's descriptor."""
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f"{key}.manifest.json"), "wb") as f:
-        f.write(manifest.to_json())
+    write_manifest_json(root, key, manifest.to_json())
 
 
 def rewrite_manifest(root: str, key: str, **changes: object) -> None:
-    path = os.path.join(root, f"{key}.manifest.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = manifest_data(root, key)
     data.update(changes)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
+    write_manifest_json(root, key, json.dumps(data))
 
 
 def entries_on_disk(root: str) -> list[str]:
-    """Entry folders and manifests under ``root`` (lock and use files are no entry)."""
-    return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) or n.endswith(".manifest.json"))
+    """Entry folders and descriptors holding a manifest under ``root``."""
+    return committed_names(root)
 
 
 def damaged_manifest(handle: str) -> Manifest:

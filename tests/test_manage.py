@@ -80,8 +80,9 @@ def fetch(url: str, store) -> str:
 
 
 def set_last_use(store, url: str, seconds_ago: float) -> None:
+    """The last use on record: the entry directory's mtime (hubcache.stores.usage)."""
     when = time.time() - seconds_ago
-    os.utime(store().use_path(cache_key(url)), (when, when))
+    os.utime(store().entry_path(cache_key(url)), (when, when))
 
 
 def committed(store) -> set[str]:
@@ -117,8 +118,8 @@ def with_budget(monkeypatch, max_size: int) -> None:
 def test_hot_loop_of_hits_writes_last_use_at_most_once(home, models):
     url = models["a"]
     hubcache.resolve(url)
-    use = home().use_path(cache_key(url))
-    past = time.time() - 3600
+    use = home().entry_path(cache_key(url))  # its mtime is the last use
+    past = time.time() - 2 * 86400
     os.utime(use, (past, past))
     started = time.perf_counter()
     for _ in range(20_000):
@@ -127,22 +128,28 @@ def test_hot_loop_of_hits_writes_last_use_at_most_once(home, models):
     assert os.stat(use).st_mtime == past, "a memoised hit must not write"
     assert per_hit < 200e-6, f"a hit took {per_hit * 1e6:.1f} µs"
     print(f"memoised hit with last-use bookkeeping: {per_hit * 1e6:.2f} µs")
-    # Once the refresh interval has passed, the next hit records the use again.
-    usage._touched[use] -= usage.REFRESH_SECONDS + 1
+    # Once the refresh interval has passed, the next hit looks again: a day old, it records the use.
+    usage._looked[use] -= usage.REFRESH_SECONDS + 1
     hubcache.resolve(url)
-    assert os.stat(use).st_mtime > past + 3000
+    assert os.stat(use).st_mtime > past + 86400
+    # A use within the day is not recorded again, however often the process looks.
+    recent = os.stat(use).st_mtime - 3600
+    os.utime(use, (recent, recent))
+    usage._looked[use] -= usage.REFRESH_SECONDS + 1
+    hubcache.resolve(url)
+    assert os.stat(use).st_mtime == recent
 
 
 def test_a_new_process_hitting_the_entry_records_its_use(home, models):
     url = models["a"]
     fetch(url, home)
-    set_last_use(home, url, 3600)
+    set_last_use(home, url, 2 * 86400)  # a use is recorded when the one on record is a day old
     before = home().entry(cache_key(url)).last_used
     out = subprocess.run([sys.executable, "-c", "import sys, hubcache; print(hubcache.resolve(sys.argv[1]))", url],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == home().entry_path(cache_key(url))
     after = home().entry(cache_key(url)).last_used
-    assert after > before + 3000 and abs(after - time.time()) < 60
+    assert after > before + 86400 and abs(after - time.time()) < 60
 
 
 def test_listing_reports_handle_size_and_use(home, models):
@@ -230,7 +237,7 @@ def test_rm_keeps_an_entry_this_process_uses_until_released(home, models, origin
     home().release(cache_key(url))
     [result] = remove([url], backends)
     assert result["outcome"] == "removed" and not os.path.exists(path)
-    assert not os.path.exists(home().use_path(cache_key(url))), "the use record goes with the entry"
+    assert not [n for n in os.listdir(home().root) if n.startswith(cache_key(url))], "nothing of it is left"
     assert hubcache.resolve(url) == path and origin.count("/a.tar.gz") == 2
 
 

@@ -25,6 +25,7 @@ from gcs_emulator import fresh_root, gcs
 from hubcache.core import cache
 from hubcache.core.cache import MAX_RESTARTS
 from hubcache.core.errors import SourceChangedError
+from hubcache.core.entry import descriptor_manifest
 from hubcache.core.handles import cache_key
 from hubcache.testing import (SUFFIX, ReplaceMidRead, archive_of, replacing_mid_read, same_layout_models,
                               tree_of)
@@ -52,8 +53,11 @@ def replacer() -> Iterator:
 
 
 def manifest_of(path: str) -> dict:
-    with open(path + ".manifest.json") as f:
-        return json.load(f)
+    """A local entry's manifest: the end of its descriptor (``hubcache.core.entry``)."""
+    with open(path + ".descriptor.txt", "rb") as f:
+        found = descriptor_manifest(f.read())
+    assert found is not None, "no manifest in the descriptor"
+    return json.loads(found)
 
 
 @pytest.mark.parametrize("fmt", ["gz", "tar"])
@@ -91,7 +95,7 @@ def test_object_that_keeps_changing_fails_with_source_changed_and_caches_nothing
     assert url in message and f"{MAX_RESTARTS + 1} downloads" in message
     assert info.value.hint
     entry = os.path.join(tempfile.gettempdir(), "tfhub_modules", cache_key(url))
-    assert not os.path.exists(entry) and not os.path.exists(entry + ".manifest.json")
+    assert not os.path.exists(entry) and not os.path.exists(entry + ".descriptor.txt")
 
 
 def _lines_for(key: str, since: int) -> list[bytes]:

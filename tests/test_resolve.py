@@ -19,6 +19,7 @@ from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.stores.localstore import LocalStore
 from hubcache.testing import FORMATS, SUFFIX, archive_of, hostile_archives, tree_of
+from local_layout import manifest_data
 
 
 def cache_root() -> str:
@@ -31,18 +32,16 @@ def states() -> dict[str, str]:
 
 
 def leftovers() -> list[str]:
-    """Entry data in the cache root: directories (entries, temp dirs), manifests, descriptors and
-    partial files. Lock and usage bookkeeping files do not count."""
+    """Everything in the cache root: directories (entries, temp dirs), descriptors, partial files
+    and download locks (a local store keeps no other file, and a lock only while it downloads)."""
     root = cache_root()
     if not os.path.isdir(root):
         return []
-    return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))
-                  or n.endswith((".manifest.json", ".descriptor.txt", ".part")))
+    return sorted(os.listdir(root))
 
 
 def manifest_of(handle: str) -> dict:
-    with open(os.path.join(cache_root(), cache_key(handle) + ".manifest.json")) as f:
-        return json.load(f)
+    return manifest_data(cache_root(), cache_key(handle))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

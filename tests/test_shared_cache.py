@@ -25,6 +25,7 @@ from hubcache.core.errors import CacheError, UnsafeArchiveError
 from hubcache.core.handles import cache_key
 from hubcache.stores.localstore import LocalStore
 from hubcache.testing import archive_of, tree_of
+from local_layout import write_manifest_json
 from second_user import (NOBODY, cache, cli, evil, hold_flock, machine_tmp, manifest_of, needs_root,  # noqa: F401
                          plant_entry, plant_shared_root, resolve_code, run_python, snapshot, stop, write_like_tensorflow_hub)
 
@@ -170,7 +171,7 @@ def test_a_planted_lock_link_in_a_root_we_do_not_own_is_refused_at_once(tmp_path
     url = origin.add("/m.tar.gz", archive_of(model))
     target = tmp_path / "precious"
     target.write_text("precious")
-    lock = os.path.join(root, cache_key(url) + ".hubcache.lock")
+    lock = os.path.join(root, cache_key(url) + ".lock")
     os.symlink(target, lock)
     os.lchown(lock, NOBODY, NOBODY)
     monkeypatch.setenv("TFHUB_CACHE_DIR", root)
@@ -184,12 +185,11 @@ def test_a_planted_lock_link_in_a_root_we_do_not_own_is_refused_at_once(tmp_path
     assert target.read_text() == "precious" and origin.count() == 0
 
 
-def test_a_use_file_locked_by_another_users_process_does_not_stall_a_resolve(cache, origin, model):
+def test_an_entry_locked_by_another_users_process_does_not_stall_a_resolve(cache, origin, model):
     url = origin.add("/m.tar.gz", archive_of(model))
     path = hubcache.resolve(url)
-    use = os.path.join(cache, cache_key(url) + ".hubcache.use")
-    usage.release(use)
-    holder = hold_flock(use)  # 0644, as it must be: readers of a shared cache lock it too
+    usage.release(path)
+    holder = hold_flock(path)  # readers of a shared cache lock its entry directories too
     try:
         began = time.monotonic()
         out = run_python(resolve_code(), {"TFHUB_CACHE_DIR": cache}, url)
@@ -263,15 +263,13 @@ def test_verify_full_reports_links_that_leave_the_entry(cache, origin, model, tm
     os.symlink("../..", os.path.join(path, "assets", "l2"))
     os.symlink(str(tmp_path), os.path.join(path, "assets", "moved"))
     manifest.symlinks = {"l1": "assets/l2/..", "assets/l2": "../..", "assets/moved": "vocab.txt"}
-    with open(os.path.join(cache, f"{key}.manifest.json"), "wb") as f:
-        f.write(manifest.to_json())
+    write_manifest_json(cache, key, manifest.to_json())
     out = cli({"TFHUB_CACHE_DIR": cache}, "verify", "--full", url)
     assert out.returncode == 1 and "manifest is unsafe" in out.stdout, out.stdout + out.stderr
     manifest.symlinks = {"assets/moved": "vocab.txt"}
     os.unlink(os.path.join(path, "l1"))
     os.unlink(os.path.join(path, "assets", "l2"))
-    with open(os.path.join(cache, f"{key}.manifest.json"), "wb") as f:
-        f.write(manifest.to_json())
+    write_manifest_json(cache, key, manifest.to_json())
     assert store.verify(key, full=True) == [f"symlink assets/moved points to {str(tmp_path)!r}, not 'vocab.txt' as recorded"]
 
 
@@ -293,7 +291,7 @@ def test_a_verified_download_replaces_an_unverified_entry_unless_it_is_in_use(ca
                 writer.add_file(record.path, [f.read()])
         return writer.commit(verified)
 
-    user = hold_flock(store.use_path(key), None, "-s")  # another process uses it
+    user = hold_flock(entry, None, "-s")  # another process uses it
     try:
         with pytest.raises(CacheError, match="in use"):
             commit()

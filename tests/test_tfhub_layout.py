@@ -24,9 +24,11 @@ import pytest
 
 import hubcache
 from hubcache.core import resolver
+from hubcache.core import entry as entry_layout
 from hubcache.core.handles import cache_key
 from hubcache.stores.localstore import LocalStore
 from hubcache.testing import archive_of, build_model_dir, tree_of
+from local_layout import manifest_data
 
 
 def cache_root() -> str:
@@ -65,14 +67,15 @@ def test_a_complete_tensorflow_hub_entry_is_adopted_without_a_request(origin, mo
     assert hubcache.resolve(handle) == entry
     assert origin.count() == 0
     assert tree_of(entry) == tree_of(model)
-    # Adopted: it now has a manifest and is listed as committed; tensorflow_hub's files are intact.
+    # Adopted: its descriptor now ends with a manifest (tensorflow_hub's lines kept, hubcache's
+    # added), and it is listed as committed; tensorflow_hub's other files are intact.
     states = {e.key: e.state for e in LocalStore(cache_root()).entries()}
     assert states[cache_key(handle)] == "committed"
-    with open(os.path.join(cache_root(), cache_key(handle) + ".manifest.json")) as f:
-        manifest = json.load(f)
+    manifest = manifest_data(cache_root(), cache_key(handle))
     assert manifest["creator"] == "adopted from tensorflow_hub"
     assert sorted(p for p, _, _ in manifest["files"]) == sorted(tree_of(model))
-    assert open(entry + ".descriptor.txt").read() == descriptor
+    with open(entry + ".descriptor.txt", "rb") as f:
+        assert entry_layout.descriptor_head(f.read()) == f"{descriptor}\n{entry_layout.WRITER_TAG}\n"
     assert os.path.exists(entry + ".lock") and os.path.isdir(f"{entry}.0123456789abcdef.tmp")
     # Later resolves (a new process has no memo) are hits too.
     resolver.clear_memo()

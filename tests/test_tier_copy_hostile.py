@@ -25,9 +25,8 @@ from hubcache.core.handles import cache_key
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.core.tiers import SourceUnusable, TieredBackend
 from hubcache.testing import archive_of, tree_of
+from local_layout import manifest_json, write_manifest_json
 
-#: Files every cache writes beside its entries on a resolve (use marks, locks, owner notes).
-_BOOKKEEPING = (".hubcache.use", ".hubcache.lock", ".hubcache.owner")
 
 
 @pytest.fixture
@@ -58,19 +57,17 @@ def snapshot(base: str, *skip: str) -> dict[str, tuple]:
 
 
 def only_the_entry(root: str, key: str) -> list[str]:
-    """Names in a cache root other than the entry of ``key`` and bookkeeping files."""
-    return [n for n in os.listdir(root) if n not in (key, f"{key}.manifest.json", f"{key}.descriptor.txt")
-            and not n.endswith(_BOOKKEEPING)]
+    """Names in a local cache root other than the entry of ``key`` (a local store keeps nothing
+    else: no lock once the resolve is done, no use or owner files)."""
+    return [n for n in os.listdir(root) if n not in (key, f"{key}.descriptor.txt")]
 
 
 def forge(store, key: str, edit) -> None:
-    """Rewrite the manifest of ``key`` in a local ``store`` with ``edit(manifest)``."""
-    path = os.path.join(store.root, f"{key}.manifest.json")
-    with open(path, "rb") as f:
-        manifest = Manifest.from_json(f.read())
+    """Rewrite the manifest of ``key`` in a local ``store`` (the end of its descriptor) with
+    ``edit(manifest)``."""
+    manifest = Manifest.from_json(manifest_json(store.root, key))
     edit(manifest)
-    with open(path, "wb") as f:
-        f.write(manifest.to_json())
+    write_manifest_json(store.root, key, manifest.to_json())
 
 
 def record(path: str, data: bytes) -> FileRecord:

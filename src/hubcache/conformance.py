@@ -84,6 +84,10 @@ class ConformanceFixtures:
     #: The cache is shared by hosts (an object store): each child process of the concurrency
     #: cases gets a temp dir of its own, as another host would have, and must leave it empty.
     SHARED_ACROSS_HOSTS = False
+    #: The cache root holds exactly what tensorflow_hub's does once resolves finish: ``<key>``
+    #: and ``<key>.descriptor.txt`` per entry, the manifest inside the descriptor (the local
+    #: stores). ``False`` (object stores): the manifest is ``<key>.manifest.json``.
+    TFHUB_LAYOUT = False
 
     @pytest.fixture
     def conformance_config(self) -> Config:
@@ -152,6 +156,41 @@ class ConformanceFixtures:
         ``.manifest.json``, its ``.descriptor.txt``)."""
         fs, entry = self.filesystem(backend, backend.store.entry_path(key))
         return fs, entry.rstrip("/")[: -len(key)] + key + suffix
+
+    def manifest_bytes(self, backend: CacheBackend, key: str) -> bytes:
+        """The committed manifest's JSON as the store keeps it: ``<key>.manifest.json``, or the
+        end of ``<key>.descriptor.txt`` (a local store; see :mod:`hubcache.core.entry`)."""
+        from .core import entry
+
+        fs, manifest = self.beside(backend, key, entry.MANIFEST_SUFFIX)
+        if fs.exists(manifest):
+            return bytes(fs.cat_file(manifest))
+        found = entry.descriptor_manifest(fs.cat_file(self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)[1]))
+        assert found is not None, f"no manifest for {key}"
+        return found
+
+    def write_manifest(self, backend: CacheBackend, key: str, data: bytes) -> None:
+        """Replace the manifest's JSON where the store keeps it (:meth:`manifest_bytes`)."""
+        from .core import entry
+
+        fs, manifest = self.beside(backend, key, entry.MANIFEST_SUFFIX)
+        if fs.exists(manifest):
+            fs.pipe_file(manifest, data)
+            return
+        descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)[1]
+        head = entry.descriptor_head(fs.cat_file(descriptor))
+        fs.pipe_file(descriptor, entry.descriptor_with_manifest(head, data))
+
+    def drop_manifest(self, backend: CacheBackend, key: str) -> None:
+        """Take the manifest away (the entry is then not committed), leaving everything else."""
+        from .core import entry
+
+        fs, manifest = self.beside(backend, key, entry.MANIFEST_SUFFIX)
+        if fs.exists(manifest):
+            fs.rm(manifest)
+            return
+        descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)[1]
+        fs.pipe_file(descriptor, entry.descriptor_head(fs.cat_file(descriptor)).encode())
 
     def read(self, backend: CacheBackend, path: str) -> dict[str, bytes]:
         """Every file of an entry, read through the backend's filesystem."""
@@ -257,6 +296,8 @@ class ResolveCases(ConformanceFixtures):
         assert origin.count() == 1, "a hit must not contact the origin"
 
     def test_layout_matches_tensorflow_hub(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
+        import json
+
         from .core.handles import cache_key
 
         url = origin.add("/layout.tar.gz", archive_of(model))
@@ -266,8 +307,12 @@ class ResolveCases(ConformanceFixtures):
         fs, root = self.filesystem(backend, path)
         parent = root.rstrip("/")[: -len(key)]
         assert fs.exists(parent + key + ".descriptor.txt")
-        assert fs.exists(parent + key + ".manifest.json")
         assert b"Module: " + url.encode() in fs.cat_file(parent + key + ".descriptor.txt")
+        assert json.loads(self.manifest_bytes(backend, key))["handle"] == url
+        if self.TFHUB_LAYOUT:
+            # tensorflow_hub's own expectation: exactly two names per model, nothing else.
+            names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(parent.rstrip("/"), detail=False)}
+            assert names == {key, key + ".descriptor.txt"}, names
 
     def test_redirect_and_suffixless_url(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
         origin.add("/blob/abc", archive_of(model, "zst"))
@@ -392,8 +437,7 @@ class CommitCases(ConformanceFixtures):
 
         url = origin.add("/c.tar.gz", archive_of(model))
         path = self.resolve(backend, url)
-        fs, manifest = self.beside(backend, cache_key(url), ".manifest.json")
-        fs.rm(manifest)
+        self.drop_manifest(backend, cache_key(url))
         assert cache_key(url) not in self.committed_keys(self.fresh(backend))
         assert self.resolve(self.fresh(backend), url) == path
         assert origin.count("/c.tar.gz") == 2, "an entry without a manifest must be rebuilt"
@@ -452,11 +496,10 @@ class CommitCases(ConformanceFixtures):
         first, second = store.writer(handle.key, url), store.writer(handle.key, url)
         manifests = [download_into(w, handle, location, backend.config) for w in (first, second)]
         assert first.commit(manifests[0]) == store.entry_path(handle.key)
-        fs, manifest = self.beside(backend, handle.key, ".manifest.json")
-        committed = fs.cat_file(manifest)
+        committed = self.manifest_bytes(backend, handle.key)
         assert second.commit(manifests[1]) == store.entry_path(handle.key)
         second.abort()
-        assert fs.cat_file(manifest) == committed
+        assert self.manifest_bytes(backend, handle.key) == committed
         assert self.read(backend, store.entry_path(handle.key)) == tree_of(model)
         assert self.fresh(backend).store.verify(handle.key, full=True) == []
 
@@ -525,10 +568,9 @@ class UntrustedCases(ConformanceFixtures):
         path = self.resolve(backend, url)
         other_path = self.resolve(backend, other)
         key = cache_key(url)
-        fs, manifest_path = self.beside(backend, key, ".manifest.json")
-        data = json.loads(fs.cat_file(manifest_path))
+        data = json.loads(self.manifest_bytes(backend, key))
         self.POISONS[poison](data)
-        fs.pipe_file(manifest_path, json.dumps(data).encode())
+        self.write_manifest(backend, key, json.dumps(data).encode())
 
         fresh = self.fresh(backend)
         assert fresh.store.lookup(key, url) is None, "an unsafe manifest must not be trusted"
@@ -542,10 +584,10 @@ class UntrustedCases(ConformanceFixtures):
         assert self.resolve(self.fresh(backend), url) == path
         assert origin.count(f"/poisoned-{poison}.tar.gz") == 2, "the damaged entry is downloaded again"
         assert self.read(backend, path) == tree_of(model)
-        replaced = json.loads(fs.cat_file(manifest_path))
+        replaced = json.loads(self.manifest_bytes(backend, key))
         assert replaced != data and key in self.committed_keys(self.fresh(backend))
 
-        fs.pipe_file(manifest_path, json.dumps(data).encode())  # damaged again: rm still removes it
+        self.write_manifest(backend, key, json.dumps(data).encode())  # damaged again: rm still removes it
         assert self.fresh(backend).store.remove(key)
         assert key not in {e.key for e in self.fresh(backend).entries()}
         assert cache_key(other) in self.committed_keys(self.fresh(backend))

@@ -30,11 +30,11 @@ import time
 STOP_POINTS = {
     "lock-held": "lock taken, before leftovers are cleaned up and the download starts",
     "download-done": "every member extracted and the archive hashed, before the commit",
-    "descriptor-part": "descriptor written to its .part file, before os.replace",
-    "descriptor-written": "descriptor in place, temp dir not yet renamed",
-    "renamed": "temp dir renamed to the entry, manifest not yet written",
-    "manifest-part": "manifest written to its .part file, before os.replace",
-    "manifest-written": "manifest in place (committed), before the lock is released",
+    "descriptor-part": "descriptor (no manifest yet) written to its .part file, before os.replace",
+    "descriptor-written": "descriptor (no manifest yet) in place, temp dir not yet renamed",
+    "renamed": "temp dir renamed to the entry, descriptor not yet holding the manifest",
+    "manifest-part": "descriptor with the manifest written to its .part file (fsynced), before os.replace",
+    "manifest-written": "descriptor with the manifest in place (committed), before the lock is released",
 }
 
 
@@ -75,12 +75,18 @@ def install_stop(point: str) -> None:
 
         os.rename = rename
     else:
-        suffix = ".descriptor.txt" if point.startswith("descriptor") else ".manifest.json"
+        # The descriptor is replaced twice: without the manifest before the rename, then with it
+        # (the commit). "descriptor-*" stop at the first, "manifest-*" at the second.
+        which = 1 if point.startswith("descriptor") else 2
         before = point.endswith("-part")
         original_replace = os.replace
+        seen = [0]
 
         def replace(src, dst, *args, **kwargs):
-            hit = str(dst).endswith(suffix)
+            hit = str(dst).endswith(".descriptor.txt")
+            if hit:
+                seen[0] += 1
+                hit = seen[0] == which
             if hit and before:
                 _stop()
             original_replace(src, dst, *args, **kwargs)

@@ -21,6 +21,7 @@ import time
 import pytest
 
 import hubcache
+from hubcache.core import entry as entry_layout
 from hubcache.core.handles import cache_key
 from hubcache.stores.localstore import LocalStore
 from hubcache.testing import OriginServer
@@ -62,17 +63,18 @@ def served():
 
 
 #: What is on disk right after the kill, per kill point: (temp dir, descriptor .part, descriptor,
-#: entry dir, manifest .part, manifest). Proves each kill landed where it says.
+#: entry dir, manifest in the descriptor, the download lock ``<key>.lock``). Proves each kill
+#: landed where it says; the lock file a killed holder leaves blocks nobody (see below).
 EXPECTED_AT = {
-    "request-sent": (True, False, False, False, False, False),
-    "downloading": (True, False, False, False, False, False),
-    "lock-held": (False, False, False, False, False, False),
-    "download-done": (True, False, False, False, False, False),
-    "descriptor-part": (True, True, False, False, False, False),
-    "descriptor-written": (True, False, True, False, False, False),
-    "renamed": (False, False, True, True, False, False),
-    "manifest-part": (False, False, True, True, True, False),
-    "manifest-written": (False, False, True, True, False, True),
+    "request-sent": (True, False, False, False, False, True),
+    "downloading": (True, False, False, False, False, True),
+    "lock-held": (False, False, False, False, False, True),
+    "download-done": (True, False, False, False, False, True),
+    "descriptor-part": (True, True, False, False, False, True),
+    "descriptor-written": (True, False, True, False, False, True),
+    "renamed": (False, False, True, True, False, True),
+    "manifest-part": (False, True, True, True, False, True),
+    "manifest-written": (False, False, True, True, True, True),
 }
 
 
@@ -82,8 +84,13 @@ def disk_facts(root: str, key: str) -> tuple[bool, ...]:
     def has(pattern: str) -> bool:
         return any(fnmatch.fnmatch(n, pattern) for n in names)
 
+    descriptor = os.path.join(root, f"{key}.descriptor.txt")
+    with_manifest = False
+    if os.path.exists(descriptor):
+        with open(descriptor, "rb") as f:
+            with_manifest = entry_layout.descriptor_manifest(f.read()) is not None
     return (has(f"{key}.hc*.tmp"), has(f"{key}.descriptor.txt.*.part"), f"{key}.descriptor.txt" in names,
-            key in names, has(f"{key}.manifest.json.*.part"), f"{key}.manifest.json" in names)
+            key in names, with_manifest, f"{key}.lock" in names)
 
 
 def check_not_partially_committed(root: str, key: str, expected: dict[str, bytes]) -> str:
@@ -161,6 +168,8 @@ def test_sigkill_never_commits_a_partial_entry(point, served, cache_root, figure
     assert tree(resolved) == expected
     assert not log.kinds("waiting"), "the next resolve waited for a lock"
     assert leftovers(cache_root) == [], "the later resolve left the dead writer's temp files"
+    # The dead holder's lock file is gone too (taken over, or dropped by the hit): tensorflow_hub's listing.
+    assert sorted(os.listdir(cache_root)) == [key, f"{key}.descriptor.txt"]
     downloaded = origin.count(path) - requests_before
     assert downloaded == (0 if point == "manifest-written" else 1)
     assert recovery < 10.0

@@ -16,6 +16,8 @@ import hubcache
 from hubcache.core.handles import cache_key
 from hubcache.testing import OriginServer, tree_of
 
+from local_layout import drop_manifest, write_manifest_json
+
 from .helpers import child_results, leftovers, start_child, tree
 
 SCENARIO = "3. Damaged entries"
@@ -39,13 +41,13 @@ def _empty_dir(entry):
 
 
 def _manifest(action):
+    """The manifest (at the end of the descriptor) taken away, or cut short."""
     def damage(entry):
-        manifest = entry + ".manifest.json"
+        root, key = os.path.split(entry)
         if action == "delete":
-            os.unlink(manifest)
+            drop_manifest(root, key)
         else:
-            with open(manifest, "wb") as f:
-                f.write(b'{"format": 1, "handle": "x", "files": [[')
+            write_manifest_json(root, key, b'{"format": 1, "handle": "x", "files": [[')
     return damage
 
 
@@ -131,7 +133,7 @@ def test_verify_reports_and_repairs(model, cache_root, figures):
             f.seek(0)
             f.write(bytes([byte[0] ^ 1]))
         shutil.rmtree(paths["leftover"])  # and a dead writer's temp dir next to nothing
-        os.unlink(paths["leftover"] + ".manifest.json")
+        os.unlink(paths["leftover"] + ".descriptor.txt")
         os.makedirs(paths["leftover"] + ".hc999999-deadbeef.tmp/variables")
 
         quick = hubcache_cli("verify", "--json")

@@ -30,6 +30,7 @@ from hubcache import UnsafeArchiveError
 from hubcache.core.paths import link_target, member_path
 
 from hostile_tar_builders import info, tarfile_archive
+from local_layout import manifest_data
 
 from .helpers import leftovers, snapshot
 from .test_hostile import origin, refuse, sandbox  # noqa: F401 (fixtures: loopback origin, sandbox)
@@ -138,8 +139,7 @@ def test_a_sibling_named_dotdot_something_is_inside(origin, sandbox, figures):
     seconds = time.perf_counter() - began
     with open(os.path.join(path, "a", "l"), "rb") as f:
         assert f.read() == b"f"
-    with open(os.path.join(cache, os.path.basename(path) + ".manifest.json"), encoding="utf-8") as f:
-        assert json.load(f)["symlinks"] == {"a/l": "../..foo", "m": "..foo"}
+    assert manifest_data(cache, os.path.basename(path))["symlinks"] == {"a/l": "../..foo", "m": "..foo"}
     # Nothing new outside the cache dir; every link of the entry resolves inside it.
     inside = os.path.relpath(cache, root)
     outside = [p for p in snapshot(root) if p not in before and p != inside and not p.startswith(inside + os.sep)]

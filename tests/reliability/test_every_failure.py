@@ -23,6 +23,7 @@ from hubcache.stores.treewalk import rmtree
 from hubcache.testing import archive_of
 from hostile_inputs import assert_one_line_error, run_cli
 from hostile_tar_builders import header, member, pax, pax_records, tar
+from local_layout import committed_names
 
 SCENARIO = "16. Every failure is a HubcacheError"
 
@@ -41,8 +42,7 @@ def cli_figures(out: subprocess.CompletedProcess, seconds: float) -> dict:
 
 
 def committed(root: str) -> list[str]:
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return [n for n in names if n.endswith(".manifest.json") or os.path.isdir(os.path.join(root, n))]
+    return committed_names(root)
 
 
 def test_a_redirect_to_file_through_the_cli(origin, figures):

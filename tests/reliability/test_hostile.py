@@ -30,8 +30,8 @@ MAX_MEMBERS = 500
 UNSAFE = {"absolute_path", "dotdot", "dotdot_nested", "symlink_escape", "symlink_absolute",
           "symlink_write_through", "hardlink_escape", "hardlink_outside", "char_device", "block_device",
           "fifo", "bomb", "too_many_members"}
-#: What the cache dir may hold for a refused handle: the lock, its owner note, the in-use marker.
-BOOKKEEPING = (".hubcache.lock", ".hubcache.owner", ".hubcache.use")
+#: What the cache dir may hold for a refused handle: nothing (its download lock goes with it).
+BOOKKEEPING: tuple[str, ...] = ()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import hubcache
 from hubcache import DownloadError
 from hubcache.testing import FORMATS, SUFFIX, OriginServer, archive_of, tree_of
+from local_layout import committed_names
 
 from .helpers import EventLog, leftovers
 
@@ -150,7 +151,7 @@ def test_persistent_failure_names_url_and_attempts(model, cache_root, monkeypatc
     assert requests == 3 and error.attempts == 3
     assert url in str(error) and "3 attempts" in str(error) and "\n" not in str(error)
     assert error.status == 502
-    assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
+    assert leftovers(cache_root) == [] and not committed_names(cache_root)
     figures.update(run="503, reset, 502 with HUBCACHE_RETRIES=2", attempts=error.attempts,
                    fail_after_s=round(seconds, 3), message=str(error)[:160])
 
@@ -178,7 +179,7 @@ def test_a_trickling_origin_hits_the_overall_deadline(model, cache_root, monkeyp
     assert "HUBCACHE_DOWNLOAD_DEADLINE" in message and url in message and "\n" not in message
     assert 1.5 <= seconds < 3.0, "the deadline, not the trickle's end, stops the download"
     assert requests == 1 and 0 < sent < len(archive)
-    assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
+    assert leftovers(cache_root) == [] and not committed_names(cache_root)
     figures.update(run=f"64 B every 20 ms of a {len(archive) >> 10} KiB archive; HUBCACHE_TIMEOUT=2, "
                        "HUBCACHE_DOWNLOAD_DEADLINE=1.5", requests=requests, fail_after_s=round(seconds, 3),
                    bytes_received=sent, message=message[:200])
@@ -244,7 +245,7 @@ def test_the_deadline_applies_to_fsspec_sources(model, cache_root, monkeypatch, 
         hubcache.resolve(url)
     seconds = time.perf_counter() - began
     assert 1.0 <= seconds < 2.5 and url in str(info.value)
-    assert leftovers(cache_root) == [] and not [n for n in os.listdir(cache_root) if n.endswith(".manifest.json")]
+    assert leftovers(cache_root) == [] and not committed_names(cache_root)
     figures.update(run="an fsspec source sending 64 B every 20 ms; HUBCACHE_DOWNLOAD_DEADLINE=1",
                    fail_after_s=round(seconds, 3))
 

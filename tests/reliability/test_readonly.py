@@ -122,10 +122,11 @@ def test_hits_in_a_readonly_cache_take_no_lock_and_write_nothing(origin, model, 
     assert tree_of(results[ours]["path"]) == tree_of(model)
     assert origin.count() == 0
     assert [lock for lock in locks if lock[0] != "READ"] == [], f"write locks held: {locks}"
-    # The only lock: a shared one on an entry's in-use marker (taken through a read-only fd; it
-    # keeps `hubcache prune` by the cache's owner off the entry while this process uses it).
-    assert all(path.endswith(".hubcache.use") for _, path in locks), locks
-    assert not [f for f in files if f.endswith(".hubcache.lock")], "the download lock was opened"
+    # The only locks: shared ones on the entry directories themselves (taken through read-only
+    # fds; they keep `hubcache prune` by the cache's owner off the entries while this process uses them).
+    entries = {os.path.realpath(results[h]["path"]) for h in (ours, theirs)}
+    assert locks and all(os.path.realpath(path) in entries for _, path in locks), locks
+    assert not [f for f in files if f.endswith(".lock")], "the download lock was opened"
     assert snapshot(populate) == before, "the read-only cache changed"
     # The tensorflow_hub entry cannot be given a manifest here: it is checked by sizes, not read.
     assert report["bytes_read"] < WEIGHTS // 4, f"{report['bytes_read']} bytes read to serve two hits"

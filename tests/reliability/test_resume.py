@@ -16,6 +16,7 @@ import pytest
 import hubcache
 from hubcache import DownloadError
 from hubcache.testing import OriginServer, build_model_dir, tar_directory, tree_of
+from local_layout import committed_names, manifest_data
 
 from .helpers import EventLog, leftovers
 
@@ -54,13 +55,11 @@ def versions(tmp_path_factory) -> dict:
 
 
 def _manifest(cache_root: str, path: str) -> dict:
-    with open(os.path.join(cache_root, os.path.basename(path) + ".manifest.json"), encoding="utf-8") as f:
-        return json.load(f)
+    return manifest_data(cache_root, os.path.basename(path))
 
 
 def _nothing_committed(cache_root: str) -> bool:
-    names = os.listdir(cache_root) if os.path.isdir(cache_root) else []
-    return not [n for n in names if n.endswith(".manifest.json") or os.path.isdir(os.path.join(cache_root, n))]
+    return not committed_names(cache_root)
 
 
 def _resolve_and_check(origin: OriginServer, url: str, versions: dict, fmt: str, cache_root: str,

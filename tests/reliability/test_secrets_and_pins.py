@@ -18,6 +18,7 @@ import hubcache
 from hubcache import IntegrityError
 from hubcache.core.handles import cache_key
 from hubcache.testing import OriginServer, archive_of, tree_of
+from local_layout import manifest_data
 from hostile_inputs import (PASSWORD, PIN, SIGNATURE, USER, basic, cache_root, every_byte_under, run_cli,
                             with_credentials)
 
@@ -44,8 +45,7 @@ def test_credentials_are_sent_as_basic_auth_and_never_written_down(origin, model
     assert os.path.basename(path) == cache_key(handle)
     stored = every_byte_under(cache_root())
     assert PASSWORD.encode() not in stored and USER.encode() not in stored
-    with open(path + ".manifest.json", encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = manifest_data(*os.path.split(path))
     shown = url.replace("http://", "http://***@")
     assert manifest["handle"] == shown and manifest["source"] == shown
     with open(path + ".descriptor.txt", encoding="utf-8") as f:
@@ -72,8 +72,7 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(origin, model, eve
     assert origin.requests[0].headers["Authorization"] == basic(USER, PASSWORD)
     assert "Authorization" not in stored_request.headers
     assert stored_request.query == SIGNATURE, "the signed URL is fetched as given"
-    with open(path + ".manifest.json", encoding="utf-8") as f:
-        assert json.load(f)["source"] == target.split("?")[0]
+    assert manifest_data(*os.path.split(path))["source"] == target.split("?")[0]
     stored = every_byte_under(cache_root())
     assert SIGNED not in stored and PASSWORD.encode() not in stored
     seen = repr([(e.kind, e.handle, e.data) for e in events])

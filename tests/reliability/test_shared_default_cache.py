@@ -30,6 +30,7 @@ from hubcache.stores import usage
 from hubcache.core.errors import CacheError
 from hubcache.core.handles import cache_key
 from hubcache.testing import archive_of, tree_of
+from local_layout import drop_manifest, manifest_data
 from second_user import (NOBODY, VICTIM, cache, cli, evil, hold_flock, machine_tmp, needs_root,  # noqa: F401
                          plant_entry, plant_shared_root, resolve_code, run_as, run_python, snapshot, stop, write_like_tensorflow_hub)
 
@@ -102,22 +103,32 @@ def test_a_chosen_root_others_can_write_is_refused_with_the_fix(tmp_path, origin
 # -- what another user planted in a root we trust --------------------------------------------------------
 
 
-def test_a_fifo_as_manifest_never_blocks(cache, origin, model, figures):
-    """Nobody's FIFO in place of an entry's manifest: the resolve (a child process) returns at once
-    and rebuilds the entry, with a regular manifest."""
+@pytest.mark.parametrize("where", ["descriptor", "older manifest file"])
+def test_a_fifo_as_manifest_never_blocks(cache, origin, model, figures, where):
+    """Nobody's FIFO in place of an entry's manifest (its descriptor, or the ``.manifest.json`` an
+    older hubcache kept): the resolve (a child process) returns at once and rebuilds the entry,
+    with a regular descriptor holding the manifest and nothing else beside it."""
     url = origin.add("/m.tar.gz", archive_of(model))
     path = hubcache.resolve(url)
-    manifest = os.path.join(cache, f"{cache_key(url)}.manifest.json")
-    os.unlink(manifest)
-    os.mkfifo(manifest)
-    os.chown(manifest, NOBODY, NOBODY)
+    key = cache_key(url)
+    descriptor = os.path.join(cache, f"{key}.descriptor.txt")
+    if where == "descriptor":
+        fifo = descriptor
+        os.unlink(fifo)
+    else:
+        fifo = os.path.join(cache, f"{key}.manifest.json")
+        drop_manifest(cache, key)  # as an older hubcache left it: no manifest in the descriptor
+    os.mkfifo(fifo)
+    os.chown(fifo, NOBODY, NOBODY)
     populated = origin.count()
     began = time.monotonic()
     out = run_python(resolve_code(), {"TFHUB_CACHE_DIR": cache}, url)
     seconds = time.monotonic() - began
     assert out.stdout.strip() == path, out.stderr[-2000:]
-    assert tree_of(path) == tree_of(model) and stat.S_ISREG(os.lstat(manifest).st_mode)
-    figures.update(run="a FIFO of nobody's as the manifest of a committed entry; resolve in a new process",
+    assert tree_of(path) == tree_of(model) and stat.S_ISREG(os.lstat(descriptor).st_mode)
+    assert manifest_data(cache, key)["handle"] == url
+    assert sorted(os.listdir(cache)) == [key, f"{key}.descriptor.txt"]
+    figures.update(run=f"a FIFO of nobody's as the {where} of a committed entry; resolve in a new process",
                    seconds_to_answer=round(seconds, 2), landed_in="the same entry, rebuilt",
                    origin_requests=origin.count() - populated)
 
@@ -143,13 +154,14 @@ def test_a_fifo_in_a_tensorflow_hub_entry_never_blocks_and_is_not_adopted(cache,
 
 
 def test_fifos_as_use_and_lock_files_never_block_listing_or_pruning(cache, origin, model, figures):
-    """FIFOs of nobody's as an entry's ``.hubcache.use``, ``.hubcache.lock`` and ``.hubcache.owner``:
-    ``hubcache ls``, ``hubcache prune --dry-run`` and a resolve all return."""
+    """FIFOs of nobody's as an entry's download lock ``.lock`` and as the ``.hubcache.use``,
+    ``.hubcache.lock`` and ``.hubcache.owner`` an older hubcache kept (still read): ``hubcache
+    ls``, ``hubcache prune --dry-run`` and a resolve all return."""
     url = origin.add("/m.tar.gz", archive_of(model))
     key = cache_key(url)
     hubcache.resolve(url)
-    usage.release(os.path.join(cache, f"{key}.hubcache.use"))
-    for suffix in (".hubcache.use", ".hubcache.lock", ".hubcache.owner"):
+    usage.release(os.path.join(cache, key))
+    for suffix in (".lock", ".hubcache.use", ".hubcache.lock", ".hubcache.owner"):
         name = os.path.join(cache, key + suffix)
         if os.path.lexists(name):
             os.unlink(name)
@@ -169,20 +181,22 @@ def test_fifos_as_use_and_lock_files_never_block_listing_or_pruning(cache, origi
     out = run_python(resolve_code(), env, url)
     resolve_seconds = time.monotonic() - began
     assert out.stdout.strip() == os.path.join(cache, key), out.stdout + out.stderr[-2000:]
-    figures.update(run="FIFOs as the use, lock and owner files of a committed entry; `hubcache ls`, "
+    figures.update(run="FIFOs as the download lock and an older hubcache's use, lock and owner files of a "
+                       "committed entry; `hubcache ls`, "
                        "`hubcache prune --dry-run`, resolve, each a new process",
                    ls_seconds=round(ls_seconds, 2), prune_dry_run_seconds=round(prune_seconds, 2),
                    seconds_to_answer=round(resolve_seconds, 2), origin_requests=origin.count() - populated)
 
 
 def test_lock_use_and_owner_links_are_never_written_through(cache, origin, model, tmp_path, figures):
-    """Nobody's symlinks to the victim's files as the lock, use and owner files of the handle's
-    entry: the victim's files keep their bytes, mode and mtime; the links are replaced by regular
-    files of the victim's (the lock file 0600)."""
+    """Nobody's symlinks to the victim's files as the download lock of the handle's entry and as
+    the use, lock and owner files an older hubcache kept: the victim's files keep their bytes, mode
+    and mtime; the links are removed (never followed), and once the resolve is done the cache
+    holds the entry and its descriptor only."""
     url = origin.add("/m.tar.gz", archive_of(model))
     key = cache_key(url)
     victims = {}
-    for suffix in (".hubcache.lock", ".hubcache.use", ".hubcache.owner"):
+    for suffix in (".lock", ".hubcache.lock", ".hubcache.use", ".hubcache.owner"):
         target = tmp_path / f"precious{suffix}"
         target.write_text("precious")
         os.chmod(target, 0o640)
@@ -199,13 +213,10 @@ def test_lock_use_and_owner_links_are_never_written_through(cache, origin, model
         after = os.stat(target)
         assert open(target).read() == "precious"
         assert (after.st_mtime_ns, after.st_mode, after.st_size) == (before.st_mtime_ns, before.st_mode, before.st_size), target
-    for suffix in (".hubcache.lock", ".hubcache.use"):
-        st = os.lstat(os.path.join(cache, key + suffix))
-        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0
-    assert stat.S_IMODE(os.lstat(os.path.join(cache, key + ".hubcache.lock")).st_mode) == 0o600
-    figures.update(run="symlinks of nobody's to 3 files of the victim as the lock, use and owner files; "
-                       "resolve (in-process)",
-                   seconds_to_answer=round(seconds, 2), victim_files_changed=0, lock_file_mode="0600",
+    assert sorted(os.listdir(cache)) == [key, f"{key}.descriptor.txt"], "a planted link was left"
+    figures.update(run="symlinks of nobody's to 4 files of the victim as the download lock and an older "
+                       "hubcache's lock, use and owner files; resolve (in-process)",
+                   seconds_to_answer=round(seconds, 2), victim_files_changed=0, links_left=0,
                    origin_requests=origin.count())
 
 
@@ -213,9 +224,10 @@ def test_lock_use_and_owner_links_are_never_written_through(cache, origin, model
 def test_a_lock_held_by_another_users_process_is_not_waited_for(cache, origin, model, owner, monkeypatch, figures):
     """A process of nobody's (``flock -x``) holds the entry's download lock forever, on nobody's
     lock file or on an old 0644 lock file of ours: the victim does not wait for it (the lock
-    timeout is 20 s here), it replaces the lock file with a 0600 one of its own and downloads."""
+    timeout is 20 s here), it replaces the lock file with a 0600 one of its own, downloads, and
+    removes its lock file when done."""
     url = origin.add("/m.tar.gz", archive_of(model))
-    lock = os.path.join(cache, cache_key(url) + ".hubcache.lock")
+    lock = os.path.join(cache, cache_key(url) + ".lock")
     with open(lock, "w"):
         pass
     os.chown(lock, owner, owner)
@@ -230,11 +242,10 @@ def test_a_lock_held_by_another_users_process_is_not_waited_for(cache, origin, m
         stop(holder)
     assert tree_of(path) == tree_of(model)
     assert took < 5, f"waited {took:.1f} s for a lock another user holds"
-    st = os.lstat(lock)
-    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert not os.path.lexists(lock), "the lock file outlived the download"
     figures.update(run=f"`flock -x` as nobody on {'a lock file of nobody' if owner else 'our lock file (0644)'}, "
                        "held forever; HUBCACHE_LOCK_TIMEOUT=20; resolve (in-process)",
-                   seconds_to_answer=round(took, 2), lock_timeout_seconds=20, lock_file_mode="0600",
+                   seconds_to_answer=round(took, 2), lock_timeout_seconds=20, lock_file_left=False,
                    origin_requests=origin.count())
 
 
@@ -250,7 +261,7 @@ def test_a_forged_manifest_digest_never_satisfies_a_pin(cache, origin, model, ev
     key = cache_key(url)
     path = hubcache.resolve(url)
     shutil.rmtree(path)
-    os.unlink(os.path.join(cache, f"{key}.manifest.json"))
+    os.unlink(os.path.join(cache, f"{key}.descriptor.txt"))
     plant_entry(cache, url, evil, sha256=digest)
     resolver.clear_memo()
     populated = origin.count()
@@ -270,7 +281,7 @@ def test_a_pinned_handle_downloads_over_an_adopted_entry(cache, origin, model, e
     entry = write_like_tensorflow_hub(cache, url, evil)
     assert hubcache.resolve(url) == entry and origin.count() == 0  # adopted for the unpinned handle
     resolver.clear_memo()
-    usage.release(os.path.join(cache, cache_key(url) + ".hubcache.use"))
+    usage.release(entry)
     pinned = hubcache.resolve(f"{url}#sha256={hashlib.sha256(data).hexdigest()}")
     assert pinned == entry and tree_of(entry) == tree_of(model) and origin.count() == 1
     figures.update(run="a tensorflow_hub entry with other bytes, adopted for the unpinned handle; "

@@ -24,6 +24,7 @@ import hubcache
 from hubcache.core import cache
 from hubcache.core.cache import MAX_RESTARTS
 from hubcache.core.errors import SourceChangedError
+from hubcache.core.entry import descriptor_manifest
 from hubcache.core.handles import cache_key
 from hubcache.testing import (SUFFIX, ReplaceMidRead, archive_of, replacing_mid_read, same_layout_models,
                               tree_of)
@@ -58,8 +59,11 @@ def replacer(client) -> Iterator:
 
 
 def manifest_of(path: str) -> dict:
-    with open(path + ".manifest.json") as f:
-        return json.load(f)
+    """A local entry's manifest: the end of its descriptor (``hubcache.core.entry``)."""
+    with open(path + ".descriptor.txt", "rb") as f:
+        found = descriptor_manifest(f.read())
+    assert found is not None, "no manifest in the descriptor"
+    return json.loads(found)
 
 
 def archive_url(bucket: str, suffix: str = ".tar.gz") -> str:
@@ -100,7 +104,7 @@ def test_object_that_keeps_changing_fails_with_source_changed_and_caches_nothing
     assert url in message and f"{MAX_RESTARTS + 1} downloads" in message
     assert info.value.hint
     entry = os.path.join(tempfile.gettempdir(), "tfhub_modules", cache_key(url))
-    assert not os.path.exists(entry) and not os.path.exists(entry + ".manifest.json")
+    assert not os.path.exists(entry) and not os.path.exists(entry + ".descriptor.txt")
 
 
 def test_object_replaced_before_the_download_with_its_old_listing_cached_resolves_the_new_one(

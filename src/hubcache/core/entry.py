@@ -1,18 +1,24 @@
 """The layout of one cache entry, the same in every store (a local directory, a bucket).
 
-Under a store's root, one entry per cache key (``sha1(handle)``, as tensorflow_hub computes it)::
+Under a store's root, one entry per cache key (``sha1(handle)``, as tensorflow_hub computes it).
+A local store (the ``tmp`` and ``home`` backends) holds exactly what tensorflow_hub would::
 
     <key>/                  the model (what ``resolve`` returns)
-    <key>.descriptor.txt    tensorflow_hub's descriptor; hubcache adds its WRITER_TAG line
-    <key>.manifest.json     hubcache's manifest, written last: only entries with one are trusted
-    <key>.lock              tensorflow_hub's download marker; an object store's download lease
-    <key>.hubcache.lock     a local store's OS file lock (held while downloading)
-    <key>.hubcache.use      a local store's use file (shared locks; mtime = last use)
-    <key>.hubcache.owner    a local store's note of who holds the lock
+    <key>.descriptor.txt    tensorflow_hub's three lines, hubcache's WRITER_TAG line, then the
+                            MANIFEST_MARK line and the manifest: the commit, replaced last
+    <key>.lock              only while a download runs: tensorflow_hub's marker and hubcache's
+                            OS-locked download lock (content: ``<host>.<pid>.<task>``)
 
-This module says what those names are, what a descriptor says, how an entry tensorflow_hub wrote
-is recognised and when its files make a complete model; the stores (``localstore``,
-``objectstore``) say how they are read and written. It does no I/O.
+An object store keeps the manifest in its own object and its lease in ``<key>.lock``::
+
+    <key>.manifest.json     hubcache's manifest, written last: only entries with one are trusted
+
+Local caches an older hubcache wrote may still hold ``<key>.manifest.json`` (read as the
+manifest when the descriptor has none) and the LEGACY_SUFFIXES bookkeeping files.
+
+This module says what those names are, what a descriptor and a lock file say, how an entry
+tensorflow_hub wrote is recognised and when its files make a complete model; the stores
+(``localstore``, ``objectstore``) say how they are read and written. It does no I/O.
 """
 
 from __future__ import annotations
@@ -30,15 +36,23 @@ KEY = re.compile(r"[0-9a-f]{40}")
 
 MANIFEST_SUFFIX = ".manifest.json"
 DESCRIPTOR_SUFFIX = ".descriptor.txt"
-#: tensorflow_hub's own download marker (a plain file, no OS lock); an object store's lease.
+#: The download lock: tensorflow_hub's marker (a plain file), a local store's OS-locked lock file
+#: (the same name and content, so either waits for the other), an object store's lease.
 LOCK_SUFFIX = ".lock"
-HUBCACHE_LOCK_SUFFIX = ".hubcache.lock"
-USE_SUFFIX = ".hubcache.use"
-OWNER_SUFFIX = ".hubcache.owner"
+#: Bookkeeping files of an older hubcache's local stores (download lock, holder note, use file):
+#: read where it matters (a lock or use an older process still holds), removed when free.
+LEGACY_LOCK_SUFFIX = ".hubcache.lock"
+LEGACY_OWNER_SUFFIX = ".hubcache.owner"
+LEGACY_USE_SUFFIX = ".hubcache.use"
+LEGACY_SUFFIXES = (LEGACY_LOCK_SUFFIX, LEGACY_OWNER_SUFFIX, LEGACY_USE_SUFFIX)
 
 #: The line hubcache adds to the descriptors it writes; a descriptor without it is tensorflow_hub's.
 WRITER_MARK = "Writer: hubcache"
 WRITER_TAG = f"{WRITER_MARK} {__version__}"
+#: The line after which a local store's descriptor holds the entry's manifest (JSON, to the end).
+MANIFEST_MARK = "Manifest:"
+#: What starts the task part of a lock file hubcache wrote (tensorflow_hub's is a uuid4 hex).
+LOCK_TASK_PREFIX = "hc"
 
 #: Files that make a directory a SavedModel or hub module (at least one must be there).
 MARKERS = ("saved_model.pb", "saved_model.pbtxt", "tfhub_module.pb")
@@ -73,6 +87,73 @@ def descriptor_text(handle: str) -> str:
     """The descriptor hubcache writes at commit: tensorflow_hub's three lines, then :data:`WRITER_TAG`."""
     return (f"Module: {handle}\nDownload Time: {time.ctime()}\n"
             f"Downloader Hostname: {socket.gethostname()} (PID:{os.getpid()})\n{WRITER_TAG}\n")
+
+
+def descriptor_with_manifest(head: str, manifest_json: bytes) -> bytes:
+    """A local store's committed descriptor: ``head`` (:func:`descriptor_text`), the
+    :data:`MANIFEST_MARK` line, then the manifest's JSON. tensorflow_hub never reads a descriptor
+    (it only writes one, before its own commit), so the manifest can live there."""
+    head = head if head.endswith("\n") else head + "\n"
+    return head.encode() + MANIFEST_MARK.encode() + b"\n" + manifest_json
+
+
+def descriptor_manifest(descriptor: bytes | None) -> bytes | None:
+    """The manifest JSON a local store's descriptor holds, or ``None`` (no descriptor, one
+    tensorflow_hub wrote, one hubcache wrote before its commit or an older hubcache wrote).
+
+    Only a descriptor with hubcache's :data:`WRITER_MARK` line before the :data:`MANIFEST_MARK`
+    line holds one. The caller bounds what it read and parses the JSON as untrusted input.
+    """
+    if descriptor is None:
+        return None
+    at = descriptor.find(b"\n" + MANIFEST_MARK.encode() + b"\n")
+    if at < 0:
+        return None
+    head = descriptor[:at + 1]
+    if not any(line.startswith(WRITER_MARK.encode()) for line in head.splitlines()):
+        return None
+    return descriptor[at + len(MANIFEST_MARK) + 2:]
+
+
+def descriptor_head(descriptor: bytes) -> str:
+    """The text lines of a descriptor, before any manifest (what a commit keeps of an adopted
+    tensorflow_hub descriptor: its ``Module``, ``Download Time`` and ``Downloader Hostname``)."""
+    at = descriptor.find(b"\n" + MANIFEST_MARK.encode() + b"\n")
+    head = descriptor if at < 0 else descriptor[:at + 1]
+    return head.decode("utf-8", "replace")
+
+
+def lock_text(task: str) -> str:
+    """What a download lock file says, in tensorflow_hub's format (``<host>.<pid>.<task>``,
+    ``resolver._lock_file_contents``): tensorflow_hub waiting for it reads the task and watches
+    ``<key>.<task>.tmp`` grow, so ``task`` is the name part of the writer's temp dir."""
+    return f"{socket.gethostname()}.{os.getpid()}.{task}"
+
+
+def parse_lock(text: str) -> tuple[str, int, str] | None:
+    """``(host, pid, task)`` of a lock file's text, or ``None`` if it is not in that format."""
+    host, _, rest = text.strip().rpartition(".")
+    host, _, pid = host.rpartition(".")
+    if not host or not pid.isdigit() or not rest or len(pid) > 10:
+        return None
+    return host, int(pid), rest
+
+
+def lock_by_hubcache(text: str) -> bool:
+    """Whether a lock file's text is hubcache's (its task starts with :data:`LOCK_TASK_PREFIX`,
+    which a tensorflow_hub task, a hex uuid, never does)."""
+    parsed = parse_lock(text)
+    return parsed is not None and parsed[2].startswith(LOCK_TASK_PREFIX)
+
+
+def lock_holder(text: str | None) -> str:
+    """Who a lock file names, made :func:`printable` (``host pid N``), else ``unknown``."""
+    if not text:
+        return "unknown"
+    parsed = parse_lock(text)
+    if parsed is None:
+        return printable(text) or "unknown"
+    return f"{printable(parsed[0], 100)} pid {parsed[1]}"
 
 
 def size_problem(path: str, found: int | None, expected: int) -> str | None:

@@ -1,19 +1,32 @@
 """The cache entry protocol on a local filesystem (used by the ``tmp`` and ``home`` backends).
 
-Commit: extract into ``<key>.hc<pid>-<rand>.tmp``, write the descriptor, ``rename`` the temp dir
-to ``<key>`` (atomic: tensorflow_hub, which trusts any non-empty entry dir, never sees a partial
-one), then write ``<key>.manifest.json`` with ``os.replace`` (atomic: hubcache trusts only
-entries with a manifest). A crash at any point leaves either nothing visible or an entry without
-a manifest, which hubcache rebuilds. The OS file lock ``<key>.hubcache.lock`` is released by the
-kernel when its holder dies, so a crashed downloader never blocks anyone.
+The cache directory holds exactly what tensorflow_hub's does: ``<key>/`` and
+``<key>.descriptor.txt`` per model, and ``<key>.lock`` while a download runs
+(:mod:`hubcache.core.entry` names them).
+
+Commit: under the download lock ``<key>.lock`` (:mod:`hubcache.stores.downloadlock`), extract
+into ``<key>.<task>.tmp``, write hubcache's descriptor without a manifest (an entry hubcache has
+not committed, whatever descriptor was there before), ``rename`` the temp dir to ``<key>``
+(atomic: tensorflow_hub, which trusts any non-empty entry dir, never sees a partial one), then
+replace the descriptor with one that ends with the manifest, written to a temp name, ``fsync``-ed
+and moved into place with ``os.replace`` (atomic: hubcache trusts only entries whose descriptor
+holds a manifest; tensorflow_hub never reads descriptors). A crash at any point leaves either
+nothing visible or an entry without a manifest, which hubcache rebuilds, and a ``<key>.lock``
+nobody ``flock``-s, which the next writer takes over at once. An entry an older hubcache wrote
+(its manifest in ``<key>.manifest.json``) is read as it is and rewritten in this layout by the
+first resolve that can write the cache.
+
+In use and last use (:mod:`hubcache.stores.usage`): shared ``flock`` locks on the entry
+directory itself, and its mtime, set at most once a day: a hit on a recently used entry writes
+nothing.
 
 Trust (the model of ssh's ``StrictModes`` and pip's cache-dir check; :mod:`hubcache.stores.safefs`
 does the opening): a root other users can write is refused outright, with a :class:`CacheError`
 saying how to fix it. Inside a root, only what hubcache itself would have made is used: real
 directories and regular files owned by this user, root or the root's owner, and not writable by
 anyone else. A symlink, FIFO or another user's file in place of an entry, manifest, descriptor,
-model file, lock or use file is a miss or damage: never served, never written through, never
-waited on. Nothing is ever opened through a link or in a way that could block.
+model file or lock is a miss or damage: never served, never written through, never waited
+on. A descriptor is read with a cap, and its manifest is checked as an archive's members are. Nothing is ever opened through a link or in a way that could block.
 """
 
 from __future__ import annotations
@@ -24,9 +37,7 @@ import glob
 import logging
 import os
 import shlex
-import socket
 import stat
-import time
 import uuid
 from typing import Callable, Collection, Iterable, Iterator
 
@@ -37,12 +48,7 @@ from ..core.entry import WRITER_TAG, EntryState  # noqa: F401 - WRITER_TAG re-ex
 from ..core.errors import CacheError, UnsafeArchiveError
 from ..core.manifest import FileRecord, Manifest, crc_hex
 from ..core.store import EntryInfo, EntryWriter, Store
-from . import safefs, treewalk, usage
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from . import downloadlock, safefs, treewalk, usage
 
 logger = logging.getLogger("hubcache")
 
@@ -51,13 +57,14 @@ logger = logging.getLogger("hubcache")
 _NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
 #: Largest descriptor or owner note read.
 _NOTE_BYTES = 64 << 10
-_LOCK_POLL = 0.05
+#: Largest head (the lines before the manifest) of a descriptor kept when hubcache rewrites it.
+_HEAD_BYTES = 4096
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _atomic_write(path: str, data: bytes, *, durable: bool = False) -> None:
     part = f"{path}.{uuid.uuid4().hex[:8]}.part"
     try:
-        safefs.write_new(part, data)  # O_EXCL | O_NOFOLLOW: never into a planted file or link
+        safefs.write_new(part, data, durable=durable)  # O_EXCL | O_NOFOLLOW: never into a planted file or link
         os.replace(part, path)  # replaces a link or FIFO at `path` itself, never writes through it
     except BaseException:
         with contextlib.suppress(OSError):  # a full disk must not keep our half-written part
@@ -202,6 +209,10 @@ class LocalStore(Store):
         self.private = private
         #: owners whose files are used (refreshed from the root by :meth:`check_root`)
         self.trusted: frozenset[int] = safefs.trusted_owners()
+        #: keys this process resolves (:meth:`mark_used`): their entries are locked in use once found
+        self._using: set[str] = set()
+        #: key -> the task of the download lock this process holds (its writer's temp dir name)
+        self._tasks: dict[str, str] = {}
 
     # -- the root -----------------------------------------------------------------------------
 
@@ -251,27 +262,48 @@ class LocalStore(Store):
     def entry_path(self, key: str) -> str:
         return os.path.join(self.root, key)
 
-    def manifest_path(self, key: str) -> str:
-        return os.path.join(self.root, layout.manifest_name(key))
-
     def descriptor_path(self, key: str) -> str:
+        """The descriptor: tensorflow_hub's lines, hubcache's, then the manifest (the commit)."""
         return os.path.join(self.root, layout.descriptor_name(key))
 
     def lock_path(self, key: str) -> str:
-        return os.path.join(self.root, key + layout.HUBCACHE_LOCK_SUFFIX)
+        """The download lock, there only while a download runs (tensorflow_hub's name)."""
+        return os.path.join(self.root, key + layout.LOCK_SUFFIX)
 
-    def use_path(self, key: str) -> str:
-        """The file whose shared locks mark the entry in use and whose mtime is its last use."""
-        return os.path.join(self.root, key + layout.USE_SUFFIX)
+    def legacy_manifest_path(self, key: str) -> str:
+        """Where an older hubcache kept the manifest (read when the descriptor holds none)."""
+        return os.path.join(self.root, layout.manifest_name(key))
+
+    def _legacy_path(self, key: str, suffix: str) -> str:
+        return os.path.join(self.root, key + suffix)
 
     # -- reading ------------------------------------------------------------------------------
 
+    def read_descriptor(self, key: str) -> bytes | None:
+        """The descriptor's bytes (at most :data:`hubcache.stores.safefs.MAX_READ`), or ``None``
+        if it is absent or not one to trust (a link, a FIFO, another user's, too large)."""
+        try:
+            return safefs.read_file(self.descriptor_path(key), self.trusted)
+        except OSError:
+            return None
+
     def read_manifest(self, key: str) -> Manifest | None:
         """The entry's manifest, or ``None`` if it has no readable, trusted one."""
+        return self._manifest(key, self.read_descriptor(key))[0]
+
+    def _manifest(self, key: str, descriptor: bytes | None) -> tuple[Manifest | None, bool]:
+        """The manifest in ``descriptor``, else in an older hubcache's ``<key>.manifest.json``;
+        and whether it came from the latter (the entry is then rewritten in this layout)."""
+        embedded = layout.descriptor_manifest(descriptor)
+        if embedded is not None:
+            try:
+                return Manifest.from_json(embedded), False
+            except ValueError:
+                return None, False
         try:
-            return Manifest.from_json(safefs.read_file(self.manifest_path(key), self.trusted))
+            return Manifest.from_json(safefs.read_file(self.legacy_manifest_path(key), self.trusted)), True
         except (OSError, ValueError):
-            return None
+            return None, False
 
     def _entry_problem(self, path: str) -> str | None:
         """Why the entry directory must not be used (missing, a link, another user's), else None."""
@@ -357,11 +389,19 @@ class LocalStore(Store):
         path = self.entry_path(key)
         if self._entry_problem(path) is not None:
             return None
-        manifest = self.read_manifest(key)
+        if key in self._using:
+            usage.use(path)  # before the checks: a remover cannot start between them and the caller
+        descriptor = self.read_descriptor(key)
+        manifest, legacy = self._manifest(key, descriptor)
         if manifest is None:
-            return self._adopt(key, handle)
+            return self._adopt(key, handle, descriptor)
         if self.check(path, manifest):
             return None
+        if legacy:
+            self._migrate(key, descriptor)
+        if key not in self._tasks and os.path.lexists(self.lock_path(key)) and self._writable():
+            # What a writer killed after its commit left: nobody holds it (else it stays).
+            downloadlock.drop_if_free(self.lock_path(key), self.trusted, self.lock_timeout)
         return path, manifest
 
     def _read_note(self, path: str) -> str | None:
@@ -372,15 +412,32 @@ class LocalStore(Store):
 
     def _is_foreign(self, key: str) -> bool:
         """True for an entry tensorflow_hub wrote (its descriptor does not name hubcache)."""
-        return layout.written_by_tensorflow_hub(self._read_note(self.descriptor_path(key)))
+        return layout.written_by_tensorflow_hub(self.read_descriptor(key))
 
-    def _adopt(self, key: str, handle: str) -> tuple[str, Manifest] | None:
+    def _head(self, descriptor: bytes | None, handle: str) -> str:
+        """The lines a descriptor hubcache rewrites keeps (an adopted or older entry's, with
+        hubcache's line added), or fresh ones if they are not a plain, short text."""
+        if descriptor is not None:
+            head = layout.descriptor_head(descriptor[:_HEAD_BYTES + 1]).rstrip("\n")
+            lines = head.split("\n")
+            if (len(head) <= _HEAD_BYTES and head.startswith("Module: ") and len(lines) <= 8
+                    and all(line.isprintable() for line in lines)):
+                if not any(line.startswith(layout.WRITER_MARK) for line in lines):
+                    lines.append(layout.WRITER_TAG)
+                return "\n".join(lines) + "\n"
+        return layout.descriptor_text(handle)
+
+    def _writable(self) -> bool:
+        return os.access(self.root, os.W_OK)
+
+    def _adopt(self, key: str, handle: str, descriptor: bytes | None) -> tuple[str, Manifest] | None:
         path = self.entry_path(key)
-        if self._entry_problem(path) is not None or not self._is_foreign(key) or local_model_dir_problems(path):
+        if (self._entry_problem(path) is not None or not layout.written_by_tensorflow_hub(descriptor)
+                or local_model_dir_problems(path)):
             return None
         # Digests mean reading every byte: worth it only when the manifest can be kept. A
         # read-only (shared) cache gets a sizes-only manifest in memory and writes nothing.
-        writable = os.access(self.root, os.W_OK)
+        writable = self._writable()
         try:
             manifest = scan_files(path, digests=writable, trusted=self.trusted)
         except (OSError, UnsafeArchiveError) as error:
@@ -389,9 +446,65 @@ class LocalStore(Store):
         manifest.handle = handle
         manifest.creator = "adopted from tensorflow_hub"  # no archive digest: it can vouch for no pin
         if writable:
-            with contextlib.suppress(OSError):  # e.g. a full disk: still a hit
-                _atomic_write(self.manifest_path(key), manifest.to_json())
+            # tensorflow_hub's lines are kept; hubcache's line and the manifest follow. Only if
+            # the descriptor is still the one judged (tensorflow_hub may be rewriting it).
+            if self.read_descriptor(key) == descriptor:
+                with contextlib.suppress(OSError):  # e.g. a full disk: still a hit
+                    _atomic_write(self.descriptor_path(key),
+                                  layout.descriptor_with_manifest(self._head(descriptor, handle), manifest.to_json()),
+                                  durable=True)
         return path, manifest
+
+    def _migrate(self, key: str, descriptor: bytes | None) -> None:
+        """Rewrite an entry an older hubcache committed (its manifest in ``<key>.manifest.json``)
+        in this layout: the manifest into the descriptor, then the old files removed. Once, by
+        the first resolve that can write the cache and get the download lock without waiting."""
+        if not self._writable():
+            return
+        with self.try_lock(key) as busy:
+            if busy is not None:
+                return
+            now = self.read_descriptor(key)
+            manifest, legacy = self._manifest(key, now)
+            if manifest is None or not legacy or now != descriptor:
+                return  # changed meanwhile: whoever changed it owns it
+            try:
+                raw = safefs.read_file(self.legacy_manifest_path(key), self.trusted)
+                _atomic_write(self.descriptor_path(key),
+                              layout.descriptor_with_manifest(self._head(now, manifest.handle), raw), durable=True)
+                os.unlink(self.legacy_manifest_path(key))
+            except OSError as error:
+                logger.info("could not rewrite %s in the current layout: %s", self.entry_path(key), error)
+                return
+            self._drop_legacy(key)
+
+    def _drop_legacy(self, key: str) -> None:
+        """Remove an older hubcache's bookkeeping files of ``key`` that no older process holds;
+        a use file's time of last use moves to the entry directory first."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._legacy_path(key, layout.LEGACY_OWNER_SUFFIX))
+        for suffix in (layout.LEGACY_LOCK_SUFFIX, layout.LEGACY_USE_SUFFIX):
+            path = self._legacy_path(key, suffix)
+            if not os.path.lexists(path) or usage.probe_file(path) is not None:
+                continue
+            if suffix == layout.LEGACY_USE_SUFFIX:
+                self._carry_last_use(key, path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _carry_last_use(self, key: str, use_file: str) -> None:
+        with contextlib.suppress(OSError):
+            st = os.lstat(use_file)
+            entry = self.entry_path(key)
+            if stat.S_ISREG(st.st_mode) and st.st_uid in self.trusted and st.st_mtime > os.lstat(entry).st_mtime:
+                os.utime(entry, (st.st_mtime, st.st_mtime), follow_symlinks=False)
+
+    def _legacy_last_use(self, key: str) -> float | None:
+        with contextlib.suppress(OSError):
+            st = os.lstat(self._legacy_path(key, layout.LEGACY_USE_SUFFIX))
+            if safefs.problem(st, self.trusted, others_may_write=True) is None and st.st_mtime > 0:
+                return st.st_mtime
+        return None
 
     def validator(self, path: str, manifest: Manifest) -> Callable[[], bool]:
         # One stat per memoised hit, of the file TensorFlow opens first (a temp cleaner deleting
@@ -400,11 +513,10 @@ class LocalStore(Store):
         first = next((n for n in layout.MARKERS if n in names),
                      manifest.files[0].path if manifest.files else None)
         sentinel = os.path.join(path, first) if first else path
-        use = self.use_path(os.path.basename(path))
 
         def still_valid() -> bool:
             # In use again first (a prefetch may have released it), then check it is still there.
-            usage.use(use)  # held already: a dict lookup and a clock read
+            usage.use(path)  # held already: a dict lookup and a clock read
             return os.path.exists(sentinel)
 
         return still_valid
@@ -412,194 +524,108 @@ class LocalStore(Store):
     # -- use tracking (see hubcache.stores.usage) ---------------------------------------------------
 
     def mark_used(self, key: str) -> None:
-        try:
-            self.check_root(create=True)
-        except OSError:  # read-only, cannot be made: nobody can remove entries there either
-            return
-        usage.use(self.use_path(key))
+        # Nothing is created: the entry directory itself is locked, now if it is there, else by
+        # the lookup that finds it or the commit that makes it.
+        self._using.add(key)
+        usage.use(self.entry_path(key))
 
     def release(self, key: str) -> None:
-        usage.release(self.use_path(key))
-
-    def _foreign_download(self, key: str) -> str | None:
-        # tensorflow_hub announces its download with a plain `<key>.lock` file (no OS lock).
-        try:
-            st = os.lstat(os.path.join(self.root, key + layout.LOCK_SUFFIX))
-        except OSError:
-            return None
-        if safefs.problem(st, self.trusted, others_may_write=True) is not None:
-            return None  # another user's file: it says nothing about a download
-        age = time.time() - st.st_mtime
-        return "being downloaded by tensorflow_hub (its .lock file is there)" if age < self.lock_timeout else None
+        self._using.discard(key)
+        usage.release(self.entry_path(key))
 
     def _downloading(self, key: str) -> str | None:
-        if usage.probe(self.lock_path(key)) is not None:
-            return f"being downloaded ({self._holder(key)})"
-        return self._foreign_download(key)
+        reason = downloadlock.probe(self.lock_path(key), self.trusted, self.lock_timeout)
+        if reason is None and usage.probe_file(self._legacy_path(key, layout.LEGACY_LOCK_SUFFIX)) is not None:
+            reason = "being downloaded (by an older hubcache)"
+        return reason
+
+    def _in_use(self, key: str) -> str | None:
+        """An older hubcache's use file still locked by one of its processes, if any."""
+        return usage.probe_file(self._legacy_path(key, layout.LEGACY_USE_SUFFIX))
 
     def busy(self, key: str) -> str | None:
-        # The download lock first: a downloader also holds the use lock, and this says more.
-        return self._downloading(key) or usage.probe(self.use_path(key))
+        # The download lock first: a downloader may also use the entry, and this says more.
+        return self._downloading(key) or usage.probe(self.entry_path(key)) or self._in_use(key)
 
     @contextlib.contextmanager
     def guard(self, key: str) -> Iterator[str | None]:
-        reason = self._downloading(key)
-        if reason is not None:
-            yield reason
-            return
-        with usage.exclusive(self.use_path(key)) as in_use:
-            if in_use is not None:
-                yield in_use
+        with self._download_lock(key, lambda holder: None, None) as downloading:  # no writer starts meanwhile
+            if downloading is not None:
+                yield downloading.reason
                 return
-            with usage.exclusive(self.lock_path(key), mode=0o600) as downloading:
-                if downloading is not None:
-                    yield f"being downloaded ({self._holder(key)})"
-                    return
-                try:
-                    yield None
-                finally:
-                    if not os.path.lexists(self.entry_path(key)) and not os.path.exists(self.manifest_path(key)):
-                        usage.forget(self.use_path(key))
+            with usage.exclusive(self.entry_path(key)) as in_use:
+                yield in_use or self._in_use(key)
 
     # -- writing ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def lock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:
-        if fcntl is None:  # pragma: no cover - Windows
-            with self._filelock(key, on_wait):
-                yield
-            return
+        with self._download_lock(key, on_wait, self.lock_timeout) as busy:
+            assert busy is None  # waiting: held, or an error
+            yield
+
+    @contextlib.contextmanager
+    def try_lock(self, key: str) -> Iterator[str | None]:
+        with self._download_lock(key, lambda holder: None, None) as busy:
+            if busy is None:
+                yield None
+            else:
+                yield f"locked by {busy.holder}{', tensorflow_hub' if busy.tensorflow_hub else ''}"
+
+    @contextlib.contextmanager
+    def _download_lock(self, key: str, on_wait: Callable[[str], None],
+                       wait: float | None) -> Iterator[downloadlock.Busy | None]:
+        """Hold ``<key>.lock`` (:mod:`hubcache.stores.downloadlock`); yields ``None``, or who
+        holds it when ``wait`` is ``None`` and another live download does. Unlinked when the
+        block ends."""
         path = self.lock_path(key)
         try:
             self.check_root(create=True)
-            fd = self._acquire(path, on_wait)
+            fd, task = downloadlock.acquire(path, self.trusted, wait=wait, stale_after=self.lock_timeout,
+                                            on_wait=on_wait)
+        except downloadlock.Busy as busy:
+            yield busy
+            return
         except safefs.UnsafeFileError as error:
             raise CacheError(f"refusing the lock file {error.path}: it {error.reason}",
                              hint="remove it (hubcache did not make it; ask the cache's owner), or set "
                                   "TFHUB_CACHE_DIR to a directory only you can write") from None
         except OSError as error:
             raise _cache_error(error, f"locking {path}") from None
+        self._tasks[key] = task
         try:
-            with contextlib.suppress(OSError):
-                _atomic_write(self._owner_path(key), f"{socket.gethostname()} pid {os.getpid()}".encode())
-            yield
+            yield None
         finally:
-            os.close(fd)  # releases the lock
-
-    def _acquire(self, path: str, on_wait: Callable[[str], None]) -> int:
-        """Open the lock file safely (:func:`hubcache.stores.safefs.open_lock`) and ``flock`` it,
-        waiting at most ``lock_timeout`` for a trusted holder; returns the locked descriptor.
-
-        Raises:
-            CacheError: a trusted holder kept it for ``lock_timeout`` seconds.
-            UnsafeFileError: a planted lock file, or one a process of an untrusted user holds,
-                that this user cannot replace (it does not own the root).
-            OSError: the lock file cannot be opened.
-        """
-        key = os.path.basename(path).split(".", 1)[0]
-        deadline: float | None = None
-        for _ in range(100):
-            # 0600: a lock file another user can open is one they can hold forever.
-            fd = safefs.open_lock(path, self.trusted, mode=0o600)
-            try:
-                st = os.fstat(fd)
-                if st.st_uid == safefs.euid() and stat.S_IMODE(st.st_mode) & 0o077:
-                    os.fchmod(fd, 0o600)  # made 0644 by an older hubcache
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        pass
-                    if deadline is None:
-                        self._refuse_foreign_holder(path)
-                        deadline = time.monotonic() + self.lock_timeout
-                        on_wait(self._holder(key))
-                    if time.monotonic() >= deadline:
-                        raise CacheError(f"another process has been downloading this for over "
-                                         f"{self.lock_timeout:.0f} s ({self._holder(key)})",
-                                         hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
-                    time.sleep(_LOCK_POLL)
-                same = os.path.samestat(os.lstat(path), os.fstat(fd))
-            except _ReplacedLock:
-                os.close(fd)
-                continue
-            except FileNotFoundError:
-                same = False
-            except BaseException:
-                os.close(fd)
-                raise
-            if same:
-                return fd
-            os.close(fd)  # unlinked or replaced while we waited: lock the file there now
-        raise CacheError(f"the lock file {path} keeps being replaced", hint="try again later")
-
-    def _refuse_foreign_holder(self, path: str) -> None:
-        """Raise if the lock is held by a process of an untrusted user (no downloader of this
-        cache runs as one): :class:`_ReplacedLock` after unlinking the file where this user owns
-        the root (the next open makes a fresh one), else ``UnsafeFileError``."""
-        foreign = [uid for uid in usage.holder_uids(path) if uid not in self.trusted]
-        if not foreign:
-            return
-        if safefs.own_directory(self.root):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            raise _ReplacedLock
-        raise safefs.UnsafeFileError(path, f"is held by a process of another user (uid {foreign[0]})")
-
-    @contextlib.contextmanager
-    def _filelock(self, key: str, on_wait: Callable[[str], None]) -> Iterator[None]:  # pragma: no cover - Windows
-        import filelock
-
-        try:
-            self.check_root(create=True)
-            lock = filelock.FileLock(self.lock_path(key))
-            try:
-                lock.acquire(timeout=0)
-            except filelock.Timeout:
-                on_wait(self._holder(key))
-                try:
-                    lock.acquire(timeout=self.lock_timeout)
-                except filelock.Timeout:
-                    raise CacheError(f"another process has been downloading this for over "
-                                     f"{self.lock_timeout:.0f} s ({self._holder(key)})",
-                                     hint="raise HUBCACHE_LOCK_TIMEOUT or try again later") from None
-        except OSError as error:
-            raise _cache_error(error, f"locking {self.lock_path(key)}") from None
-        try:
-            with contextlib.suppress(OSError):
-                _atomic_write(self._owner_path(key), f"{socket.gethostname()} pid {os.getpid()}".encode())
-            yield
-        finally:
-            lock.release()
-
-    def _owner_path(self, key: str) -> str:
-        return os.path.join(self.root, key + layout.OWNER_SUFFIX)
+            self._tasks.pop(key, None)
+            downloadlock.release(fd, path)
 
     def _holder(self, key: str) -> str:
-        text = self._read_note(self._owner_path(key))
-        return layout.printable(text) or "unknown" if text is not None else "unknown"
+        return downloadlock.holder(self.lock_path(key), self.trusted)
 
     def writer(self, key: str, handle: str) -> LocalWriter:
-        return LocalWriter(self, key, handle)
+        return LocalWriter(self, key, handle, task=self._tasks.get(key))
 
     def cleanup(self, key: str) -> None:
         # Every hubcache writer of this key holds the lock while it writes, so whatever
         # temp dir, trash dir or half-written file of ours is here now was abandoned.
         root = glob.escape(self.root)
-        for leftover in glob.glob(os.path.join(root, f"{key}.hc*.tmp")) + glob.glob(os.path.join(root, f"{key}.hc*.trash")):
+        prefix = layout.LOCK_TASK_PREFIX
+        for leftover in (glob.glob(os.path.join(root, f"{key}.{prefix}*.tmp"))
+                         + glob.glob(os.path.join(root, f"{key}.{prefix}*.trash"))):
             treewalk.rmtree(leftover, ignore_errors=True)
         for part in glob.glob(os.path.join(root, f"{key}.*.part")):
             with contextlib.suppress(OSError):
                 os.unlink(part)
 
     def discard(self, key: str) -> None:
-        """Remove an entry's manifest, then its directory (never seen half-removed)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.manifest_path(key))
+        """Remove an entry's manifest (the descriptor, and an older hubcache's manifest file),
+        then its directory: never seen half-removed."""
+        for path in (self.legacy_manifest_path(key), self.descriptor_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         path = self.entry_path(key)
         if os.path.lexists(path):
-            trash = f"{path}.hc{os.getpid()}-{uuid.uuid4().hex[:8]}.trash"
+            trash = f"{path}.{layout.LOCK_TASK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.trash"
             try:
                 os.rename(path, trash)
             except FileNotFoundError:
@@ -636,13 +662,17 @@ class LocalStore(Store):
 
     def _info(self, key: str, suffixes: set[str]) -> EntryInfo | None:
         path = self.entry_path(key)
-        manifest = self.read_manifest(key)
-        in_progress = any(s.endswith(".tmp") for s in suffixes)
+        descriptor = self.read_descriptor(key)
+        manifest = self._manifest(key, descriptor)[0]
+        # A writer's temp dir (hubcache's or tensorflow_hub's), or a lock file with nothing else
+        # of the entry there (the download has not made its temp dir yet, or crashed).
+        in_progress = any(s.endswith(".tmp") for s in suffixes) or (
+            layout.LOCK_SUFFIX in suffixes and "" not in suffixes and layout.DESCRIPTOR_SUFFIX not in suffixes)
         state: EntryState
         if manifest is not None and "" in suffixes and not self.check(path, manifest):
             state = "committed"
-        elif (manifest is None and "" in suffixes and self._entry_problem(path) is None and self._is_foreign(key)
-              and not local_model_dir_problems(path)):
+        elif (manifest is None and "" in suffixes and self._entry_problem(path) is None
+              and layout.written_by_tensorflow_hub(descriptor) and not local_model_dir_problems(path)):
             state = "foreign"
         elif in_progress:
             state = "in progress"
@@ -651,22 +681,21 @@ class LocalStore(Store):
         else:
             return None
         size = manifest.total_bytes if manifest else treewalk.disk_usage(path)
-        last = usage.last_used(self.use_path(key))
-        if last is None:
-            with contextlib.suppress(OSError):
-                last = manifest.created if manifest else os.lstat(path).st_mtime
-        return EntryInfo(key, path, state, manifest, size, last, manifest.handle if manifest else self._module(key))
-
-    def _module(self, key: str) -> str | None:
-        """The handle a descriptor names (``Module: ...``, as tensorflow_hub writes it)."""
-        return layout.descriptor_module(self._read_note(self.descriptor_path(key)))
+        # Last use: the entry directory's mtime (usage.py); an older hubcache's use file if later.
+        recorded = [t for t in (usage.last_used(path), self._legacy_last_use(key)) if t is not None]
+        last: float | None = max(recorded) if recorded else None
+        if last is None and manifest is not None:
+            last = manifest.created
+        handle = manifest.handle if manifest else layout.descriptor_module(descriptor[:_NOTE_BYTES] if descriptor else None)
+        return EntryInfo(key, path, state, manifest, size, last, handle)
 
     def remove(self, key: str) -> bool:
-        existed = os.path.lexists(self.entry_path(key)) or os.path.lexists(self.manifest_path(key))
+        existed = any(os.path.lexists(p) for p in (self.entry_path(key), self.descriptor_path(key),
+                                                    self.legacy_manifest_path(key)))
         self.discard(key)
-        for suffix in (layout.DESCRIPTOR_SUFFIX, layout.OWNER_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, key + suffix))
+        self._drop_legacy(key)
+        # What a writer killed during its download left (inside guard() the lock is ours: kept).
+        downloadlock.drop_if_free(self.lock_path(key), self.trusted, self.lock_timeout)
         return existed
 
     def verify(self, key: str, full: bool = False) -> list[str]:
@@ -678,10 +707,6 @@ class LocalStore(Store):
         return self.check(self.entry_path(key), manifest, full=full)
 
 
-class _ReplacedLock(Exception):
-    """A lock file held by an untrusted user was unlinked: open the fresh one."""
-
-
 class LocalWriter(EntryWriter):
     """Fills a private temp dir next to the entry, then commits it with ``rename``.
 
@@ -690,16 +715,22 @@ class LocalWriter(EntryWriter):
     and files are created with ``O_EXCL | O_NOFOLLOW``.
     """
 
-    def __init__(self, store: LocalStore, key: str, handle: str):
+    def __init__(self, store: LocalStore, key: str, handle: str, task: str | None = None):
         self.store = store
         self.key = key
         self.handle = handle
-        self.tmp = os.path.join(store.root, f"{key}.hc{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        # `<key>.<task>.tmp`, the task of the download lock held (tensorflow_hub waiting for it
+        # watches this dir grow); a fresh one if there is no lock or the name is taken.
+        self.tmp = os.path.join(store.root, f"{key}.{task or downloadlock.new_task()}.tmp")
         self._links: set[str] = set()
         self._link_depths: set[int] = set()
         try:
             store.check_root(create=True)
-            os.mkdir(self.tmp, 0o755)
+            try:
+                os.mkdir(self.tmp, 0o755)
+            except FileExistsError:
+                self.tmp = os.path.join(store.root, f"{key}.{downloadlock.new_task()}.tmp")
+                os.mkdir(self.tmp, 0o755)
         except OSError as error:
             raise _cache_error(error, f"creating {self.tmp}") from None
 
@@ -783,11 +814,25 @@ class LocalWriter(EntryWriter):
     def commit(self, manifest: Manifest) -> str:
         store, key = self.store, self.key
         entry = store.entry_path(key)
+        head = layout.descriptor_text(self.handle)
         wrote_descriptor = renamed = False
         try:
-            _atomic_write(store.descriptor_path(key), layout.descriptor_text(self.handle).encode())
-            wrote_descriptor = True
             for _ in range(5):
+                if os.path.lexists(entry):
+                    # Something is in the way: a committed entry (a racing writer won) or debris.
+                    found = store.lookup(key, self.handle)
+                    if found is None:
+                        store.discard(key)
+                    elif self._may_stand(found[1], manifest):
+                        self.abort()
+                        return found[0]
+                    else:
+                        self._take_over(entry)
+                    continue
+                # hubcache's descriptor, no manifest yet: a descriptor left here before (one
+                # tensorflow_hub wrote) must not make the renamed dir look like its entry.
+                _atomic_write(store.descriptor_path(key), head.encode())
+                wrote_descriptor = True
                 try:
                     os.rename(self.tmp, entry)
                     renamed = True
@@ -795,18 +840,13 @@ class LocalWriter(EntryWriter):
                 except OSError as error:
                     if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                         raise
-                # Something is in the way: a committed entry (a racing writer won) or debris.
-                found = store.lookup(key, self.handle)
-                if found is None:
-                    store.discard(key)
-                elif self._may_stand(found[1], manifest):
-                    self.abort()
-                    return found[0]
-                else:
-                    self._take_over(entry)
             else:
                 raise CacheError(f"could not commit {entry}: it keeps reappearing")
-            _atomic_write(store.manifest_path(key), manifest.to_json())
+            # Last use: when it became usable. Nothing changes the dir's mtime after this.
+            usage.touch(entry)
+            # The commit: the descriptor with the manifest, on disk before it replaces the other.
+            _atomic_write(store.descriptor_path(key), layout.descriptor_with_manifest(head, manifest.to_json()),
+                          durable=True)
         except OSError as error:
             self.abort()
             # Not committed (no manifest): take back what became visible, so a full disk gets
@@ -817,7 +857,9 @@ class LocalWriter(EntryWriter):
                 with contextlib.suppress(OSError):
                     os.unlink(store.descriptor_path(key))
             raise _cache_error(error, f"committing {entry}") from None
-        usage.touch(store.use_path(key))  # last use: when it became usable, not when the download began
+        if key in store._using:
+            usage.use(entry)  # in use by this process from now on (before the download lock goes)
+        store._drop_legacy(key)
         return entry
 
     @staticmethod
@@ -830,17 +872,17 @@ class LocalWriter(EntryWriter):
 
     def _take_over(self, entry: str) -> None:
         """Remove an unverified entry in the way of a verified one, unless a process uses it."""
-        use = self.store.use_path(self.key)
-        usage.release(use)  # this process's own shared lock would count as a user
-        try:
-            with usage.exclusive(use) as busy:
-                if busy is not None:
-                    raise CacheError(f"{entry} holds an entry hubcache did not verify (adopted from tensorflow_hub "
-                                     f"or copied from another tier) and it is {busy}, so the verified download "
-                                     "cannot replace it now", hint="try again when it is no longer in use")
+        usage.release(entry)  # this process's own shared lock would count as a user
+        with usage.exclusive(entry) as busy:
+            busy = busy or self.store._in_use(self.key)
+            if busy is None:
                 self.store.discard(self.key)
-        finally:
-            usage.use(use)
+                return
+        if self.key in self.store._using:
+            usage.use(entry)
+        raise CacheError(f"{entry} holds an entry hubcache did not verify (adopted from tensorflow_hub "
+                         f"or copied from another tier) and it is {busy}, so the verified download "
+                         "cannot replace it now", hint="try again when it is no longer in use")
 
     def abort(self) -> None:
         treewalk.rmtree(self.tmp, ignore_errors=True)

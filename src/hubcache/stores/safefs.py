@@ -298,8 +298,9 @@ def own_directory(directory: str) -> bool:
     return False
 
 
-def write_new(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Create ``path`` (which must not exist) with ``data``; never through a link.
+def write_new(path: str, data: bytes, mode: int = 0o644, *, durable: bool = False) -> None:
+    """Create ``path`` (which must not exist) with ``data``; never through a link. ``durable``:
+    ``fsync`` it before returning (a commit marker must not reach the disk before its bytes).
 
     Raises:
         OSError: ``FileExistsError`` if something (a link included) is already there.
@@ -307,3 +308,6 @@ def write_new(path: str, data: bytes, mode: int = 0o644) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BASE, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())

@@ -4,38 +4,45 @@
 reads some assets lazily, and a TF1 hub module is read when its graph is built). The only thing
 that knows when such a process is done with a path is the kernel, when the process exits, so:
 
-- a process that resolves an entry takes a **shared** ``flock`` on ``<key>.hubcache.use`` and
-  keeps it until it exits (or calls :func:`release`); the kernel drops it however the process
-  dies, so a crash never pins an entry forever;
+- a process that resolves an entry takes a **shared** ``flock`` on the entry directory itself
+  (opened ``O_RDONLY | O_DIRECTORY``, never through a link) and keeps it until it exits (or calls
+  :func:`release`); the kernel drops it however the process dies, so a crash never pins an entry
+  forever. Nothing is created for it: the cache directory holds no file per use;
 - whatever removes entries (``hubcache rm``, ``hubcache prune``, the size budget) first takes an
-  **exclusive, non-blocking** lock on that file (and on the download lock ``<key>.hubcache.lock``)
-  and skips the entry if it cannot.
+  **exclusive, non-blocking** lock on the same directory (and the download lock
+  ``<key>.lock``) and skips the entry if it cannot.
 
-A resolving process takes its shared lock *before* it looks the entry up, so it either finds the
-entry already gone (and downloads it again) or keeps a remover from starting: there is no window
-in which it returns a path that is being deleted. ``flock`` locks taken through different
-``open`` calls conflict even inside one process, so an entry this very process uses is protected
-from its own evictions too.
+A resolving process takes its shared lock *before* it checks the entry, and checks that the
+path still names the directory it locked, so it either finds the entry already gone (and
+downloads it again) or keeps a remover from starting: there is no window in which it returns a
+path that is being deleted. ``flock`` locks taken through different ``open`` calls conflict even
+inside one process, so an entry this very process uses is protected from its own evictions too.
+An entry that did not exist yet when a resolve began is locked by the store once it finds or
+commits it (``LocalStore.mark_used``).
 
-Last use is the mtime of the same file, set when a process first uses the entry and refreshed on
-later (memoised) hits at most every :data:`REFRESH_SECONDS`: a hot loop of resolves costs one
-clock read each, not a write.
+**Last use** is the entry directory's mtime. Nothing changes it after the commit (a writer fills
+its temp dir before the ``rename``), so it is free to record uses in: the commit sets it, and a
+use sets it again only when the recorded one is :data:`RECORD_SECONDS` (a day) old or more. A hit
+on an entry used within the day therefore writes nothing at all; a long-running process looks
+again (one ``fstat``) at most every :data:`REFRESH_SECONDS`.
 
-Use files are opened through :mod:`hubcache.stores.safefs` (no link followed, no blocking open, only
-a regular file of a trusted owner): one another user planted is replaced when this user owns the
-cache directory, else ignored (no protection, never an error). Anyone who can read a use file can
-lock it, so a user waits at most :data:`SHARED_WAIT_SECONDS` for a remover's exclusive lock, then
-goes on unprotected (the remover unlinks the manifest first, so that is a miss, not a torn hit).
+Entry directories are opened through :mod:`hubcache.stores.safefs` (no link followed, a real
+directory of a trusted owner, not writable by others); anything else protects nothing and is
+never an error. Anyone who can read an entry can lock it, so a user waits at most
+:data:`SHARED_WAIT_SECONDS` for a remover's exclusive lock, then goes on unprotected (the remover
+removes the descriptor first, so that is a miss, not a torn hit).
 
 Limits: a process holds at most :data:`MAX_HELD` shared locks (one file descriptor each); past
 that its least recently resolved entries lose protection. Processes that do not use hubcache
-(tensorflow_hub itself) take no lock. Where ``fcntl`` is missing (Windows) an entry counts as in
-use for :data:`WINDOW_SECONDS` after its last recorded use instead.
+(tensorflow_hub itself) take no lock. Where directories cannot be locked (no ``fcntl`` on
+Windows; an NFS mount without ``local_lock=flock`` refuses an exclusive lock on a directory) an
+entry counts as in use while its last recorded use is less than :data:`RECORD_SECONDS` old.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -49,23 +56,23 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-#: Seconds between two refreshes of an entry's last-use time by one process.
+#: Seconds a recorded use stays good: a use within them writes nothing.
+RECORD_SECONDS = 86400.0
+#: Seconds between two looks at an entry's recorded use by one process (memoised hits).
 REFRESH_SECONDS = 600.0
 #: Shared locks one process holds at most (each is an open file descriptor).
 MAX_HELD = 256
-#: Without ``fcntl``: seconds after its last use during which an entry counts as in use.
-WINDOW_SECONDS = 600.0
 #: Seconds a user waits for a remover's exclusive lock before going on without a shared one (a
 #: removal takes less; a process of another user holding the lock forever must not stall us).
 SHARED_WAIT_SECONDS = 10.0
 
 _held: OrderedDict[str, int] = OrderedDict()
-_touched: dict[str, float] = {}
+_looked: dict[str, float] = {}
 _lock = threading.Lock()
 
 
 def _same_file(fd: int, path: str) -> bool:
-    """True if ``path`` still names the file open as ``fd`` (a remover may have unlinked it)."""
+    """True if ``path`` still names the file open as ``fd`` (a remover may have moved it)."""
     try:
         st, fst = os.lstat(path), os.fstat(fd)
     except OSError:
@@ -73,54 +80,66 @@ def _same_file(fd: int, path: str) -> bool:
     return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)
 
 
-def _touch(fd: int | None, path: str) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache: no last-use record, still a hit
+def _open(path: str) -> int | None:
+    """The entry directory, opened safely for ``flock``; ``None`` if absent or not trusted."""
+    try:
+        return safefs.open_dir(path, safefs.trusted_in(os.path.dirname(path)))
+    except OSError:
+        return None
+
+
+def _utime(fd: int | None, path: str) -> None:
+    with contextlib.suppress(OSError, NotImplementedError):  # read-only or another user's: no record
         if fd is not None and os.utime in os.supports_fd:
             os.utime(fd)
-        else:
+        elif os.utime in os.supports_follow_symlinks:
+            os.utime(path, follow_symlinks=False)  # a link planted in its place is not followed
+        else:  # pragma: no cover - Windows
             os.utime(path)
-    _touched[path] = time.monotonic()
+
+
+def _record(fd: int | None, path: str) -> None:
+    """Record a use now, unless one within :data:`RECORD_SECONDS` is on record already."""
+    _looked[path] = time.monotonic()
+    try:
+        st = os.fstat(fd) if fd is not None else os.lstat(path)
+    except OSError:
+        return
+    if abs(time.time() - st.st_mtime) < RECORD_SECONDS:
+        return  # recent (a time in the future, a clock set back, is corrected once it is a day off)
+    _utime(fd, path)
 
 
 def use(path: str) -> None:
-    """Mark the entry whose use file is ``path`` as used by this process, until it exits.
+    """Mark the entry directory ``path`` as used by this process, until it exits.
 
     Called on every resolve, memoised hits included: when the lock is already held this costs
-    a dictionary lookup and a clock read (and a write every REFRESH_SECONDS). Blocks only while
-    a remover holds the exclusive lock (the time of one removal). Never raises: in a read-only
-    cache nobody can remove entries, so there is nothing to hold off.
+    a dictionary lookup and a clock read (and an ``fstat`` every REFRESH_SECONDS). Blocks only
+    while a remover holds the exclusive lock (the time of one removal). Does nothing if the
+    directory is absent (a miss: the store calls it again once the entry is there). Never raises.
     """
     fd = _held.get(path)
     if fd is not None:
-        if time.monotonic() - _touched.get(path, 0.0) > REFRESH_SECONDS:
-            _touch(fd, path)
+        if time.monotonic() - _looked.get(path, 0.0) > REFRESH_SECONDS:
+            _record(fd, path)
         return
     if fcntl is None:  # pragma: no cover - Windows
-        with contextlib.suppress(OSError):
-            with open(path, "ab"):
-                pass
-        _touch(None, path)
+        _record(None, path)
         return
     trusted = safefs.trusted_in(os.path.dirname(path))
     for _ in range(10):
-        try:
-            # 0644: other users reading a shared cache lock it too, keeping its owner's prune off.
-            fd = safefs.open_lock(path, trusted, mode=0o644)
-        except safefs.UnsafeFileError:
-            return  # planted by someone else where we cannot replace it: no protection
-        except OSError:
-            fd = safefs.open_existing(path, trusted)  # a read-only cache: a shared lock needs no write
-            if fd is None:
-                return
+        fd = _open(path)
+        if fd is None:
+            return
         if not _lock_shared(fd, path, trusted):
             os.close(fd)
             return
         if _same_file(fd, path):
             break
-        os.close(fd)  # a remover unlinked it while we waited: lock the new one
+        os.close(fd)  # a remover moved it away while we waited: lock what is there now
     else:
         return
-    _touch(fd, path)
+    _record(fd, path)
     with _lock:
         old = _held.pop(path, None)
         _held[path] = fd
@@ -129,6 +148,11 @@ def use(path: str) -> None:
             os.close(oldest)
     if old is not None:  # another thread of ours got there first
         os.close(old)
+
+
+def held(path: str) -> bool:
+    """Whether this process holds its shared lock on the entry directory ``path``."""
+    return path in _held
 
 
 def _lock_shared(fd: int, path: str, trusted: frozenset[int]) -> bool:
@@ -154,35 +178,37 @@ def _lock_shared(fd: int, path: str, trusted: frozenset[int]) -> bool:
 
 
 def touch(path: str) -> None:
-    """Record a use now (e.g. when a download this process made is committed)."""
+    """Record a use now, whatever is on record (when a download this process made is committed)."""
     with _lock:
         fd = _held.get(path)
-    _touch(fd, path)
+    _utime(fd, path)
+    _looked[path] = time.monotonic()
 
 
 def release(path: str) -> None:
     """Stop holding the entry (e.g. after a prefetch, which does not use what it fetches)."""
     with _lock:
         fd = _held.pop(path, None)
+    _looked.pop(path, None)
     if fd is not None:
         os.close(fd)
 
 
 def last_used(path: str) -> float | None:
-    """The Unix time of the entry's last recorded use, or ``None`` if it has none (or it is not a
-    use file a trusted user made)."""
+    """The Unix time of the entry directory's last recorded use (its mtime), or ``None`` if it
+    is not a real directory of a trusted user."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    if safefs.problem(st, safefs.trusted_in(os.path.dirname(path)), others_may_write=True) is not None:
+    if safefs.problem(st, safefs.trusted_in(os.path.dirname(path)), kind="dir", others_may_write=True) is not None:
         return None
-    mtime = st.st_mtime
-    return mtime or None  # 0: created by a remover, never used (see exclusive)
+    return st.st_mtime or None
 
 
 def holders(path: str) -> list[int]:
-    """Process ids holding a lock on ``path``, where the OS tells (Linux ``/proc/locks``)."""
+    """Process ids holding a lock on ``path`` (a file or a directory), where the OS tells
+    (Linux ``/proc/locks``)."""
     try:
         st = os.lstat(path)
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
@@ -217,7 +243,8 @@ def holder_uids(path: str) -> list[int]:
     return uids
 
 
-def _users_text(path: str) -> str:
+def users_text(path: str) -> str:
+    """``in use by pid N`` (or by this process, or by a running process when the OS does not say)."""
     pids = holders(path)
     if not pids:
         return "in use by a running process"
@@ -226,75 +253,79 @@ def _users_text(path: str) -> str:
     return "in use by pid " + ", ".join(str(p) for p in pids)
 
 
+def _unlockable(path: str) -> str | None:
+    """Where directories cannot be locked: in use if used within :data:`RECORD_SECONDS`."""
+    when = last_used(path)
+    if when is not None and time.time() - when < RECORD_SECONDS:
+        return "used within a day (this file system cannot lock directories)"
+    return None
+
+
 def probe(path: str) -> str | None:
-    """Why the entry is in use, or ``None`` if it is not. Creates and changes nothing."""
+    """Why the entry directory ``path`` is in use, or ``None`` if it is not. Changes nothing."""
     if fcntl is None:  # pragma: no cover - Windows
-        when = last_used(path)
-        return "used recently" if when is not None and time.time() - when < WINDOW_SECONDS else None
+        return _unlockable(path)
+    fd = _open(path)
+    if fd is None:
+        return None  # no entry (or not one we trust, which protects nothing): nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return users_text(path)
+    except OSError:
+        return _unlockable(path)
+    finally:
+        os.close(fd)
+    return None
+
+
+def probe_file(path: str) -> str | None:
+    """Why a lock or use file an older hubcache made is held (``in use by pid N``), else
+    ``None`` (absent, planted, or free). Changes nothing."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
     fd = safefs.open_existing(path, safefs.trusted_in(os.path.dirname(path)))
     if fd is None:
-        return None  # no use file (or a planted one, which protects nothing): nobody holds it
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return _users_text(path)
+        return users_text(path)
     finally:
         os.close(fd)
     return None
 
 
 @contextlib.contextmanager
-def exclusive(path: str, mode: int = 0o644) -> Iterator[str | None]:
-    """Hold off every user of the entry while the block runs.
+def exclusive(path: str) -> Iterator[str | None]:
+    """Hold off every user of the entry directory ``path`` while the block runs.
 
     Yields ``None`` when nobody uses the entry (users then wait until the block ends), or why
-    it is in use (the block must then leave the entry alone). Call :func:`forget` inside the
-    block after removing the entry. ``mode``: permissions of the file if it is created here.
+    it is in use (the block must then leave the entry alone). Creates nothing: with no
+    directory there, nobody can be using it.
     """
     if fcntl is None:  # pragma: no cover - Windows
         yield probe(path)
         return
-    trusted = safefs.trusted_in(os.path.dirname(path))
-    fd: int | None
-    try:
-        fd = safefs.open_file(path, trusted, flags=os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=mode)
-        # Created here, not by a use: mtime 0 reads as "no use recorded", so the entry keeps
-        # its age (from its manifest) if the removal does not go ahead.
-        with contextlib.suppress(OSError):
-            os.utime(fd, (0, 0)) if os.utime in os.supports_fd else os.utime(path, (0, 0))
-    except FileExistsError:
-        fd = _open_existing(path, trusted, mode)
-    except OSError:
-        fd = None
+    fd = _open(path)
     if fd is None:
-        yield None  # cannot even create the file in the cache dir: nobody can be holding it
+        yield None
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield _users_text(path)
+        except BlockingIOError:
+            yield users_text(path)
             return
-        if not _same_file(fd, path):  # another remover unlinked it: it is theirs now
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):  # pragma: no cover - BlockingIOError
+                yield users_text(path)
+            else:
+                yield _unlockable(path)
+            return
+        if not _same_file(fd, path):  # another remover moved it away: it is theirs now
             yield "being removed by another process"
             return
         yield None
     finally:
         os.close(fd)
-
-
-def _open_existing(path: str, trusted: frozenset[int], mode: int) -> int | None:
-    try:
-        return safefs.open_lock(path, trusted, mode=mode)  # a planted one is replaced if we can
-    except OSError:
-        return safefs.open_existing(path, trusted)
-
-
-def forget(path: str) -> None:
-    """Delete the use file of a removed entry (call inside :func:`exclusive`, after removal).
-
-    Users blocked on the old file notice it was unlinked and lock a fresh one.
-    """
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    _touched.pop(path, None)
