@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from datetime import datetime
 
 import pytest
@@ -180,3 +181,92 @@ def test_tensorflow_hub_and_hubcache_share_one_cache(origin, model, tmp_path, mo
     origin.reset_counts()
     assert hubcache.resolve(theirs) == by_tfhub[1]
     assert origin.count() == 0
+    # And the cache holds what tensorflow_hub's own tests expect: two names per model.
+    keys = (cache_key(ours), cache_key(theirs))
+    assert set(os.listdir(cache)) == {n for k in keys for n in (k, f"{k}.descriptor.txt")}
+
+
+TFHUB_WAITER = """
+    import json, os, sys, time
+    import tensorflow_hub
+    from tensorflow_hub import resolver as tfhub_resolver, tf_utils
+
+    tf_utils.read_file_to_string("/proc/self/status")  # file systems loaded before the clock starts
+    print("ready", flush=True)
+    lock = sys.stdin.readline().strip()
+    # What tensorflow_hub watches of a lock it finds to judge it alive: the holder's temp dir,
+    # named by the task in the lock file (resolver._wait_for_lock_to_disappear).
+    task = tfhub_resolver._task_uid_from_lock_file(lock)
+    watched = tfhub_resolver._temp_download_dir(tfhub_resolver._module_dir(lock), task)
+    print(json.dumps([tf_utils.read_file_to_string(lock), watched, os.path.isdir(watched)]), flush=True)
+    print(json.dumps([tensorflow_hub.resolve(h) for h in sys.argv[1:3]]), flush=True)
+    print(json.dumps(tensorflow_hub.resolve(sys.argv[3])), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_tensorflow_hub_and_hubcache_wait_for_each_others_downloads(origin, tmp_path, monkeypatch, events):
+    """Real tensorflow_hub in a child process, one cache, three models:
+
+    - A, committed by hubcache: tensorflow_hub serves it without a request;
+    - B, being downloaded by another hubcache process: tensorflow_hub finds `<key>.lock`, measures
+      the holder's temp dir growing (its own staleness check), waits, and serves hubcache's entry;
+    - C, downloaded by tensorflow_hub: hubcache finds tensorflow_hub's `<key>.lock`, waits (a
+      `waiting` event naming tensorflow_hub) and adopts the entry.
+
+    Each archive is requested once; the cache ends with two names per model."""
+    assert importlib.util.find_spec("tensorflow_hub") is not None, "pip install -e '.[test]'"
+    cache = tmp_path / "shared-cache"
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+    handles, archives = [], []
+    for name, seed, size in (("a", 1, 300_000), ("b", 2, 1_500_000), ("c", 3, 300_000)):
+        model = build_model_dir(tmp_path / name, weights_bytes=size, shards=1, seed=seed)
+        handles.append(origin.add_tfhub_model(f"/google/{name}/1", archive_of(model, "gz")))
+        archives.append(f"/storage/google/{name}/1.tar.gz")
+    a, b, c = handles
+    path_a = hubcache.resolve(a)
+    origin.throttle(archives[1], 300_000)  # about 5 s and 3 s
+    origin.throttle(archives[2], 100_000)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    tfhub = subprocess.Popen([sys.executable, "-c", textwrap.dedent(TFHUB_WAITER), a, b, c], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    downloader = None
+    try:
+        assert tfhub.stdout.readline().strip() == "ready", tfhub.stderr.read()[-3000:]
+        downloader = subprocess.Popen([sys.executable, "-c", "import sys, hubcache; hubcache.resolve(sys.argv[1])", b],
+                                      stderr=subprocess.PIPE, text=True)
+        lock_b = str(cache / f"{cache_key(b)}.lock")
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(lock_b) and os.path.getsize(lock_b)
+                   and [n for n in os.listdir(cache) if n.endswith(".tmp")]):
+            assert time.monotonic() < deadline and downloader.poll() is None, "hubcache's download never started"
+            time.sleep(0.01)
+        tfhub.stdin.write(lock_b + "\n")
+        tfhub.stdin.flush()
+        line = tfhub.stdout.readline()
+        assert line, tfhub.stderr.read()[-3000:]
+        text, watched, exists = json.loads(line)
+        # tensorflow_hub reads hubcache's lock and watches the temp dir hubcache writes into.
+        assert text.startswith(f"{socket.gethostname()}.{downloader.pid}.hc"), text
+        assert exists and os.path.dirname(watched) == str(cache) and watched.startswith(lock_b[:-5] + ".hc")
+        assert downloader.poll() is None, "hubcache's download ended before tensorflow_hub asked for B"
+        assert json.loads(tfhub.stdout.readline()) == [path_a, str(cache / cache_key(b))]
+        assert downloader.wait(timeout=60) == 0, downloader.stderr.read()
+        lock_c = cache / f"{cache_key(c)}.lock"
+        while not lock_c.exists():
+            assert time.monotonic() < deadline + 60 and tfhub.poll() is None, tfhub.stderr.read()[-3000:]
+            time.sleep(0.005)
+        path_c = hubcache.resolve(c)  # while tensorflow_hub downloads it
+        assert json.loads(tfhub.stdout.readline()) == path_c == str(cache / cache_key(c))
+        assert tfhub.wait(timeout=60) == 0
+    finally:
+        for proc in (tfhub, downloader):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    waited = [e.data["holder"] for e in events if e.kind == "waiting" and e.handle == c]
+    assert waited and "tensorflow_hub" in waited[0], waited
+    assert [origin.count(path) for path in archives] == [1, 1, 1], "a download was repeated"
+    assert LocalStore(str(cache)).read_manifest(cache_key(c)).creator == "adopted from tensorflow_hub"
+    keys = [cache_key(h) for h in handles]
+    assert set(os.listdir(cache)) == {n for k in keys for n in (k, f"{k}.descriptor.txt")}

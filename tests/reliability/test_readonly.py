@@ -25,7 +25,9 @@ import hubcache
 from hubcache.core.handles import cache_key
 from hubcache.testing import archive_of, build_model_dir, tree_of
 
-from .helpers import held_locks, open_files, snapshot, start_child
+from local_layout import drop_manifest, manifest_json
+
+from .helpers import child_results, held_locks, open_files, snapshot, start_child
 
 SCENARIO = "7. Shared and read-only caches"
 NOBODY = 65534
@@ -134,6 +136,31 @@ def test_hits_in_a_readonly_cache_take_no_lock_and_write_nothing(origin, model, 
                    hits=2, origin_requests=0, write_locks=0,
                    shared_read_locks=len(locks), bytes_changed=0, bytes_read_by_the_hits=report["bytes_read"],
                    model_bytes=WEIGHTS)
+
+
+def test_an_older_hubcaches_entry_in_a_readonly_cache_is_served_as_it_is(origin, model, readonly_view, monkeypatch,
+                                                                          figures):
+    """An entry an older hubcache committed (its manifest in ``<key>.manifest.json``, its use,
+    lock and owner files beside it) resolves from a read-only cache as another user; it cannot be
+    rewritten in the current layout there, so nothing changes and the origin sees nothing."""
+    populate, view, how = readonly_view
+    ours, _, _ = _populate(origin, model, populate, monkeypatch)
+    key = cache_key(ours)
+    manifest = manifest_json(populate, key)
+    drop_manifest(populate, key)
+    with open(os.path.join(populate, f"{key}.manifest.json"), "wb") as f:
+        f.write(manifest)
+    for suffix in (".hubcache.lock", ".hubcache.use", ".hubcache.owner"):
+        open(os.path.join(populate, key + suffix), "w").close()
+    how = _make_readonly(how)
+    before = snapshot(populate)
+    origin.reset_counts()
+    user = NOBODY if os.geteuid() == 0 else None
+    report = child_results(start_child({"handles": [ours], "setuid": user}, env=_child_env(view)))
+    assert report["results"][0].get("path") == os.path.join(view, key), report
+    assert origin.count() == 0 and snapshot(populate) == before, "the read-only cache changed"
+    figures.update(run=f"{how}: an entry in an older hubcache's layout resolved", hits=1, origin_requests=0,
+                   bytes_changed=0)
 
 
 def test_miss_in_a_readonly_cache_is_a_clear_error(origin, model, readonly_view, monkeypatch, figures):
