@@ -185,3 +185,45 @@ def test_one_reader_of_a_descriptors_module_line_for_both_stores():
     assert entry.descriptor_module(None) is None
     assert entry.descriptor_module(b"Module: caf\xc3\xa9\n") == "café"
     assert not hasattr(localstore, "_printable") and not hasattr(objectstore, "_printable")
+
+
+def test_a_local_descriptor_holds_the_manifest_after_hubcaches_line():
+    handle = "https://example.com/model/1"
+    head = entry.descriptor_text(handle)
+    manifest = b'{\n "format": 1,\n "handle": "x"\n}'
+    text = entry.descriptor_with_manifest(head, manifest)
+    assert text.startswith(head.encode()) and text.endswith(manifest)
+    assert text.decode().splitlines()[4] == entry.MANIFEST_MARK
+    assert entry.descriptor_manifest(text) == manifest
+    assert entry.descriptor_head(text) == head
+    assert entry.descriptor_module(text) == handle and not entry.written_by_tensorflow_hub(text)
+    # No manifest: none at all, hubcache's descriptor before its commit, tensorflow_hub's (even one
+    # that carries the marker: only hubcache's line before it makes it a manifest).
+    assert entry.descriptor_manifest(None) is None
+    assert entry.descriptor_manifest(head.encode()) is None
+    theirs = b"Module: h\nDownload Time: now\nDownloader Hostname: x (PID:1)"
+    assert entry.descriptor_manifest(theirs) is None
+    assert entry.descriptor_manifest(theirs + b"\nManifest:\n{}") is None
+    assert entry.descriptor_head(theirs) == theirs.decode()
+
+
+def test_a_lock_file_says_what_tensorflow_hub_writes():
+    text = entry.lock_text("hc12-abcdef01")
+    assert text == f"{socket.gethostname()}.{os.getpid()}.hc12-abcdef01"
+    # tensorflow_hub reads the task after the last dot (resolver._task_uid_from_lock_file).
+    assert text.split(".")[-1] == "hc12-abcdef01"
+    assert entry.parse_lock(text) == (socket.gethostname(), os.getpid(), "hc12-abcdef01")
+    assert entry.lock_by_hubcache(text)
+    assert entry.lock_holder(text) == f"{socket.gethostname()} pid {os.getpid()}"
+    theirs = "host.example.com.4242.0123456789abcdef0123456789abcdef"  # resolver._lock_file_contents
+    assert entry.parse_lock(theirs) == ("host.example.com", 4242, "0123456789abcdef0123456789abcdef")
+    assert not entry.lock_by_hubcache(theirs)
+    for junk in ("", "x", "host.pid.task", "h.99999999999.t", ".1.t"):
+        assert entry.parse_lock(junk) is None and not entry.lock_by_hubcache(junk)
+    planted = "evil\x1b]0;pwned\x07.1.t"
+    assert entry.lock_holder(planted).isprintable() and entry.lock_holder(None) == "unknown"
+
+
+def test_the_names_an_older_hubcache_kept():
+    assert entry.LEGACY_SUFFIXES == (".hubcache.lock", ".hubcache.owner", ".hubcache.use")
+    assert not hasattr(entry, "USE_SUFFIX") and not hasattr(entry, "HUBCACHE_LOCK_SUFFIX")

@@ -518,3 +518,34 @@ def test_a_manifest_after_a_descriptor_without_hubcaches_line_is_not_trusted(bac
     assert run(url) == [path] and origin.count() == 1
     adopted = manifest_in_descriptor(backend().root, cache_key(url))
     assert adopted is not None and adopted["creator"] == "adopted from tensorflow_hub"
+
+
+def test_where_directories_cannot_be_locked_a_recent_use_counts_as_in_use(backend, models, monkeypatch):
+    """An NFS mount without ``local_lock=flock`` refuses an exclusive flock on a directory (EBADF:
+    it maps flock to a write lock, which needs a file open for writing). No such mount here, so
+    the refusal is simulated (the only mock in this module): an entry used within the day is kept,
+    an older one may go."""
+    import errno
+    import fcntl
+
+    from hubcache.stores import usage
+
+    url = models[0]
+    run(url)
+    store = backend()
+    key = cache_key(url)
+    real = fcntl.flock
+
+    def nfs_flock(fd, operation):
+        if operation & fcntl.LOCK_EX and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, operation)
+
+    monkeypatch.setattr(usage.fcntl, "flock", nfs_flock)
+    assert store.busy(key) == "used within a day (this file system cannot lock directories)"
+    report = prune_store(store, max_size=0)
+    assert [(a.outcome, a.kept_because) for a in report.actions] == [("kept", store.busy(key))]
+    old = time.time() - 2 * DAY
+    os.utime(store.entry_path(key), (old, old))
+    assert store.busy(key) is None
+    assert [a.outcome for a in prune_store(store, max_size=0).actions] == ["removed"]
