@@ -278,13 +278,14 @@ def test_a_downloader_killed_mid_download_blocks_nobody(backend, origin, tmp_pat
     key = cache_key(url)
     child = subprocess.Popen([sys.executable, "-c", RESOLVE, url], stderr=subprocess.PIPE)
 
-    def extracting() -> bool:  # the child's temp dir holds files: the download is under way
+    def downloading() -> bool:  # the child holds the lock, has its temp dir, and bytes are flowing
         names = os.listdir(root) if os.path.isdir(root) else []
-        return any(n.endswith(".tmp") and os.listdir(os.path.join(root, n)) for n in names)
+        sent = sum(r.sent for r in origin.requests if r.path == "/killed.tar.gz")
+        return f"{key}.lock" in names and any(n.endswith(".tmp") for n in names) and sent >= 128 << 10
 
     try:
         deadline = time.monotonic() + 30
-        while not extracting():
+        while not downloading():
             assert time.monotonic() < deadline and child.poll() is None, "the download never started"
             time.sleep(0.01)
     finally:

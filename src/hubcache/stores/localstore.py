@@ -55,7 +55,7 @@ logger = logging.getLogger("hubcache")
 #: Checking an entry already on disk against its manifest: only the manifest's shape matters
 #: (the size and member limits were applied when the entry was written).
 _NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
-#: Largest descriptor or owner note read.
+#: Most of a descriptor searched for its ``Module:`` line (the handle ``hubcache ls`` shows).
 _NOTE_BYTES = 64 << 10
 #: Largest head (the lines before the manifest) of a descriptor kept when hubcache rewrites it.
 _HEAD_BYTES = 4096
@@ -404,16 +404,6 @@ class LocalStore(Store):
             downloadlock.drop_if_free(self.lock_path(key), self.trusted, self.lock_timeout)
         return path, manifest
 
-    def _read_note(self, path: str) -> str | None:
-        try:
-            return safefs.read_file(path, self.trusted, limit=_NOTE_BYTES).decode("utf-8", errors="replace")
-        except OSError:
-            return None
-
-    def _is_foreign(self, key: str) -> bool:
-        """True for an entry tensorflow_hub wrote (its descriptor does not name hubcache)."""
-        return layout.written_by_tensorflow_hub(self.read_descriptor(key))
-
     def _head(self, descriptor: bytes | None, handle: str) -> str:
         """The lines a descriptor hubcache rewrites keeps (an adopted or older entry's, with
         hubcache's line added), or fresh ones if they are not a plain, short text."""
@@ -598,9 +588,6 @@ class LocalStore(Store):
         finally:
             self._tasks.pop(key, None)
             downloadlock.release(fd, path)
-
-    def _holder(self, key: str) -> str:
-        return downloadlock.holder(self.lock_path(key), self.trusted)
 
     def writer(self, key: str, handle: str) -> LocalWriter:
         return LocalWriter(self, key, handle, task=self._tasks.get(key))
