@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import pytest
 
 import hubcache
+from hubcache.core import entry
 from hubcache.core.handles import cache_key, parse_handle
 from hubcache.core.locate import Location, locate
 from hubcache.testing import archive_of, routed_hosts, tree_of
@@ -46,8 +47,11 @@ def _entry(handle: str) -> str:
 
 
 def _manifest(handle: str) -> dict:
-    with open(_entry(handle) + ".manifest.json", encoding="utf-8") as f:
-        return json.load(f)
+    """hubcache's manifest of the handle's entry (at the end of its descriptor)."""
+    with open(_entry(handle) + ".descriptor.txt", "rb") as f:
+        found = entry.descriptor_manifest(f.read())
+    assert found is not None, "no manifest: hubcache did not commit this entry"
+    return json.loads(found)
 
 
 # -- the China mirror ----------------------------------------------------------------------------

@@ -30,11 +30,11 @@ import numpy as np
 import pytest
 
 import hubcache
-from hubcache.core import mirrors, resolver
+from hubcache.core import entry, mirrors, resolver
 from hubcache.core.errors import MissingDependencyError
 from hubcache.core.handles import cache_key
-from hubcache.plugins.registry import get_registry, reset_registry
 from hubcache.plugin import Backend
+from hubcache.plugins.registry import get_registry, reset_registry
 from hubcache.testing import OriginServer, archive_of, routed_hosts
 from hubcache.tfhub_patch import HubcacheResolver, is_patched, supports
 
@@ -43,6 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TFHUB_DEFAULTS = ["PathResolver", "HttpUncompressedFileResolver", "GcsCompressedFileResolver",
                   "HttpCompressedFileResolver"]
 
+
+
+def committed_by_hubcache(path: str) -> bool:
+    """Whether the entry at ``path`` was committed by hubcache: its descriptor holds hubcache's
+    manifest (tensorflow_hub's descriptor has none)."""
+    try:
+        with open(path + ".descriptor.txt", "rb") as f:
+            return entry.descriptor_manifest(f.read()) is not None
+    except FileNotFoundError:
+        return False
 
 def _examples_model():
     """examples/_model.py (the model builders tests/test_tf.py uses too)."""
@@ -217,7 +227,7 @@ def test_hub_resolve_and_load_of_served_archives(registry, hub, tfhub_served, ev
     assert path == _entry(url)
     assert tfhub_served.origin.count(archive_path) - before == 1
     assert _committed(events) == [path], "hubcache committed the entry"
-    assert os.path.isfile(path + ".manifest.json"), "hubcache's manifest (tensorflow_hub writes none)"
+    assert committed_by_hubcache(path), "hubcache's manifest, in the descriptor (tensorflow_hub writes none)"
     assert model._is_hub_module_v1 is False
     for m in (model, again):
         np.testing.assert_allclose(m(x)["y"].numpy(), _model.expected_tf2(x), rtol=1e-6)
@@ -245,7 +255,7 @@ def test_file_url_cache_dir(registry, hub, tfhub_served, monkeypatch, tmp_path, 
     hubcache.patch_tensorflow_hub()
     path = hub.resolve(tfhub_served.tar_gz)
     assert path == _entry(tfhub_served.tar_gz, str(cache))
-    assert (cache / (cache_key(tfhub_served.tar_gz) + ".manifest.json")).is_file()
+    assert committed_by_hubcache(str(cache / cache_key(tfhub_served.tar_gz)))
     assert _committed(events) == [path]
     np.testing.assert_allclose(hub.load(tfhub_served.tar_gz)(x)["y"].numpy(), _model.expected_tf2(x), rtol=1e-6)
 
@@ -373,7 +383,7 @@ def test_missing_dependency_falls_back_to_tensorflow_hub(registry, hub, tfhub_se
             assert hub.resolve(url) == path
         assert path == _entry(url)
         assert os.path.isfile(os.path.join(path, "saved_model.pb"))
-        assert not os.path.exists(path + ".manifest.json"), "tensorflow_hub, not hubcache, wrote this entry"
+        assert not committed_by_hubcache(path), "tensorflow_hub, not hubcache, wrote this entry"
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1 and "HttpCompressedFileResolver" in warnings[0] and "pip install client" in warnings[0]
         with pytest.raises(MissingDependencyError, match="needs `client`"):
@@ -424,6 +434,7 @@ def test_patch_before_tensorflow_hub_is_imported_applies_on_import(tfhub_served,
     seen = _run(f"""
         import json, os, sys, threading, time
         import hubcache
+        from hubcache.core import entry
         hubcache.patch_tensorflow_hub()
         go = threading.Barrier(8)
 
@@ -447,7 +458,8 @@ def test_patch_before_tensorflow_hub_is_imported_applies_on_import(tfhub_served,
         from tensorflow_hub import registry
         path = hub.resolve({url!r})
         print(json.dumps({{"impls": [type(i).__name__ for i in registry.resolver._impls], "path": path,
-                          "manifest": os.path.isfile(path + ".manifest.json")}}))
+                          "manifest": entry.descriptor_manifest(
+                              open(path + ".descriptor.txt", "rb").read()) is not None}}))
     """)
     assert seen["impls"] == TFHUB_DEFAULTS + ["HubcacheResolver"]
     assert seen["path"] == _entry(url) and seen["manifest"] is True
