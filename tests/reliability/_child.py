@@ -106,6 +106,7 @@ def become(uid: int) -> None:
                  "hubcache.archive.formats", "hubcache.stores.usage", "hubcache.stores.safefs",
                  "hubcache.stores.treewalk", "hubcache.core.paths", "hubcache.core.redact",
                  "hubcache.core.tiers", "hubcache.backends.tmp", "hubcache.backends.home", "platformdirs",
+                 "hubcache.download.network", "hubcache.download.parallel", "urllib.request",
                  "tarfile", "zlib", "bz2", "lzma", "hashlib", "encodings.idna"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
