@@ -26,9 +26,12 @@ def test_demo_resolves_through_tmp_and_home_and_cleans_up():
         assert path.endswith("/tfhub_modules/" + cache_key(handle))
     assert sum("/tmp/tfhub_modules/" in p for p in paths) == 3
     assert sum("/home/tfhub_modules/" in p for p in paths) == 3
-    # Cold resolves download (1 request, 2 for the tfhub-style redirect); warm ones never do.
+    # Cold resolves download (the .tar.gz in one or more range requests: HUBCACHE_CONNECTIONS; the
+    # tfhub-style handle one request more, its redirect); warm ones never do.
     downloads = [int(n) for n in re.findall(r"cold\s+[\d.]+ ms \((\d+) request", out)]
-    assert downloads == [1, 1, 2, 1, 1, 2]
-    assert "origin saw 8 requests in all" in out
+    gz, zst, tfhub = downloads[:3]
+    assert len(downloads) == 6 and downloads[3:] == downloads[:3], downloads
+    assert gz >= 1 and zst >= 1 and tfhub == gz + 1, downloads
+    assert f"origin saw {2 * sum(downloads[:3])} requests in all" in out
     workdir = re.search(r"-> (/\S+?/hubcache-demo-[^/]+)/", out).group(1)
     assert not os.path.exists(workdir), "the demo must leave nothing behind"

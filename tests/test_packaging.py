@@ -272,7 +272,9 @@ from tensorflow_hub import registry
 seen["impls"] = [type(i).__name__ for i in registry.resolver._impls]
 if seen["impls"][-1] == "HubcacheResolver":
     path = hub.resolve({url!r})
-    seen["manifest"] = os.path.isfile(path + ".manifest.json")
+    from hubcache.core import entry
+    with open(path + ".descriptor.txt", "rb") as f:
+        seen["manifest"] = entry.descriptor_manifest(f.read()) is not None  # hubcache's commit
     seen["path"] = path
 import hubcache
 seen["hubcache"] = hubcache.__file__
