@@ -320,3 +320,29 @@ def test_editable_install_has_the_start_up_hook_too(dists, tmp_path):
     seen = json.loads(result.stdout)
     assert seen["modules"] == ["_hubcache_autopatch"] and seen["finders"] == ["PostImportFinder"]
     assert seen["file"] == str(tree / "src" / "hubcache" / "__init__.py")
+
+
+def test_every_readme_link_works_on_a_package_index_page_too():
+    """The README is the package's page on an index (its long description), where a relative link
+    (``docs/x.md``) or image resolves against the index's own URL and breaks. So the README links
+    only to its own sections (``#...``) or to absolute ``https://`` addresses, and names files of
+    the repository (shipped in the sdist too) as plain paths. The project has no public address
+    yet; with one, these can become absolute links."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    anchors = {_anchor(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
+    targets = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert targets, "the README has links (its first screen points at sections)"
+    for target in targets:
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"no section for the link {target}"
+        else:
+            assert target.startswith("https://"), f"a link that breaks on an index page: {target}"
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub and PyPI's renderer give a heading."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
