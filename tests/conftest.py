@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -31,6 +34,14 @@ def _keep_bytecode_out_of_tree() -> None:
         return  # the installer wrote bytecode next to the sources: every process reads it
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     prefix = os.path.join(cache, "hubcache-tests", "pycache")
+    # What earlier sessions compiled from pytest's temp dirs (copies of the package, plugins the
+    # tests write) is never read again: those paths are new in every session.
+    try:
+        user = getpass.getuser()
+    except (ImportError, KeyError, OSError):
+        user = "unknown"
+    shutil.rmtree(os.path.join(prefix, os.path.relpath(tempfile.gettempdir(), os.sep), f"pytest-of-{user}"),
+                  ignore_errors=True)
     os.environ["PYTHONPYCACHEPREFIX"] = prefix
     del os.environ["PYTHONDONTWRITEBYTECODE"]
     sys.pycache_prefix = prefix  # this process: the modules it imports from now on

@@ -5,6 +5,7 @@ user cache dir and never next to a source file; where the installer wrote byteco
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -50,7 +51,16 @@ def _probe(tmp_path, **env: str) -> dict:
 
 
 def test_without_installed_bytecode_children_cache_it_under_the_user_cache_dir(tmp_path):
-    result = _probe(tmp_path, PYTHONDONTWRITEBYTECODE="1")
+    # Bytecode of an earlier session's pytest temp dir (gone) and of a venv under the temp dir.
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    mirror = tmp_path / "cache" / "hubcache-tests" / "pycache" / os.path.relpath(system_tmp, os.sep)
+    stale = mirror / f"pytest-of-{getpass.getuser()}" / "pytest-1" / "copy" / "__init__.cpython-311.pyc"
+    kept = mirror / "venv-gcs-floor" / "gcsfs" / "__init__.cpython-311.pyc"
+    for path in (stale, kept):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"old")
+    result = _probe(tmp_path, PYTHONDONTWRITEBYTECODE="1", TMPDIR=str(system_tmp))
     assert not result["beside_source"], "bytecode written next to a source file"
     if result["installed"]:
         # This environment has its bytecode (a fresh pip install): nothing to do, nothing done.
@@ -59,6 +69,7 @@ def test_without_installed_bytecode_children_cache_it_under_the_user_cache_dir(t
         prefix = str(tmp_path / "cache" / "hubcache-tests" / "pycache")
         assert result["prefix"] == result["sys_prefix"] == prefix and result["dont_write"] is None
         assert [p for p in result["cached"] if p.startswith(prefix) and p.endswith(".pyc")], result["cached"]
+        assert not stale.exists() and kept.exists(), "only what pytest's temp dirs held is forgotten"
 
 
 def test_an_explicit_prefix_or_writable_bytecode_is_left_alone(tmp_path):
