@@ -329,8 +329,8 @@ def test_verify_full_names_what_a_deep_entry_holds_beyond_its_manifest_in_one_pa
     folder planted 1500 levels down, nothing else. The folders above the manifest's names are
     built once each (one pass over the names): rebuilding every prefix of every name took 17-24 s
     for one such entry, the whole of ``verify --full``'s time."""
-    from hubcache.core.localstore import LocalStore
-    from hubcache.core.verify import _ancestors, unlisted
+    from hubcache.stores.localstore import LocalStore
+    from hubcache.maintenance.verify import _ancestors, unlisted
 
     store = LocalStore(str(tmp_path / "cache"))
     key = cache_key("https://models.invalid/deep-planted.tar.gz")
