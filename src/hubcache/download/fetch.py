@@ -371,11 +371,7 @@ class HttpSource(Source):
             if status >= 300:
                 _discard_response(response)
                 raise self._fail(f"HTTP {status} {response.reason or ''}".rstrip(), status)
-            with self._guard:
-                if self._expired:
-                    _discard_response(response)
-                    raise self._deadline_error()
-                self._live = response
+            self._go_live(response)
             # Shown and stored: no credentials, nor the query of a redirect target (a signature).
             self.final_url = urlunsplit(urlsplit(_without_userinfo(url))._replace(query="", fragment="")) \
                 if hops else self.url
@@ -392,6 +388,15 @@ class HttpSource(Source):
                 return response
             self._check_resume(response, offset)
             return response
+
+    def _go_live(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Make ``response`` the one whose body this source reads, unless the deadline passed
+        meanwhile (its watchdog cuts the live response; one not yet live would escape it)."""
+        with self._guard:
+            if self._expired:
+                _discard_response(response)
+                raise self._deadline_error()
+            self._live = response
 
     def _check_resume(self, response: urllib3.BaseHTTPResponse, offset: int) -> None:
         """Accept the answer to a resume only if it continues the same file from ``offset``."""

@@ -497,11 +497,7 @@ class _Chunk(HttpSource):
             if status not in (200, 206):
                 _discard_response(response)
                 raise self._fail(f"HTTP {status} {response.reason or ''}".rstrip(), status)
-            with self._guard:
-                if self._expired:
-                    _discard_response(response)
-                    raise self._deadline_error()
-                self._live = response
+            self._go_live(response)
             self._check_chunk(response, first)
             return response
 
