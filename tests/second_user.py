@@ -24,11 +24,11 @@ import zlib
 import pytest
 
 from hubcache.core import resolver
-from hubcache.stores import usage
-from hubcache.core.handles import cache_key
 from hubcache.core.entry import descriptor_with_manifest
-from hubcache.stores.localstore import WRITER_TAG
+from hubcache.core.handles import cache_key
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
+from hubcache.stores import usage
+from hubcache.stores.localstore import WRITER_TAG
 from hubcache.testing import build_model_dir
 
 NOBODY = 65534
@@ -109,6 +109,16 @@ def write_like_tensorflow_hub(root: str, handle: str, source: str) -> str:
     return entry
 
 
+def content_of(path: str, st: os.stat_result) -> bytes:
+    """What a snapshot records of ``path``'s content: a file's SHA-256, a link's target."""
+    if stat.S_ISREG(st.st_mode):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).digest()
+    if stat.S_ISLNK(st.st_mode):
+        return os.readlink(path).encode()
+    return b""
+
+
 def snapshot(root: str) -> dict[str, tuple]:
     """Everything under ``root``: kind, owner, mode, size, mtime and bytes of each file."""
     out = {}
@@ -116,14 +126,8 @@ def snapshot(root: str) -> dict[str, tuple]:
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
-            data = b""
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    data = hashlib.sha256(f.read()).digest()
-            elif stat.S_ISLNK(st.st_mode):
-                data = os.readlink(full).encode()
             out[os.path.relpath(full, root)] = (stat.S_IFMT(st.st_mode), st.st_uid, stat.S_IMODE(st.st_mode),
-                                                st.st_size, st.st_mtime_ns, data)
+                                                st.st_size, st.st_mtime_ns, content_of(full, st))
     return out
 
 

@@ -15,7 +15,6 @@ library's, so that it runs against any version.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import time
 import uuid
 
 import pytest
+from second_user import content_of
 
 import hubcache
 from hubcache.core import resolver
@@ -86,14 +86,8 @@ def snapshot(root: str) -> dict[str, tuple]:
     for dirpath, dirnames, filenames in os.walk(root):
         for full in [dirpath] + [os.path.join(dirpath, n) for n in filenames]:
             st = os.lstat(full)
-            data = b""
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    data = hashlib.sha256(f.read()).digest()
-            elif stat.S_ISLNK(st.st_mode):
-                data = os.readlink(full).encode()
             out[os.path.relpath(full, root)] = (st.st_mode, st.st_uid, st.st_size, st.st_ino, st.st_nlink,
-                                                st.st_mtime_ns, st.st_ctime_ns, data)
+                                                st.st_mtime_ns, st.st_ctime_ns, content_of(full, st))
         for name in dirnames:
             full = os.path.join(dirpath, name)
             if os.path.islink(full):
