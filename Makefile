@@ -6,6 +6,9 @@
 #   make bench  - the benchmark harness against tensorflow_hub and tar (1 GiB, ~6 minutes)
 PYTHON ?= python3
 VENV   ?= .venv
+# pytest-xdist workers for the main suite: most of its time is spent waiting (lease TTLs, child
+# processes, servers), so two workers on two cores halve the wall time. JOBS=0 runs in-process.
+JOBS   ?= 2
 PY     := $(VENV)/bin/python
 
 .PHONY: demo test test-gcs-floor bench venv clean
@@ -40,7 +43,7 @@ FLOOR_SKIP := not (request_rate or stalled_holder or stalled_writer or tier_chai
 test: $(VENV)/.test
 	$(PY) -m mypy
 	PYTHON=$(PYTHON) scripts/test_gcs_floor.sh -k "$(FLOOR_SKIP)"
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS)
 
 # The gcs extra's floor (the oldest gcsfs it allows) in a venv of its own, reused while
 # pyproject.toml is unchanged: `test` runs this first (the main suite's floor scenario reads that

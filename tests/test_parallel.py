@@ -223,9 +223,12 @@ def test_a_wrong_answer_to_a_range_restarts_as_one_stream(origin, models, parall
     restarts = _restarts(events)
     assert len(restarts) == 1, [e.data for e in events if e.kind == "download_retry"]
     assert reason in restarts[0].data["error"]
-    # The restart is one stream: the last request is a plain GET that got the whole object.
-    last = [r for r in origin.requests if r.path == "/m.tar.gz"][-1]
-    assert last.headers.get("Range") is None and last.status == 200 and last.sent == len(body)
+    # The restart is one stream: a second plain GET that got the whole object. (Not simply the
+    # last request logged: the origin logs a request when its answer ends, so a chunk that was
+    # in flight when the restart began may be logged after it on a loaded machine.)
+    plain = [r for r in origin.requests if r.path == "/m.tar.gz" and r.headers.get("Range") is None]
+    assert len(plain) == 2
+    assert plain[-1].status == 200 and plain[-1].sent == len(body)
 
 
 @pytest.mark.parametrize("name", list(WRONG_ANSWERS))
