@@ -147,7 +147,7 @@ def test_gs_cache_dir_selects_gcs_cold_miss_then_hit(origin, model, gcs_root, mo
 
 
 def test_hit_costs_one_request(origin, model, gcs_root):
-    """A hit in a new process reads the manifest object and nothing else."""
+    """A hit in a new process reads the descriptor (which holds the manifest) and nothing else."""
 
     class Counting(GcsObjectStore):
         calls: list[str] = []
@@ -155,6 +155,10 @@ def test_hit_costs_one_request(origin, model, gcs_root):
         def read_object(self, path, limit=None):
             self.calls.append(f"read {path}")
             return super().read_object(path, limit)
+
+        def read_versioned(self, path, limit=None):
+            self.calls.append(f"read {path}")
+            return super().read_versioned(path, limit)
 
         def list_objects(self, path):
             self.calls.append(f"list {path}")
@@ -172,7 +176,7 @@ def test_hit_costs_one_request(origin, model, gcs_root):
     store.calls.clear()
     fresh = Counting(gcs_root, gcs())
     assert resolve_in_store(fresh, handle, locate(handle, "COMPRESSED"), config)[0] == path
-    assert fresh.calls == [f"read {strip(gcs_root)}/{handle.key}.manifest.json"]
+    assert fresh.calls == [f"read {strip(gcs_root)}/{handle.key}.descriptor.txt"]
 
 
 @pytest.mark.parametrize("cache_dir", [None, "/some/local/dir"])
@@ -239,7 +243,7 @@ def test_upload_killed_before_manifest_is_not_trusted_and_redone(origin, tmp_pat
         child.send_signal(signal.SIGKILL)
         child.wait()
     uploaded = fs.find(f"{entry}/")
-    assert uploaded and not fs.exists(f"{entry}.manifest.json")
+    assert uploaded and not fs.exists(f"{entry}.descriptor.txt")
     assert len(uploaded) < len(tree_of(model)), "the child was killed after its upload had finished"
     backend = GcsBackend(load_config())
     states = {e.key: e.state for e in backend.entries()}

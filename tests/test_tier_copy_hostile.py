@@ -25,6 +25,8 @@ from hubcache.core.handles import cache_key
 from hubcache.core.manifest import FileRecord, Manifest, crc_hex
 from hubcache.core.tiers import SourceUnusable, TieredBackend
 from hubcache.testing import archive_of, tree_of
+from bucket_layout import descriptor_object, plant_manifest
+from bucket_layout import manifest_json as bucket_manifest_json
 from local_layout import manifest_json, write_manifest_json
 
 
@@ -218,11 +220,11 @@ def test_a_bucket_manifest_with_dotdot_names_writes_nothing_outside_home(origin,
     key = cache_key(url)
     # A bucket writer forges the manifest: a file and a directory two levels above the entry.
     fs = gcs()
-    manifest_object = f"{root.split('://', 1)[1]}/{key}.manifest.json"
-    manifest = Manifest.from_json(fs.cat_file(manifest_object))
+    manifest_object = descriptor_object(root.split("://", 1)[1], key)
+    manifest = Manifest.from_json(bucket_manifest_json(fs, manifest_object))
     manifest.files.append(record("../../x", b"evil"))
     manifest.dirs.append("../../evil-dir")
-    fs.pipe_file(manifest_object, manifest.to_json())
+    plant_manifest(fs, manifest_object, manifest.to_json())
     # Host 2: an empty home cache, with a victim where `../../x` of its temp dir points.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host2-cache"))
     resolver.clear_memo()

@@ -85,9 +85,9 @@ class ConformanceFixtures:
     #: cases gets a temp dir of its own, as another host would have, and must leave it empty.
     SHARED_ACROSS_HOSTS = False
     #: The cache root holds exactly what tensorflow_hub's does once resolves finish: ``<key>``
-    #: and ``<key>.descriptor.txt`` per entry, the manifest inside the descriptor (the local
-    #: stores). ``False`` (object stores): the manifest is ``<key>.manifest.json``.
-    TFHUB_LAYOUT = False
+    #: and ``<key>.descriptor.txt`` per entry, the manifest inside the descriptor (every
+    #: built-in store). ``False``: the store keeps other names beside its entries.
+    TFHUB_LAYOUT = True
 
     @pytest.fixture
     def conformance_config(self) -> Config:
@@ -153,19 +153,17 @@ class ConformanceFixtures:
 
     def beside(self, backend: CacheBackend, key: str, suffix: str) -> tuple[Any, str]:
         """``(fs, path)`` of the file ``<key><suffix>`` beside the entry ``key`` (its
-        ``.manifest.json``, its ``.descriptor.txt``)."""
+        ``.descriptor.txt``, its ``.lock``)."""
         fs, entry = self.filesystem(backend, backend.store.entry_path(key))
         return fs, entry.rstrip("/")[: -len(key)] + key + suffix
 
     def manifest_bytes(self, backend: CacheBackend, key: str) -> bytes:
-        """The committed manifest's JSON as the store keeps it: ``<key>.manifest.json``, or the
-        end of ``<key>.descriptor.txt`` (a local store; see :mod:`hubcache.core.entry`)."""
+        """The committed manifest's JSON as the store keeps it: the end of
+        ``<key>.descriptor.txt`` (see :mod:`hubcache.core.entry`)."""
         from .core import entry
 
-        fs, manifest = self.beside(backend, key, entry.MANIFEST_SUFFIX)
-        if fs.exists(manifest):
-            return bytes(fs.cat_file(manifest))
-        found = entry.descriptor_manifest(fs.cat_file(self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)[1]))
+        fs, descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)
+        found = entry.descriptor_manifest(fs.cat_file(descriptor))
         assert found is not None, f"no manifest for {key}"
         return found
 
@@ -173,11 +171,7 @@ class ConformanceFixtures:
         """Replace the manifest's JSON where the store keeps it (:meth:`manifest_bytes`)."""
         from .core import entry
 
-        fs, manifest = self.beside(backend, key, entry.MANIFEST_SUFFIX)
-        if fs.exists(manifest):
-            fs.pipe_file(manifest, data)
-            return
-        descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)[1]
+        fs, descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)
         head = entry.descriptor_head(fs.cat_file(descriptor))
         fs.pipe_file(descriptor, entry.descriptor_with_manifest(head, data))
 
@@ -185,11 +179,7 @@ class ConformanceFixtures:
         """Take the manifest away (the entry is then not committed), leaving everything else."""
         from .core import entry
 
-        fs, manifest = self.beside(backend, key, entry.MANIFEST_SUFFIX)
-        if fs.exists(manifest):
-            fs.rm(manifest)
-            return
-        descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)[1]
+        fs, descriptor = self.beside(backend, key, entry.DESCRIPTOR_SUFFIX)
         fs.pipe_file(descriptor, entry.descriptor_head(fs.cat_file(descriptor)).encode())
 
     def read(self, backend: CacheBackend, path: str) -> dict[str, bytes]:
@@ -869,8 +859,8 @@ class ObjectStoreCases(ObjectStoreFixtures):
 
     def test_what_others_wrote_is_read_with_a_cap_and_unlisted_objects_are_reported(
             self, backend: CacheBackend, origin: OriginServer, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Objects others wrote into the bucket are read with a cap: a manifest that is a valid
-        one followed by a megabyte of padding (so that, read whole, it would parse) is larger
+        """Objects others wrote into the bucket are read with a cap: a descriptor whose manifest
+        is a valid one followed by a megabyte of padding (so that, read whole, it would parse) is larger
         than the cap, hence a damaged entry, downloaded again and replaced, after reading no more
         than the cap plus one byte of it; a lease object padded the same way is read capped too.
         An object planted in an entry that its manifest does not list is named by
@@ -886,9 +876,9 @@ class ObjectStoreCases(ObjectStoreFixtures):
         url = origin.add("/capped.tar.gz", archive_of(model))
         path = self.resolve(backend, url)
         key = cache_key(url)
-        manifest_path = store.object_path(f"{key}.manifest.json")
-        padded = _existing(store, manifest_path) + b" " * (1 << 20)
-        store.write_object(manifest_path, padded)
+        descriptor_path = store.object_path(f"{key}.descriptor.txt")
+        padded = _existing(store, descriptor_path) + b" " * (1 << 20)
+        store.write_object(descriptor_path, padded)
         lease_path = store._lease_path(key)
         store.write_object(lease_path, json.dumps({"owner": "planted", "lease": "x", "time": 0}).encode()
                            + b" " * (1 << 20))
@@ -910,7 +900,7 @@ class ObjectStoreCases(ObjectStoreFixtures):
         assert sizes and max(sizes) <= max(objectstore.MAX_MANIFEST_BYTES, objectstore.MAX_SMALL_OBJECT) + 1, sizes
         assert self.resolve(self.fresh(backend), url) == path
         assert origin.count("/capped.tar.gz") == 2, "downloaded again"
-        assert len(_existing(store, manifest_path)) < len(padded), ("the manifest was replaced", len(_existing(store, manifest_path)), len(padded))
+        assert len(_existing(store, descriptor_path)) < len(padded), ("the descriptor was replaced", len(_existing(store, descriptor_path)), len(padded))
 
         store.write_object(f"{store.object_path(key)}/planted.bin", b"not in the manifest")
         [result] = verify([self.fresh(backend)], [url], full=True)
@@ -1314,10 +1304,233 @@ class TierChainCases(ObjectStoreFixtures):
             assert copied_at - committed_at < 2.5, "the waiting hosts copy soon after the commit"
 
 
-class ObjectStoreConformance(ObjectStoreCases, LeaseCases, TierChainCases, CacheBackendConformance):
+class ObjectLayoutCases(ObjectStoreFixtures):
+    """The bucket holds exactly what tensorflow_hub's cache does (``<key>/...`` and
+    ``<key>.descriptor.txt`` per model, the manifest at the descriptor's end), whatever wrote it
+    (a download, an adoption of tensorflow_hub's entry, the move of an older hubcache's entry);
+    what is read from the descriptor is untrusted; a hit writes nothing."""
+
+    #: The store methods that write (a hit must call none of them).
+    WRITES = ("create_object", "write_object", "put_objects", "put_stream", "copy_object", "delete_objects",
+              "replace_object", "delete_versioned", "put_versioned", "put_batch_versioned", "copy_versioned")
+
+    def names(self, store: ObjectStore) -> set[str]:
+        """Every object name under the store's root, relative to it."""
+        prefix = store.base + "/"
+        return {p[len(prefix):] for p in store.list_objects(store.base)}
+
+    def assert_tfhub_layout(self, store: ObjectStore, trees: dict[str, dict[str, bytes]]) -> None:
+        """The root holds ``<key>/<file>`` for each file of each ``{key: tree}`` and
+        ``<key>.descriptor.txt`` holding a manifest, nothing else."""
+        from .core import entry
+
+        expected = {f"{key}/{rel}" for key, tree in trees.items() for rel in tree}
+        expected |= {entry.descriptor_name(key) for key in trees}
+        assert self.names(store) == expected
+        for key in trees:
+            assert entry.descriptor_manifest(_existing(store, store.descriptor_path(key))) is not None, key
+
+    def spy_writes(self, store: ObjectStore) -> list[str]:
+        """Record every write ``store`` (this instance) makes: ``["<method> <path>", ...]``."""
+        calls: list[str] = []
+        for name in self.WRITES:
+            original = getattr(store, name)
+
+            def call(first: Any, *args: Any, _original: Callable[..., Any] = original, _name: str = name,
+                     **kwargs: Any) -> Any:
+                calls.append(f"{_name} {first if isinstance(first, str) else sorted(first)}")
+                return _original(first, *args, **kwargs)
+
+            setattr(store, name, call)
+        return calls
+
+    def test_cold_resolves_leave_exactly_tensorflow_hubs_names(
+            self, backend: CacheBackend, origin: OriginServer, model: str, tmp_path: pathlib.Path) -> None:
+        """After cold resolves of two handles, listing the root shows exactly the two names per
+        model tensorflow_hub's cache holds: no lease, no manifest object, nothing else."""
+        from .core.handles import cache_key
+
+        other = build_model_dir(tmp_path / "other", weights_bytes=30_000, seed=7)
+        urls = {origin.add("/layout-a.tar.gz", archive_of(model)): model,
+                origin.add("/layout-b.tar.gz", archive_of(other)): other}
+        for url in urls:
+            self.resolve(backend, url)
+        self.assert_tfhub_layout(self.object_store(backend),
+                                 {cache_key(url): tree_of(tree) for url, tree in urls.items()})
+
+    def test_a_hit_writes_nothing(self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
+        """A hit by a new process (a fresh backend) calls no store method that writes, and
+        every object keeps its version."""
+        url = origin.add("/hit.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        store = self.object_store(backend)
+        before = store.list_versioned(store.base)
+        fresh = self.fresh(backend)
+        writes = self.spy_writes(self.object_store(fresh))
+        assert self.resolve(fresh, url) == path
+        assert writes == [] and store.list_versioned(store.base) == before
+        assert origin.count() == 1
+
+    def test_an_older_hubcaches_entry_is_read_then_moved_into_the_descriptor(
+            self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
+        """An entry an older hubcache committed (its descriptor without a manifest, the manifest
+        in ``<key>.manifest.json``) is listed as committed and resolves without the origin; that
+        resolve moves the manifest into the descriptor and deletes the old object (and its
+        lease): the next hit writes nothing."""
+        from .core import entry
+        from .core.handles import cache_key
+
+        url = origin.add("/older.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        store = self.object_store(backend)
+        committed = _existing(store, store.descriptor_path(key))
+        manifest = entry.descriptor_manifest(committed)
+        assert manifest is not None
+        # As an older hubcache left it.
+        store.write_object(store.legacy_manifest_path(key), manifest)
+        store.write_object(store.descriptor_path(key), entry.descriptor_head(committed).encode())
+        assert {e.key: e.state for e in self.fresh(backend).entries()}[key] == "committed"
+        fresh = self.fresh(backend)
+        assert self.resolve(fresh, url) == path
+        assert origin.count() == 1, "the older entry is a hit"
+        assert entry.descriptor_manifest(_existing(store, store.descriptor_path(key))) == manifest
+        self.assert_tfhub_layout(store, {key: tree_of(model)})
+        again = self.fresh(backend)
+        writes = self.spy_writes(self.object_store(again))
+        assert self.resolve(again, url) == path and writes == []
+
+    def test_a_tensorflow_hub_descriptor_is_adopted_and_then_carries_the_manifest(
+            self, backend: CacheBackend, origin: OriginServer, model: str) -> None:
+        """An entry tensorflow_hub wrote (its objects, its descriptor) is adopted: its manifest
+        is recorded in its descriptor (tensorflow_hub's lines kept), nothing is added beside it,
+        and the next hit reads it from there. The record is a conditional replace: a descriptor
+        rewritten between the read and the replace (tensorflow_hub writing again) is left as it
+        is, and the resolve is still a hit."""
+        from .core import entry
+        from .core.handles import cache_key
+
+        store = self.object_store(backend)
+        trees: dict[str, dict[str, bytes]] = {}
+        for name in ("adopted", "raced"):
+            url = origin.add(f"/{name}.tar.gz", archive_of(model))
+            key = cache_key(url)
+            trees[key] = tree_of(model)
+            store.put_objects({f"{store.object_path(key)}/{rel}": data for rel, data in trees[key].items()})
+            tfhub = f"Module: {url}\nDownload Time: now\nDownloader Hostname: elsewhere (PID:1)".encode()
+            store.write_object(store.descriptor_path(key), tfhub)
+            fresh = self.fresh(backend)
+            if name == "raced":
+                fresh_store = self.object_store(fresh)
+                original = fresh_store.replace_object
+
+                def racing(path: str, data: bytes, version: str, _original: Callable[..., str] = original,
+                           _key: str = key) -> str:
+                    if path == fresh_store.descriptor_path(_key):
+                        store.write_object(path, tfhub + b"\n")  # tensorflow_hub rewrites it meanwhile
+                    return _original(path, data, version)
+
+                fresh_store.replace_object = racing  # type: ignore[method-assign]
+            assert self.resolve(fresh, url) == store.entry_path(key)
+            assert origin.count() == 0, "an adopted entry is not downloaded"
+            descriptor = _existing(store, store.descriptor_path(key))
+            if name == "raced":
+                assert descriptor == tfhub + b"\n", "a descriptor changed since it was read is not overwritten"
+                continue
+            assert descriptor.startswith(tfhub + b"\n" + entry.WRITER_MARK.encode()), descriptor[:300]
+            assert entry.descriptor_manifest(descriptor) is not None
+            again = self.fresh(backend)
+            writes = self.spy_writes(self.object_store(again))
+            listed: list[str] = []
+            original_list = self.object_store(again).list_versioned
+
+            def listing(path: str, _original: Callable[[str], dict[str, tuple[int, str]]] = original_list
+                        ) -> dict[str, tuple[int, str]]:
+                listed.append(path)
+                return _original(path)
+
+            self.object_store(again).list_versioned = listing  # type: ignore[method-assign]
+            assert self.resolve(again, url) == store.entry_path(key)
+            assert writes == [] and listed == [], "the next hit reads the manifest from the descriptor"
+            assert _manifest_of(store, key).creator == "adopted from tensorflow_hub"
+        names = self.names(store)
+        assert names == {f"{key}/{rel}" for key, tree in trees.items() for rel in tree} | {
+            entry.descriptor_name(key) for key in trees}, names
+
+    #: case -> a hostile descriptor, from a committed one's head (``h``) and manifest (``m``).
+    HOSTILE_DESCRIPTORS: dict[str, Callable[[str, dict[str, Any]], bytes]] = {
+        "a name leaving the entry": lambda h, m: _descriptor(h, {**m, "files": m["files"] + [["../x", 1, ""]]}),
+        "an absolute name": lambda h, m: _descriptor(h, {**m, "files": m["files"] + [["/etc/x", 1, ""]]}),
+        "garbage after the Manifest line": lambda h, m: h.encode() + b"Manifest:\n\x00\xff{[garbage",
+        "larger than the cap (a valid manifest)": lambda h, m: _descriptor(h, {**m, "creator": "x" * (40 << 10)}),
+    }
+
+    @pytest.mark.parametrize("case", sorted(HOSTILE_DESCRIPTORS))
+    def test_a_hostile_descriptor_is_a_damaged_entry(self, backend: CacheBackend, origin: OriginServer, model: str,
+                                                     monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+        """A descriptor a bucket writer replaced (a manifest naming files outside the entry,
+        garbage, one over the cap) is never trusted: a miss, listed ``damaged``, reported by
+        ``verify``; a resolve downloads again and replaces it with a valid one."""
+        import json
+
+        from .core import entry
+        from .core.handles import cache_key
+        from .stores import objectstore
+
+        monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 32 << 10)
+        url = origin.add("/hostile.tar.gz", archive_of(model))
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        store = self.object_store(backend)
+        committed = _existing(store, store.descriptor_path(key))
+        manifest = entry.descriptor_manifest(committed)
+        assert manifest is not None
+        hostile = self.HOSTILE_DESCRIPTORS[case](entry.descriptor_head(committed), json.loads(manifest))
+        store.write_object(store.descriptor_path(key), hostile)
+        fresh = self.fresh(backend)
+        assert fresh.store.lookup(key, url) is None
+        assert {e.key: e.state for e in fresh.entries()}[key] == "damaged"
+        assert fresh.store.verify(key)
+        assert self.resolve(fresh, url) == path
+        assert origin.count() == 2, "downloaded again"
+        assert _manifest_of(store, key).handle == url, "replaced by a valid descriptor"
+        self.assert_tfhub_layout(store, {key: tree_of(model)})
+
+    def test_a_writer_killed_before_the_descriptor_leaves_nothing_trusted(
+            self, backend: CacheBackend, origin: OriginServer, model: str, tmp_path: pathlib.Path) -> None:
+        """A writer (a real child process) uploads every file, then is killed (``SIGKILL``) just
+        before it creates the descriptor: the entry's objects are all there, but no descriptor,
+        so nothing is trusted (a miss, not ``committed``). Once the dead lease's TTL has passed,
+        a resolve downloads again, commits, and leaves exactly tensorflow_hub's names."""
+        from .core.handles import cache_key
+
+        self.require("MULTI_PROCESS")
+        url = origin.add("/killed.tar.gz", archive_of(model))
+        key = cache_key(url)
+        store = self.object_store(backend)
+        config = backend.config.replace(lease_ttl=0.1)  # judged by the shortest TTL (3 s)
+        child = _Child(_KILLED_AT_COMMIT, backend, config, [url], str(tmp_path / "killed-stderr.txt"), str(tmp_path))
+        try:
+            child.wait_for("killing", timeout=60)
+            assert child.process.wait(30) == -9
+        finally:
+            child.close()
+        uploaded = {p[len(store.object_path(key)) + 1:] for p in store.list_objects(store.object_path(key))}
+        assert uploaded == set(tree_of(model)), "every file was uploaded"
+        assert store.read_object(store.descriptor_path(key)) is None
+        fresh = self.fresh(backend)
+        assert fresh.store.lookup(key, url) is None
+        assert {e.key: e.state for e in fresh.entries()}[key] in ("in progress", "damaged")
+        assert self.resolve(fresh, url) == store.entry_path(key)
+        assert origin.count() == 2, "downloaded again"
+        self.assert_tfhub_layout(store, {key: tree_of(model)})
+
+
+class ObjectStoreConformance(ObjectStoreCases, ObjectLayoutCases, LeaseCases, TierChainCases,
+                             CacheBackendConformance):
     """Everything :class:`CacheBackendConformance` checks, plus what a backend whose store is an
     :class:`~hubcache.stores.objectstore.ObjectStore` must do (:class:`ObjectStoreCases`,
-    :class:`LeaseCases`, :class:`TierChainCases`). Subclass it (instead of the base suite) for an
+    :class:`ObjectLayoutCases`, :class:`LeaseCases`, :class:`TierChainCases`). Subclass it (instead of the base suite) for an
     object-store backend, with the same ``backend`` fixture. Its flags: no links
     (``SUPPORTS_LINKS = False``: copies), no executable bit, shared across hosts.
     """
@@ -1396,7 +1609,7 @@ def waiter_request_rate(backend: CacheBackend, workdir: str, window: float = 8.0
 
     with LeaseHolder(backend, workdir, lease_ttl=30.0) as holder:
         waiter = _object_store(type(backend)(backend.config.replace(lease_ttl=0.4, lock_timeout=120.0)))
-        manifest_path = waiter.object_path(f"{holder.key}.manifest.json")
+        manifest_path = waiter.object_path(f"{holder.key}.descriptor.txt")
         lease_path = waiter._lease_path(holder.key)
         reads: dict[str, list[float]] = {"manifest": [], "lease": []}
         for name in ("read_object", "read_versioned"):
@@ -1424,7 +1637,7 @@ def waiter_request_rate(backend: CacheBackend, workdir: str, window: float = 8.0
         # After the backoff reached its cap (0.1 + 0.2 + 0.4 + 0.8 s of steps at most).
         steady_rate = sum(2 <= t - started < window for t in reads["manifest"]) / (window - 2)
         lease_reads = sum(t - started < window for t in reads["lease"])
-        waiter.create_object(manifest_path, b"{}")  # "the commit": the waiter only needs it to exist
+        waiter.create_object(manifest_path, _committed_descriptor(holder.key))  # "the commit"
         committed = time.monotonic()
         thread.join(10)
     assert result and not isinstance(result[0], str), f"the waiter took the live lease: {result}"
@@ -1467,7 +1680,7 @@ def fleet_takeover(backend: CacheBackend, waiters: int = 16) -> dict[str, int]:
             if key in store._leases:
                 winners.append(i)
                 time.sleep(0.3)  # less than a heartbeat (5 / 3 s): no rewrite of its own
-                store.create_object(store.object_path(f"{key}.manifest.json"), b"{}")
+                store.create_object(store.object_path(f"{key}.descriptor.txt"), _committed_descriptor(key))
 
     threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(len(stores))]
     for thread in threads:
@@ -1790,7 +2003,7 @@ store = backend.store
 store.batch_files = 1  # each file its own upload
 handle = parse_handle(url)
 prefix = store.object_path(handle.key) + "/"
-manifest_path = store.object_path(handle.key + ".manifest.json")
+manifest_path = store.object_path(handle.key + ".descriptor.txt")
 uploads = []
 
 def stall():
@@ -1843,6 +2056,39 @@ except Exception as error:
 """
 
 
+# A writer that uploads every file of an entry and is killed (SIGKILL) just before it creates
+# the descriptor (the commit). Only the moment is chosen by wrapping the store's call; the kill is real.
+_KILLED_AT_COMMIT = _CHILD_PRELUDE + r"""
+from hubcache.core.handles import parse_handle
+from hubcache.core.locate import locate
+
+url = args[0]
+store = backend.store
+handle = parse_handle(url)
+descriptor = store.object_path(handle.key + ".descriptor.txt")
+original = store.create_object
+
+def create_object(path, data):
+    if path == descriptor:
+        say("killing")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(path, data)
+
+store.create_object = create_object
+backend.resolve(handle, locate(handle, "COMPRESSED"))
+say("resolved")
+"""
+
+
+def _descriptor(head: str, manifest: dict[str, Any]) -> bytes:
+    """A descriptor with ``head``'s lines and ``manifest`` (any JSON) as its manifest."""
+    import json
+
+    from .core import entry
+
+    return entry.descriptor_with_manifest(head, json.dumps(manifest).encode())
+
+
 # -- helpers of the tier-chain cases ------------------------------------------------------------
 
 
@@ -1856,15 +2102,28 @@ def _record(path: str, data: bytes) -> FileRecord:
 
 
 def _edit_manifest(store: ObjectStore, key: str, edit: Callable[[Manifest], object]) -> Manifest:
-    """Rewrite ``key``'s manifest in an object ``store`` with ``edit(manifest)``, as a bucket
-    writer would; return the manifest written."""
+    """Rewrite ``key``'s manifest (at the end of its descriptor) in an object ``store`` with
+    ``edit(manifest)``, as a bucket writer would; return the manifest written."""
+    from .core import entry
     from .core.manifest import Manifest
 
-    path = store.object_path(f"{key}.manifest.json")
-    manifest = Manifest.from_json(_existing(store, path))
+    path = store.object_path(f"{key}.descriptor.txt")
+    descriptor = _existing(store, path)
+    found = entry.descriptor_manifest(descriptor)
+    assert found is not None, f"no manifest in {path}"
+    manifest = Manifest.from_json(found)
     edit(manifest)
-    store.write_object(path, manifest.to_json())
+    store.write_object(path, entry.descriptor_with_manifest(entry.descriptor_head(descriptor), manifest.to_json()))
     return manifest
+
+
+def _committed_descriptor(key: str) -> bytes:
+    """A descriptor committing an empty entry for ``key`` (what a waiter for a commit sees)."""
+    from .core import entry
+    from .core.manifest import Manifest
+
+    return entry.descriptor_with_manifest(entry.descriptor_text(f"https://example.invalid/{key}"),
+                                          Manifest(handle=f"https://example.invalid/{key}").to_json())
 
 
 def _state_outside(base: str, skip: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ from hubcache.core.manifest import Manifest
 from hubcache.stores.objectstore import CLOCK_SKEW, MAX_LEASE_TTL, LeaseState
 from hubcache.testing import archive_of, build_model_dir, read_tree, tree_of
 
+from bucket_layout import descriptor_object, manifest_json, plant_manifest
 from second_user import evil, manifest_of  # noqa: F401 (fixture: a model of the same layout, other bytes)
 from test_maintenance_untrusted import EVIL, PLANTED, assert_clean, damaged_manifest
 from test_maintenance_untrusted import hubcache as run_hubcache
@@ -49,15 +50,26 @@ def bucket_path(url: str) -> str:
 
 
 def bucket_manifest(key: str) -> str:
-    """The gcsfs path of ``key``'s manifest in the bucket ``TFHUB_CACHE_DIR`` names."""
-    return f"{bucket_path(os.environ['TFHUB_CACHE_DIR'])}/{key}.manifest.json"
+    """The gcsfs path of the object holding ``key``'s manifest (at the end of its descriptor) in
+    the bucket ``TFHUB_CACHE_DIR`` names."""
+    return descriptor_object(bucket_path(os.environ["TFHUB_CACHE_DIR"]), key)
+
+
+def read_bucket_manifest(key: str) -> bytes:
+    """``key``'s manifest JSON in the bucket."""
+    return manifest_json(gcs(), bucket_manifest(key))
+
+
+def plant_bucket_manifest(key: str, data: bytes) -> None:
+    """Put ``data`` as ``key``'s manifest in the bucket, as a bucket writer would."""
+    plant_manifest(gcs(), bucket_manifest(key), data)
 
 
 def edit_bucket_manifest(key: str, edit: Callable[[Manifest], None]) -> None:
     """Rewrite ``key``'s manifest in the bucket as a bucket writer would."""
-    manifest = Manifest.from_json(gcs().cat_file(bucket_manifest(key)))
+    manifest = Manifest.from_json(read_bucket_manifest(key))
     edit(manifest)
-    gcs().pipe_file(bucket_manifest(key), manifest.to_json())
+    plant_bucket_manifest(key, manifest.to_json())
 
 
 def second_host_resolves(origin, model, monkeypatch, tmp_path, plant: Callable[[str, str], None]) -> dict:
@@ -119,7 +131,7 @@ def test_a_manifest_whose_names_leave_the_entry_writes_nothing_outside(case, ori
         edit_bucket_manifest(key, lambda m: LEAVING[case](m, str(tmp_path / "abs-victim")))
         # The announced bytes wait where each planted name points (as the emulator cleans names),
         # so a copy that followed the name would find exactly what the manifest says.
-        for name in {r.path for r in Manifest.from_json(gcs().cat_file(bucket_manifest(key))).files} - set(tree_of(model)):
+        for name in {r.path for r in Manifest.from_json(read_bucket_manifest(key)).files} - set(tree_of(model)):
             gcs().pipe_file(posixpath.normpath(f"{entry}/{name}"), b"evil")
 
     measured = second_host_resolves(origin, model, monkeypatch, tmp_path, plant)
@@ -131,7 +143,7 @@ def test_a_manifest_whose_names_leave_the_entry_writes_nothing_outside(case, ori
 
 def _weights(key: str) -> str:
     """The name of the entry's largest file (a weights shard), from its bucket manifest."""
-    manifest = Manifest.from_json(gcs().cat_file(bucket_manifest(key)))
+    manifest = Manifest.from_json(read_bucket_manifest(key))
     return max(manifest.files, key=lambda r: r.size).path
 
 
@@ -200,12 +212,12 @@ def test_a_manifest_of_the_wrong_shape_is_a_damaged_entry(group, origin, model, 
     archive = archive_of(model)
     good = origin.add("/good.tar.gz", archive)
     good_path = hubcache.resolve(good)
-    real = json.loads(gcs().cat_file(bucket_manifest(cache_key(good))))
+    real = json.loads(read_bucket_manifest(cache_key(good)))
     handles = {shape: origin.add(f"/shape-{i}.tar.gz", archive) for i, shape in enumerate(table)}
 
     def plant() -> None:
         for shape, url in handles.items():
-            gcs().pipe_file(bucket_manifest(cache_key(url)), planted_bytes(shape, table, real))
+            plant_bucket_manifest(cache_key(url), planted_bytes(shape, table, real))
 
     plant()
     for shape, url in handles.items():
@@ -214,7 +226,7 @@ def test_a_manifest_of_the_wrong_shape_is_a_damaged_entry(group, origin, model, 
         assert origin.count(f"/shape-{list(table).index(shape)}.tar.gz") == 1, f"{shape}: not a miss"
         assert path == f"{os.environ['TFHUB_CACHE_DIR']}/{cache_key(url)}"
         assert read_tree(path, gcs()) == tree_of(model)
-        assert Manifest.from_json(gcs().cat_file(bucket_manifest(cache_key(url)))).handle == url, "replaced"
+        assert Manifest.from_json(read_bucket_manifest(cache_key(url))).handle == url, "replaced"
     plant()  # damaged again, for the maintenance commands
     listed = run_hubcache("ls", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -228,7 +240,7 @@ def test_a_manifest_of_the_wrong_shape_is_a_damaged_entry(group, origin, model, 
     assert removed.returncode == 0, removed.stdout + removed.stderr
     left = [p.rsplit("/", 1)[1] for p in gcs().find(bucket_path(os.environ["TFHUB_CACHE_DIR"]))]
     assert not [n for n in left if n.startswith(tuple(cache_key(u) for u in handles.values()))], left
-    assert f"{cache_key(good)}.manifest.json" in left
+    assert f"{cache_key(good)}.descriptor.txt" in left
     resolver.clear_memo()
     assert hubcache.resolve(good) == good_path and origin.count("/good.tar.gz") == 1
     figures.update(resolves_that_missed=len(handles), ls_exit=listed.returncode, verify_exit=verified.returncode,
@@ -254,8 +266,8 @@ def test_maintenance_names_planted_objects_fetches_nothing_and_escapes_names(ori
     gcs().pipe_file(f"{bucket_path(root)}/{key}/variables/planted.bin", b"x" * 100)
     secret = origin.add("/intranet/secret.tar.gz", archive_of(build_model_dir(tmp_path / "s", weights_bytes=1000)))
     ssrf_key = "f" * 40
-    gcs().pipe_file(bucket_manifest(ssrf_key), damaged_manifest(secret).to_json())
-    gcs().pipe_file(bucket_manifest(PLANTED), damaged_manifest(EVIL).to_json())
+    plant_bucket_manifest(ssrf_key, damaged_manifest(secret).to_json())
+    plant_bucket_manifest(PLANTED, damaged_manifest(EVIL).to_json())
     origin.reset_counts()
 
     runs = {"ls": run_hubcache("ls"), "verify --full": run_hubcache("verify", "--full"),
@@ -285,7 +297,7 @@ def plant_lease(key: str, heartbeat_age: float) -> bytes:
     """A lease object claiming ``"ttl": 1e9``, its heartbeat ``heartbeat_age`` seconds old."""
     raw = json.dumps({"owner": "planted", "lease": "x", "beat": 1, "time": time.time() - heartbeat_age,
                       "ttl": 1e9}).encode()
-    gcs().pipe_file(bucket_manifest(key).replace(".manifest.json", ".lock"), raw)
+    gcs().pipe_file(f"{bucket_path(os.environ['TFHUB_CACHE_DIR'])}/{key}.lock", raw)
     return raw
 
 
@@ -347,7 +359,7 @@ def forge_entry(key: str, handle: str, source: str, sha256: str) -> None:
     entry = f"{bucket_path(os.environ['TFHUB_CACHE_DIR'])}/{key}"
     for rel, data in tree_of(source).items():
         gcs().pipe_file(f"{entry}/{rel}", data)
-    gcs().pipe_file(bucket_manifest(key), manifest_of(source, handle, sha256).to_json())
+    plant_bucket_manifest(key, manifest_of(source, handle, sha256).to_json())
 
 
 def test_a_forged_entry_claiming_a_pinned_digest(origin, model, evil, monkeypatch, tmp_path, figures):

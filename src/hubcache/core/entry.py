@@ -1,20 +1,20 @@
 """The layout of one cache entry, the same in every store (a local directory, a bucket).
 
 Under a store's root, one entry per cache key (``sha1(handle)``, as tensorflow_hub computes it).
-A local store (the ``tmp`` and ``home`` backends) holds exactly what tensorflow_hub would::
+Every store (the ``tmp`` and ``home`` backends' directories, the ``gcs`` backend's and the s3
+example's buckets) holds exactly what tensorflow_hub would::
 
-    <key>/                  the model (what ``resolve`` returns)
+    <key>/                  the model (what ``resolve`` returns; a bucket: one object per file)
     <key>.descriptor.txt    tensorflow_hub's three lines, hubcache's WRITER_TAG line, then the
-                            MANIFEST_MARK line and the manifest: the commit, replaced last
+                            MANIFEST_MARK line and the manifest: the commit (a local store
+                            replaces it last; an object store creates it last, create-only)
     <key>.lock              only while a download runs: tensorflow_hub's marker and hubcache's
-                            OS-locked download lock (content: ``<host>.<pid>.<task>``)
+                            download lock (local: OS-locked, content ``<host>.<pid>.<task>``;
+                            object store: the lease with its heartbeat)
 
-An object store keeps the manifest in its own object and its lease in ``<key>.lock``::
-
-    <key>.manifest.json     hubcache's manifest, written last: only entries with one are trusted
-
-Local caches an older hubcache wrote may still hold ``<key>.manifest.json`` (read as the
-manifest when the descriptor has none) and the LEGACY_SUFFIXES bookkeeping files.
+Caches an older hubcache wrote may still hold ``<key>.manifest.json`` (read as the manifest
+when the descriptor has none, then moved into the descriptor) and, in local stores, the
+LEGACY_SUFFIXES bookkeeping files.
 
 This module says what those names are, what a descriptor and a lock file say, how an entry
 tensorflow_hub wrote is recognised and when its files make a complete model; the stores
@@ -34,6 +34,7 @@ from .._version import __version__
 #: A cache key: 40 lowercase hex digits.
 KEY = re.compile(r"[0-9a-f]{40}")
 
+#: Where an older hubcache kept the manifest (read, then moved into the descriptor).
 MANIFEST_SUFFIX = ".manifest.json"
 DESCRIPTOR_SUFFIX = ".descriptor.txt"
 #: The download lock: tensorflow_hub's marker (a plain file), a local store's OS-locked lock file
@@ -49,7 +50,7 @@ LEGACY_SUFFIXES = (LEGACY_LOCK_SUFFIX, LEGACY_OWNER_SUFFIX, LEGACY_USE_SUFFIX)
 #: The line hubcache adds to the descriptors it writes; a descriptor without it is tensorflow_hub's.
 WRITER_MARK = "Writer: hubcache"
 WRITER_TAG = f"{WRITER_MARK} {__version__}"
-#: The line after which a local store's descriptor holds the entry's manifest (JSON, to the end).
+#: The line after which a committed descriptor holds the entry's manifest (JSON, to the end).
 MANIFEST_MARK = "Manifest:"
 #: What starts the task part of a lock file hubcache wrote (tensorflow_hub's is a uuid4 hex).
 LOCK_TASK_PREFIX = "hc"
@@ -74,7 +75,7 @@ def is_key(text: str) -> bool:
 
 
 def manifest_name(key: str) -> str:
-    """The manifest's name beside the entry: ``<key>.manifest.json``."""
+    """Where an older hubcache kept the manifest beside the entry: ``<key>.manifest.json``."""
     return key + MANIFEST_SUFFIX
 
 
@@ -90,7 +91,7 @@ def descriptor_text(handle: str) -> str:
 
 
 def descriptor_with_manifest(head: str, manifest_json: bytes) -> bytes:
-    """A local store's committed descriptor: ``head`` (:func:`descriptor_text`), the
+    """A committed descriptor (every store's): ``head`` (:func:`descriptor_text`), the
     :data:`MANIFEST_MARK` line, then the manifest's JSON. tensorflow_hub never reads a descriptor
     (it only writes one, before its own commit), so the manifest can live there."""
     head = head if head.endswith("\n") else head + "\n"
@@ -98,7 +99,7 @@ def descriptor_with_manifest(head: str, manifest_json: bytes) -> bytes:
 
 
 def descriptor_manifest(descriptor: bytes | None) -> bytes | None:
-    """The manifest JSON a local store's descriptor holds, or ``None`` (no descriptor, one
+    """The manifest JSON a descriptor holds, or ``None`` (no descriptor, one
     tensorflow_hub wrote, one hubcache wrote before its commit or an older hubcache wrote).
 
     Only a descriptor with hubcache's :data:`WRITER_MARK` line before the :data:`MANIFEST_MARK`
@@ -121,6 +122,26 @@ def descriptor_head(descriptor: bytes) -> str:
     at = descriptor.find(b"\n" + MANIFEST_MARK.encode() + b"\n")
     head = descriptor if at < 0 else descriptor[:at + 1]
     return head.decode("utf-8", "replace")
+
+
+#: Largest head (the lines before the manifest) of a descriptor kept when hubcache rewrites it.
+HEAD_BYTES = 4096
+
+
+def rewritten_head(descriptor: bytes | None, handle: str) -> str:
+    """The head a descriptor hubcache rewrites (to record a manifest in it) keeps: the lines of
+    an adopted tensorflow_hub entry's or an older hubcache's descriptor, with :data:`WRITER_TAG`
+    added, if they are a plain, short text starting with ``Module:``; else fresh ones
+    (:func:`descriptor_text`). Whoever wrote the descriptor may have planted anything in it."""
+    if descriptor is not None:
+        head = descriptor_head(descriptor[:HEAD_BYTES + 1]).rstrip("\n")
+        lines = head.split("\n")
+        if (len(head) <= HEAD_BYTES and head.startswith("Module: ") and len(lines) <= 8
+                and all(line.isprintable() for line in lines)):
+            if not any(line.startswith(WRITER_MARK) for line in lines):
+                lines.append(WRITER_TAG)
+            return "\n".join(lines) + "\n"
+    return descriptor_text(handle)
 
 
 def lock_text(task: str) -> str:

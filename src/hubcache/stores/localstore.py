@@ -57,8 +57,6 @@ logger = logging.getLogger("hubcache")
 _NO_LIMITS = paths.Limits(max_bytes=1 << 62, max_members=1 << 62)
 #: Most of a descriptor searched for its ``Module:`` line (the handle ``hubcache ls`` shows).
 _NOTE_BYTES = 64 << 10
-#: Largest head (the lines before the manifest) of a descriptor kept when hubcache rewrites it.
-_HEAD_BYTES = 4096
 
 
 def _atomic_write(path: str, data: bytes, *, durable: bool = False) -> None:
@@ -404,19 +402,6 @@ class LocalStore(Store):
             downloadlock.drop_if_free(self.lock_path(key), self.trusted, self.lock_timeout)
         return path, manifest
 
-    def _head(self, descriptor: bytes | None, handle: str) -> str:
-        """The lines a descriptor hubcache rewrites keeps (an adopted or older entry's, with
-        hubcache's line added), or fresh ones if they are not a plain, short text."""
-        if descriptor is not None:
-            head = layout.descriptor_head(descriptor[:_HEAD_BYTES + 1]).rstrip("\n")
-            lines = head.split("\n")
-            if (len(head) <= _HEAD_BYTES and head.startswith("Module: ") and len(lines) <= 8
-                    and all(line.isprintable() for line in lines)):
-                if not any(line.startswith(layout.WRITER_MARK) for line in lines):
-                    lines.append(layout.WRITER_TAG)
-                return "\n".join(lines) + "\n"
-        return layout.descriptor_text(handle)
-
     def _writable(self) -> bool:
         return os.access(self.root, os.W_OK)
 
@@ -441,7 +426,7 @@ class LocalStore(Store):
             if self.read_descriptor(key) == descriptor:
                 with contextlib.suppress(OSError):  # e.g. a full disk: still a hit
                     _atomic_write(self.descriptor_path(key),
-                                  layout.descriptor_with_manifest(self._head(descriptor, handle), manifest.to_json()),
+                                  layout.descriptor_with_manifest(layout.rewritten_head(descriptor, handle), manifest.to_json()),
                                   durable=True)
         return path, manifest
 
@@ -461,7 +446,7 @@ class LocalStore(Store):
             try:
                 raw = safefs.read_file(self.legacy_manifest_path(key), self.trusted)
                 _atomic_write(self.descriptor_path(key),
-                              layout.descriptor_with_manifest(self._head(now, manifest.handle), raw), durable=True)
+                              layout.descriptor_with_manifest(layout.rewritten_head(now, manifest.handle), raw), durable=True)
                 os.unlink(self.legacy_manifest_path(key))
             except OSError as error:
                 logger.info("could not rewrite %s in the current layout: %s", self.entry_path(key), error)

@@ -1,18 +1,32 @@
 """The cache entry protocol on an object store, through any fsspec filesystem (gcsfs, s3fs...).
 
 Nothing here knows which store it talks to; a backend builds the filesystem and hands it over.
-Layout (the same as on a local disk, and as tensorflow_hub writes it)::
+Once resolves finish, a bucket holds exactly what tensorflow_hub would put there (the layout of
+:mod:`hubcache.core.entry`, the same as on a local disk)::
 
     <root>/<key>/...              the extracted files, one object each
-    <root>/<key>.descriptor.txt   tensorflow_hub's descriptor
-    <root>/<key>.manifest.json    hubcache's manifest: created last; its creation is the commit
-    <root>/<key>.lock             the download lease (saves bandwidth; correctness never needs it)
+    <root>/<key>.descriptor.txt   tensorflow_hub's lines, hubcache's, then ``Manifest:`` and the
+                                  manifest: created last; its creation is the commit
+    <root>/<key>.lock             the download lease, only while a download (or a removal) runs:
+                                  deleted by its holder (saves bandwidth; correctness never needs it)
 
 **Commit.** An object store has no rename, so a writer uploads the files straight to their final
 names under ``<key>/`` (each upload is atomic: an object appears whole or not at all), lists them
-to check that every one arrived, writes the descriptor, and then *creates* the manifest with a
-create-only precondition (:meth:`ObjectStore.create_object`; gcsfs sends ``ifGenerationMatch=0``).
-Readers trust only entries with a manifest, so a crash at any point leaves nothing trusted.
+to check that every one arrived, and then *creates* the descriptor, the manifest at its end
+(:func:`hubcache.core.entry.descriptor_with_manifest`), with a create-only precondition
+(:meth:`ObjectStore.create_object`; gcsfs sends ``ifGenerationMatch=0``, s3fs ``If-None-Match``).
+Readers trust only entries whose descriptor holds a valid manifest, so a crash at any point
+leaves nothing trusted. A descriptor already there when a writer starts (tensorflow_hub's, a
+damaged one) is deleted first, at the version read, so no half-replaced entry looks adoptable.
+tensorflow_hub never reads a descriptor, so the manifest costs it nothing.
+
+**Adoption and older entries.** An entry tensorflow_hub wrote (its descriptor, without hubcache's
+line) is adopted once its listing is a complete model; its manifest is then recorded in its
+descriptor by a conditional replace against the version read (never a blind overwrite). An
+entry an older hubcache committed (its descriptor without a manifest, ``<key>.manifest.json``
+beside it) is read as it is and rewritten in this layout (the manifest into the descriptor,
+conditionally, then the old object deleted at the version read) by the first resolve that gets
+the lease without waiting.
 
 **Committed objects are immutable.** Every upload names the version of the object it replaces
 (:meth:`ObjectStore.put_versioned`: gcs ``ifGenerationMatch``, S3 ``If-Match``/``If-None-Match``),
@@ -29,7 +43,7 @@ and a heartbeat that a thread refreshes every ``max(1, lease_ttl / 3)`` seconds.
 still the version its holder last wrote (gcs: ``ifGenerationMatch``; S3: ``If-Match`` on the ETag).
 A holder that stalled (paused, swapped out, suspended) past the TTL therefore cannot overwrite the
 lease of the host that took it over: its rewrite is refused, and it marks its lease lost and stops.
-Waiters poll for the manifest; when the lease's contents have not changed for its TTL (as timed
+Waiters poll for the committed descriptor; when the lease's contents have not changed for its TTL (as timed
 by the waiter's own clock, so hosts' clocks need not agree), or its heartbeat time is older than
 its TTL plus a minute of allowed clock skew, a waiter takes it over with the same conditional
 rewrite against the version it saw, so exactly one waiter replaces a given dead lease. A lease is
@@ -39,7 +53,7 @@ with a shorter setting never steals a live lease. That claim is bounded: at leas
 lease cannot hold waiters off for ever.
 
 **Rates.** A heartbeat rewrites the lease at most once per :data:`MIN_HEARTBEAT` second (GCS allows
-about one update per second to one object name). Waiters read the manifest with exponential
+about one update per second to one object name). Waiters read the descriptor with exponential
 backoff and jitter up to :data:`MAX_POLL` (1 s) and the lease about four times per judged TTL.
 Waiters that saw a lease die pause at random (up to :data:`TAKEOVER_SPREAD`) and read it again
 before rewriting it, so a fleet sends a few takeover attempts, not one per host.
@@ -48,10 +62,11 @@ before rewriting it, so a fleet sends a few takeover attempts, not one per host.
 the entry's lease for the removal: a live lease of another host (a download in progress) keeps the
 entry, reported as "being downloaded by <owner>"; only a lease past its TTL is a leftover.
 
-**What others wrote is untrusted.** A bucket is shared: a manifest read from it passes
+**What others wrote is untrusted.** A bucket is shared: a descriptor read from it is read with a
+cap (:data:`MAX_MANIFEST_BYTES`), and the manifest in it passes
 :func:`hubcache.core.paths.validate_manifest` (names in normal form inside the entry, link targets
 inside it and not through other links) or the entry is damaged: a miss, downloaded again, its
-manifest replaced, while ``ls``, ``verify`` and ``rm`` go on working for it and every other entry.
+descriptor replaced, while ``ls``, ``verify`` and ``rm`` go on working for it and every other entry.
 The listing of an entry tensorflow_hub wrote is checked the same way before it is adopted. The
 writer itself refuses any name that is not ``a/b/c`` inside the entry, whoever calls it, so no
 object lands at ``<key>/../x`` (an emulator cleans that to ``x``; a reader that maps object names
@@ -62,9 +77,10 @@ them). The executable bit. Symbolic and hard links: each is stored as a *copy of
 file's bytes* (a server-side copy at commit time); a link to a directory, a link loop, or a link
 to nothing in the archive is refused with :class:`~hubcache.core.errors.ArchiveError`.
 
-A hit costs one request (the manifest object's GET) and is then memoised per process by the
-resolver (:meth:`Store.validator` returns ``None``: objects are not removed behind our back the way
-temp cleaners remove local files; ``hubcache verify`` checks an entry against its manifest).
+A hit costs one request (the descriptor's GET), writes nothing, and is then memoised per process
+by the resolver (:meth:`Store.validator` returns ``None``: objects are not removed behind our back
+the way temp cleaners remove local files; ``hubcache verify`` checks an entry against its
+manifest). Nothing records uses in a bucket: no object is written per use.
 """
 
 from __future__ import annotations
@@ -182,6 +198,39 @@ class LeaseState:
         """True if the holder's own heartbeat time is older than the judged TTL plus
         :data:`CLOCK_SKEW` (a clock-based verdict; waiters also time silence themselves)."""
         return time.time() - self.time > self.judged_ttl(own) + CLOCK_SKEW
+
+
+@dataclass(frozen=True)
+class _Descriptor:
+    """An entry's descriptor as read from the store, and the manifest found in it.
+
+    Attributes:
+        manifest: the manifest, if a valid and safe one was found.
+        problem: why what was found is not one (too large, unreadable, unsafe), else ``None``.
+        raw: the descriptor's bytes (``None``: there is none).
+        version: its version when read (see :meth:`ObjectStore.read_versioned`).
+        legacy: an older hubcache's ``<key>.manifest.json`` (bytes and version), when the
+            manifest came from there.
+    """
+
+    manifest: Manifest | None = None
+    problem: str | None = None
+    raw: bytes | None = None
+    version: str = ""
+    legacy: tuple[bytes, str] | None = None
+
+
+def _parse_manifest(raw: bytes) -> tuple[Manifest | None, str | None]:
+    """``(manifest, None)`` for a readable, safe manifest, else ``(None, why)``."""
+    try:
+        manifest = Manifest.from_json(raw)
+    except ValueError as error:
+        return None, f"the manifest is unreadable ({error})"
+    try:
+        paths.validate_manifest(manifest, _NO_LIMITS)
+    except UnsafeArchiveError as error:
+        return None, f"the manifest is unsafe: {error.message}"
+    return manifest, None
 
 
 class PreconditionFailed(Exception):
@@ -461,52 +510,72 @@ class ObjectStore(Store):
 
     # -- reading --------------------------------------------------------------------------------
 
+    def descriptor_path(self, key: str) -> str:
+        """The filesystem path of ``<root>/<key>.descriptor.txt`` (the commit)."""
+        return self.object_path(layout.descriptor_name(key))
+
+    def legacy_manifest_path(self, key: str) -> str:
+        """Where an older hubcache kept the manifest: ``<root>/<key>.manifest.json``."""
+        return self.object_path(layout.manifest_name(key))
+
     def read_manifest(self, key: str) -> Manifest | None:
         """The entry's manifest, or ``None`` if it has none, or one that is unreadable or unsafe."""
-        return self._load_manifest(key)[0]
+        return self._read_entry(key).manifest
 
     def _load_manifest(self, key: str) -> tuple[Manifest | None, str | None]:
-        """``(manifest, None)``; ``(None, None)`` if there is no manifest object; ``(None, why)``
-        if there is one that is not a manifest or not a safe one.
+        """``(manifest, None)``; ``(None, None)`` if there is no manifest; ``(None, why)`` if the
+        descriptor is too large or holds something that is not a manifest, or not a safe one."""
+        found = self._read_entry(key)
+        return found.manifest, found.problem
 
-        The bucket is written by others: a manifest read from it is checked as an archive's
-        members are (:func:`hubcache.core.paths.validate_manifest`): names in normal form and
-        inside the entry, link targets inside it and not through other links, no name twice.
+    def _read_entry(self, key: str, legacy: bool = True) -> _Descriptor:
+        """Read the entry's descriptor (one request) and the manifest at its end; an older
+        hubcache's ``<key>.manifest.json`` only when the descriptor holds none (``legacy``:
+        look for it at all; a listing tells whether it is there).
+
+        The bucket is written by others: the descriptor is read with a cap, and its manifest is
+        checked as an archive's members are (:func:`hubcache.core.paths.validate_manifest`):
+        names in normal form and inside the entry, link targets inside it and not through other
+        links, no name twice.
         """
-        raw = self.read_object(self.object_path(layout.manifest_name(key)), MAX_MANIFEST_BYTES)
-        if raw is None:
-            return None, None
+        found = self.read_versioned(self.descriptor_path(key), MAX_MANIFEST_BYTES)
+        if found is None:
+            return _Descriptor()
+        raw, version = found
         if len(raw) > MAX_MANIFEST_BYTES:
-            return None, f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes"
-        try:
-            manifest = Manifest.from_json(raw)
-        except ValueError as error:
-            return None, f"the manifest is unreadable ({error})"
-        try:
-            paths.validate_manifest(manifest, _NO_LIMITS)
-        except UnsafeArchiveError as error:
-            return None, f"the manifest is unsafe: {error.message}"
-        return manifest, None
+            return _Descriptor(raw=raw[:MAX_SMALL_OBJECT], version=version,
+                               problem=f"the descriptor is larger than {MAX_MANIFEST_BYTES} bytes")
+        embedded = layout.descriptor_manifest(raw)
+        if embedded is not None:
+            return _Descriptor(*_parse_manifest(embedded), raw=raw, version=version)
+        if not legacy:
+            return _Descriptor(raw=raw, version=version)
+        old = self.read_versioned(self.legacy_manifest_path(key), MAX_MANIFEST_BYTES)
+        if old is None:
+            return _Descriptor(raw=raw, version=version)
+        if len(old[0]) > MAX_MANIFEST_BYTES:
+            return _Descriptor(raw=raw, version=version, legacy=old,
+                               problem=f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+        return _Descriptor(*_parse_manifest(old[0]), raw=raw, version=version, legacy=old)
 
     def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         with self._io(f"reading the cache at {self.root}"):
-            manifest = self.read_manifest(key)
-            if manifest is None:
-                return self._adopt(key, handle)
-        return self.entry_path(key), manifest
-
-    def _is_foreign(self, key: str) -> bool:
-        return layout.written_by_tensorflow_hub(self.read_object(self.object_path(layout.descriptor_name(key)),
-                                                                 MAX_SMALL_OBJECT))
+            found = self._read_entry(key)
+            if found.manifest is None:
+                if found.problem is None and layout.written_by_tensorflow_hub(found.raw):
+                    return self._adopt(key, handle, found)
+                return None
+        if found.legacy is not None:
+            self._migrate(key, found)
+        return self.entry_path(key), found.manifest
 
     def _relative(self, key: str, listing: dict[str, int]) -> dict[str, int]:
         prefix = self.object_path(key) + "/"
         return {p[len(prefix):]: size for p, size in listing.items() if p.startswith(prefix)}
 
-    def _adopt(self, key: str, handle: str) -> tuple[str, Manifest] | None:
-        """Adopt a complete entry tensorflow_hub wrote (descriptor, objects, no manifest)."""
-        if not self._is_foreign(key):
-            return None
+    def _adopt(self, key: str, handle: str, found: _Descriptor) -> tuple[str, Manifest] | None:
+        """Adopt a complete entry tensorflow_hub wrote (its descriptor and objects, no manifest),
+        and record the manifest in its descriptor, replaced only if still the version judged."""
         files = self._relative(key, self.list_objects(self.object_path(key)))
         if layout.model_dir_problems(files):
             return None
@@ -518,9 +587,35 @@ class ObjectStore(Store):
         except UnsafeArchiveError as error:
             logger.warning("not adopting %s: %s", self.entry_path(key), error.message)
             return None
-        with contextlib.suppress(Exception):  # read-only, or adopted by someone else meanwhile
-            self.create_object(self.object_path(layout.manifest_name(key)), manifest.to_json())
+        ours = layout.descriptor_with_manifest(layout.rewritten_head(found.raw, handle), manifest.to_json())
+        try:  # read-only, or rewritten meanwhile (tensorflow_hub, another adopter): still a hit
+            self.replace_object(self.descriptor_path(key), ours, found.version)
+        except Exception as error:
+            logger.debug("not recording the manifest of %s: %s", self.entry_path(key), error)
         return self.entry_path(key), manifest
+
+    def _migrate(self, key: str, found: _Descriptor) -> None:
+        """Rewrite an entry an older hubcache committed (its manifest in ``<key>.manifest.json``)
+        in this layout: the manifest into the descriptor, replaced only if still the version
+        read, then the old object deleted only if still the version read. Once, by the first
+        resolve that gets the lease without waiting; any failure (a read-only bucket) leaves the
+        entry as it is, still a hit."""
+        try:
+            with self.guard(key) as busy:
+                if busy is not None:
+                    return
+                now = self._read_entry(key)
+                if (now.manifest is None or now.legacy is None or now.version != found.version
+                        or now.legacy != found.legacy):
+                    return  # changed meanwhile: whoever changed it owns it
+                raw, version = now.legacy
+                self.replace_object(self.descriptor_path(key),
+                                    layout.descriptor_with_manifest(
+                                        layout.rewritten_head(now.raw, now.manifest.handle), raw),
+                                    now.version)
+                self.delete_versioned(self.legacy_manifest_path(key), version)
+        except Exception as error:
+            logger.info("could not rewrite %s in the current layout: %s", self.entry_path(key), error)
 
     def check(self, files: dict[str, int], manifest: Manifest) -> list[str]:
         """Compare an entry's objects (relative path -> size) with its manifest."""
@@ -621,7 +716,7 @@ class ObjectStore(Store):
     def _acquire(self, key: str, on_wait: Callable[[str], None], patience: float | None = None) -> _Lease | None:
         """Take the lease of ``key``; ``None`` when the entry got committed while we waited.
 
-        A waiter reads the manifest with exponential backoff and jitter (up to :data:`MAX_POLL`)
+        A waiter reads the descriptor with exponential backoff and jitter (up to :data:`MAX_POLL`)
         and the lease about four times per TTL it judges the lease by (the holder's, see
         :meth:`LeaseState.judged_ttl`), never more than once per poll.
         """
@@ -630,14 +725,14 @@ class ObjectStore(Store):
             return lease
         step = 0.1
         deadline = time.monotonic() + self.lock_timeout
-        manifest_path = self.object_path(layout.manifest_name(key))
+        judged: list[str] = []  # the descriptor version last judged not to be a commit
         seen: bytes | None = None
         seen_at = time.monotonic()
         state: LeaseState | None = None
         read_at = -math.inf
         waited = False
         while True:
-            if self.read_object(manifest_path, 0) is not None:  # one byte says it is there
+            if self._committed(key, judged):
                 return None  # committed by the holder: the caller's lookup finds it
             now = time.monotonic()
             ttl = state.judged_ttl(self.lease_ttl) if state is not None else MIN_LEASE_TTL
@@ -675,6 +770,22 @@ class ObjectStore(Store):
                                  hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
             time.sleep(random.uniform(step / 2, step))
             step = min(MAX_POLL, step * 2)
+
+    def _committed(self, key: str, judged: list[str]) -> bool:
+        """Whether the descriptor of ``key`` now holds a valid manifest (a waiter's poll).
+
+        A poll reads the descriptor's head (capped at :data:`MAX_SMALL_OBJECT`); only when it
+        has a ``Manifest:`` line and a version not judged before is the whole manifest read and
+        checked, so a damaged descriptor left from before does not end every wait at once.
+        ``judged`` holds the last version found not to be a commit.
+        """
+        found = self.read_versioned(self.descriptor_path(key), MAX_SMALL_OBJECT)
+        if found is None or layout.descriptor_manifest(found[0]) is None or found[1] in judged:
+            return False
+        if self._read_entry(key, legacy=False).manifest is not None:
+            return True
+        judged[:] = [found[1]]
+        return False
 
     def _take_over_spread(self, key: str, stale: LeaseState, ttl: float) -> _Lease | None:
         """:meth:`_take_over` after a random pause of up to ``min(ttl / 3, 5)`` seconds and a
@@ -793,7 +904,9 @@ class ObjectStore(Store):
         yield from (info for info in infos if info is not None)
 
     def _info(self, key: str, files: dict[str, int], names: set[str]) -> EntryInfo | None:
-        manifest, bad = self._load_manifest(key) if layout.MANIFEST_SUFFIX in names else (None, None)
+        found = (self._read_entry(key, legacy=layout.MANIFEST_SUFFIX in names)
+                 if layout.DESCRIPTOR_SUFFIX in names else _Descriptor())
+        manifest, bad = found.manifest, found.problem
         path = self.entry_path(key)
         handle = manifest.handle if manifest else None
         state: EntryState
@@ -801,29 +914,31 @@ class ObjectStore(Store):
             state = "committed"
         elif manifest is None and layout.LOCK_SUFFIX in names and self._lease_alive(key):
             state = "in progress"
-        elif (manifest is None and bad is None and files and self._is_foreign(key)
+        elif (manifest is None and bad is None and files and layout.written_by_tensorflow_hub(found.raw)
               and not layout.model_dir_problems(files)):
             state = "foreign"
-        elif files or manifest is not None or bad is not None:
+        elif files or manifest is not None or bad is not None or layout.MANIFEST_SUFFIX in names:
             state = "damaged"
         else:
             return None  # only a descriptor or lease debris
-        if handle is None and layout.DESCRIPTOR_SUFFIX in names:
-            handle = layout.descriptor_module(
-                self.read_object(self.object_path(layout.descriptor_name(key)), MAX_SMALL_OBJECT))
+        if handle is None and found.raw is not None:
+            handle = layout.descriptor_module(found.raw[:MAX_SMALL_OBJECT])
         size = manifest.total_bytes if manifest else sum(files.values())
         return EntryInfo(key, path, state, manifest, size, None, handle)
 
     def remove(self, key: str) -> bool:
         with self._io(f"removing {self.entry_path(key)}"):
-            manifest = self.object_path(layout.manifest_name(key))
-            existed = self.read_object(manifest, 0) is not None
-            self.delete_objects([manifest])  # first: the entry is never seen half-removed
+            commits = [self.legacy_manifest_path(key), self.descriptor_path(key)]
+            existed = any(self.read_object(p, 0) is not None for p in commits)
+            # First (an older hubcache's manifest before the descriptor, which an older hubcache
+            # does not read): the entry is never seen half-removed.
+            for commit in commits:
+                self.delete_objects([commit])
             objects = self.list_objects(self.object_path(key))
             existed = existed or bool(objects)
             # The lease goes too, unless this process holds it (a guard; its release deletes it).
             lease = [] if key in self._leases else [self._lease_path(key)]
-            self.delete_objects([*objects, self.object_path(layout.descriptor_name(key)), *lease])
+            self.delete_objects([*objects, *lease])
         return existed
 
     def verify(self, key: str, full: bool = False) -> list[str]:
@@ -919,6 +1034,8 @@ class _Lease:
             self._thread.join(timeout=max(5.0, self.store.lease_ttl))
         if self.lost:
             return
+        if not self.version and not self._still_ours(self.last):
+            return  # the version of our creation is unknown and the lease is not (readably) ours
         with contextlib.suppress(Exception):  # PreconditionFailed: another host's lease now
             self.store.delete_versioned(self.path, self.version)
 
@@ -929,10 +1046,13 @@ MAX_CONFLICTS = 3
 
 
 def _same_contents(raw: bytes, ours: Manifest) -> bool:
-    """Whether the manifest ``raw`` (read from the store) is a safe one describing the same
-    files, folders and links as ``ours`` (a racing writer's commit of the same archive)."""
+    """Whether the descriptor ``raw`` (read from the store) holds a safe manifest describing the
+    same files, folders and links as ``ours`` (a racing writer's commit of the same archive)."""
+    embedded = layout.descriptor_manifest(raw)
+    if embedded is None:
+        return False
     try:
-        theirs = Manifest.from_json(raw)
+        theirs = Manifest.from_json(embedded)
         paths.validate_manifest(theirs, _NO_LIMITS)
     except (ValueError, RecursionError, UnsafeArchiveError):
         return False
@@ -986,13 +1106,39 @@ class ObjectWriter(EntryWriter):
         store = self.store
         with store._io(f"reading {store.entry_path(self.key)}"):
             versions = {p: v for p, (_, v) in store.list_versioned(self.prefix).items()}
-            descriptor = store.object_path(layout.descriptor_name(self.key))
-            found = store.stat_version(descriptor)
-            if found is not None:
-                versions[descriptor] = found
+            # What commits an entry (the descriptor, an older hubcache's manifest) goes first:
+            # no reader trusts or adopts a mix of old objects and ours while they are replaced.
+            stale = [store.legacy_manifest_path(self.key), store.descriptor_path(self.key)]
+            for path in stale[::-1]:
+                found = store.stat_version(path)
+                if found is None:
+                    break  # an older hubcache's manifest is only ever beside a descriptor
+                versions[path] = found
             store.confirm_lease(self.key)
         self._versions = versions
         self._started = True
+        with store._io(f"uncommitting {store.entry_path(self.key)}"):
+            for path in stale:
+                self._delete(path)
+
+    def _delete(self, target: str) -> None:
+        """Delete ``target`` at the version this writer knows (nothing if none), again after each
+        refusal (:meth:`_conflict` learns the new version, or raises if the lease is lost), at
+        most :data:`MAX_CONFLICTS` times."""
+        for _ in range(MAX_CONFLICTS):
+            expected = self._expected(target)
+            if not expected:
+                return
+            try:
+                self.store.delete_versioned(target, expected)
+            except PreconditionFailed:
+                self._conflict(target)
+                continue
+            with self._versions_lock:
+                self._versions[target] = ""
+            return
+        raise CacheError(f"{self.store.url(target)} was rewritten by another writer on each of "
+                         f"{MAX_CONFLICTS} deletes", hint="try again")
 
     def _expected(self, target: str) -> str:
         with self._versions_lock:
@@ -1181,16 +1327,16 @@ class ObjectWriter(EntryWriter):
                            hint=hint)
 
     def commit(self, manifest: Manifest) -> str:
-        """Check every object landed, then create the manifest (the commit).
+        """Check every object landed, then create the descriptor with the manifest (the commit).
 
         Before creating it the lease is checked once more; after creating it, the objects are
         listed again: if one is no longer at the version this writer wrote (another holder
-        rewrote it in between, this writer having stalled past the TTL), the manifest is
-        withdrawn (deleted at the version created) and :class:`LeaseLostError` raised. A manifest
-        already there describing the same files is a racing writer's commit of the same archive
-        (its objects are ours too); another one (a writer that lost the lease to us committed
-        over our objects, or an unreadable one) is replaced, conditionally, while the lease is
-        still ours.
+        rewrote it in between, this writer having stalled past the TTL), the descriptor is
+        withdrawn (deleted at the version created) and :class:`LeaseLostError` raised. A
+        descriptor already there whose manifest describes the same files is a racing writer's
+        commit of the same archive (its objects are ours too); another one (a writer that lost
+        the lease to us committed over our objects, an unreadable one, one written since this
+        writer started) is replaced, conditionally, while the lease is still ours.
         """
         store = self.store
         url = store.entry_path(self.key)
@@ -1217,33 +1363,32 @@ class ObjectWriter(EntryWriter):
                     store.confirm_lease(self.key)
                     raise CacheError(f"{store.url(target)} was rewritten by another writer during the upload",
                                      hint="try again")
-            self._put(store.object_path(layout.descriptor_name(self.key)), layout.descriptor_text(self.handle).encode())
-            manifest_path = store.object_path(layout.manifest_name(self.key))
-            ours = manifest.to_json()
+            descriptor = store.descriptor_path(self.key)
+            ours = layout.descriptor_with_manifest(layout.descriptor_text(self.handle), manifest.to_json())
             store.confirm_lease(self.key)
             try:
-                store.create_object(manifest_path, ours)  # the commit
+                store.create_object(descriptor, ours)  # the commit
             except FileExistsError:
-                if self._adopt_existing(manifest_path, manifest, ours, sizes):
+                if self._adopt_existing(descriptor, manifest, ours, sizes):
                     self._committed = True
                     self._close()
                     return url
             self._committed = True
             after = store.list_versioned(self.prefix)
             if any(after.get(t, (0, ""))[1] != self._written.get(t) for t in sizes):
-                self._withdraw(manifest_path, ours)
+                self._withdraw(descriptor, ours)
             # Objects of an earlier, different archive under the same key are no part of this entry.
             store.delete_objects(set(after) - set(sizes))
         self._close()
         return url
 
-    def _adopt_existing(self, manifest_path: str, manifest: Manifest, ours: bytes,
+    def _adopt_existing(self, descriptor: str, manifest: Manifest, ours: bytes,
                         sizes: dict[str, int]) -> bool:
-        """After a refused manifest creation: ``True`` if the manifest there is a racing writer's
-        commit of the same files (nothing more to do); else replace it with ours while the lease
-        is ours and our objects are intact (``False``: committed by the replacement)."""
+        """After a refused descriptor creation: ``True`` if the descriptor there holds a racing
+        writer's commit of the same files (nothing more to do); else replace it with ours while
+        the lease is ours and our objects are intact (``False``: committed by the replacement)."""
         store = self.store
-        found = store.read_versioned(manifest_path, MAX_MANIFEST_BYTES)
+        found = store.read_versioned(descriptor, MAX_MANIFEST_BYTES)
         if found is not None and len(found[0]) <= MAX_MANIFEST_BYTES and _same_contents(found[0], manifest):
             return True
         listing = store.list_versioned(self.prefix)
@@ -1253,24 +1398,24 @@ class ObjectWriter(EntryWriter):
                              "during the commit", hint="try again")
         try:
             if found is None:
-                store.create_object(manifest_path, ours)
+                store.create_object(descriptor, ours)
             else:
-                store.replace_object(manifest_path, ours, found[1])
+                store.replace_object(descriptor, ours, found[1])
         except (FileExistsError, PreconditionFailed):
             store.confirm_lease(self.key)
-            raise CacheError(f"the manifest of {store.entry_path(self.key)} was rewritten by another writer "
+            raise CacheError(f"the descriptor of {store.entry_path(self.key)} was rewritten by another writer "
                              "during the commit", hint="try again") from None
         return False
 
-    def _withdraw(self, manifest_path: str, ours: bytes) -> None:
-        """Our manifest went in after another holder rewrote some of our objects (we stalled
+    def _withdraw(self, descriptor: str, ours: bytes) -> None:
+        """Our descriptor went in after another holder rewrote some of our objects (we stalled
         between the last lease check and the creation): delete it, at the version we created,
         and give the entry up to that holder."""
         self._committed = False
         with contextlib.suppress(PreconditionFailed):
-            found = self.store.read_versioned(manifest_path, MAX_MANIFEST_BYTES)
+            found = self.store.read_versioned(descriptor, MAX_MANIFEST_BYTES)
             if found is not None and found[0] == ours:
-                self.store.delete_versioned(manifest_path, found[1])
+                self.store.delete_versioned(descriptor, found[1])
         self.store.confirm_lease(self.key)  # raises LeaseLostError: the only way this happens
         raise CacheError(f"the objects of {self.store.entry_path(self.key)} were rewritten by another writer "
                          "during the commit", hint="try again")
@@ -1303,7 +1448,7 @@ class ObjectWriter(EntryWriter):
                 return
             listed = {f"{self.prefix}/{name}" for name in
                       [f.path for f in committed.files] + list(committed.symlinks)}
-            descriptor = self.store.object_path(layout.descriptor_name(self.key))
+            descriptor = self.store.descriptor_path(self.key)
             written = {p: v for p, v in written.items() if p not in listed and p != descriptor}
 
         def withdraw(item: tuple[str, str]) -> None:
