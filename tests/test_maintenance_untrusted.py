@@ -21,7 +21,8 @@ from gcs_emulator import fresh_root, gcs  # first: it sets up gcsfs for the emul
 from hubcache.core.handles import cache_key
 from hubcache.core.manifest import Manifest
 from hubcache.testing import archive_of, build_model_dir
-from bucket_layout import descriptor_object, plant_manifest
+from bucket_layout import descriptor_object
+from bucket_layout import plant_manifest as plant_bucket_manifest
 from local_layout import committed_names, manifest_data, write_manifest_json
 
 #: A terminal title change (OSC), a bell, a CR+LF that forges a line, a CSI (C1) and a bidi override.
@@ -298,7 +299,7 @@ def test_bucket_entries_through_the_cli(origin, tmp_path, monkeypatch):
     resolved(url)
     prefix = root.split("://", 1)[1]
     gcs().pipe(f"{prefix}/{cache_key(url)}/variables/planted.bin", b"x" * 100)
-    plant_manifest(gcs(), descriptor_object(prefix, PLANTED), damaged_manifest(url + "?planted").to_json())
+    plant_bucket_manifest(gcs(), descriptor_object(prefix, PLANTED), damaged_manifest(url + "?planted").to_json())
     full = json.loads(hubcache("verify", "--full", "--json").stdout)
     problems = {r["key"]: r["problems"] for r in full}
     assert "variables/planted.bin is not in the manifest" in problems[cache_key(url)]

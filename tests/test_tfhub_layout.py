@@ -270,3 +270,73 @@ def test_tensorflow_hub_and_hubcache_wait_for_each_others_downloads(origin, tmp_
     assert LocalStore(str(cache)).read_manifest(cache_key(c)).creator == "adopted from tensorflow_hub"
     keys = [cache_key(h) for h in handles]
     assert set(os.listdir(cache)) == {n for k in keys for n in (k, f"{k}.descriptor.txt")}
+
+
+TFHUB_IMPATIENT = """
+    import json, sys, time, types
+    from tensorflow_hub import resolver as tfhub_resolver
+
+    module_dir, handle = sys.argv[1:3]
+    # tensorflow_hub's wait loop pauses a fixed 5 s between its looks at the lock
+    # (resolver._wait_for_lock_to_disappear); only that pause is shortened here, so the test takes
+    # seconds, not a minute. The staleness check itself (the holder's temp dir did not grow for
+    # lock_file_timeout_sec) is tensorflow_hub's own.
+    real_sleep = time.sleep
+    tfhub_resolver.time = types.SimpleNamespace(time=time.time, sleep=lambda s: real_sleep(min(s, 0.2)))
+    stolen = []
+
+    def download(handle, tmp_dir):  # called only if tensorflow_hub took the lock for itself
+        stolen.append(time.time())
+        raise RuntimeError("stolen")
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        path = tfhub_resolver.atomic_download(handle, download, module_dir, lock_file_timeout_sec=1)
+    except RuntimeError:
+        path = None
+    print(json.dumps({"path": path, "stolen": bool(stolen)}), flush=True)
+"""
+
+
+def test_tensorflow_hub_never_steals_the_lock_of_a_slow_download_that_makes_progress(origin, tmp_path, monkeypatch):
+    """A real tensorflow_hub resolve (its ``atomic_download`` with a 1 s ``lock_file_timeout_sec``)
+    finds the lock of a hubcache download (another process) that a loopback origin trickles at
+    about 250 kB/s: tensorflow_hub measures hubcache's temp dir growing at every look, never
+    steals the lock, and returns hubcache's entry once it is committed. The origin serves the
+    archive once."""
+    assert importlib.util.find_spec("tensorflow_hub") is not None, "pip install -e '.[test]'"
+    cache = tmp_path / "shared-cache"
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+    model = build_model_dir(tmp_path / "slow", weights_bytes=1_000_000, shards=1, seed=5)
+    data = archive_of(model, "gz")
+    url = origin.add("/trickle.tar.gz", data)
+    origin.throttle("/trickle.tar.gz", 250_000, step=4096)  # about 4 s, a few kB at a time
+    key = cache_key(url)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    tfhub = subprocess.Popen([sys.executable, "-c", textwrap.dedent(TFHUB_IMPATIENT), str(cache / key), url],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    downloader = None
+    try:
+        assert tfhub.stdout.readline().strip() == "ready", tfhub.stderr.read()[-3000:]
+        downloader = subprocess.Popen([sys.executable, "-c", "import sys, hubcache; hubcache.resolve(sys.argv[1])", url],
+                                      stderr=subprocess.PIPE, text=True)
+        lock = cache / f"{key}.lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and lock.stat().st_size and [n for n in os.listdir(cache) if n.endswith(".tmp")]):
+            assert time.monotonic() < deadline and downloader.poll() is None, "hubcache's download never started"
+            time.sleep(0.01)
+        tfhub.stdin.write("go\n")
+        tfhub.stdin.flush()
+        line = tfhub.stdout.readline()
+        assert line, tfhub.stderr.read()[-3000:]
+        assert downloader.wait(timeout=60) == 0, downloader.stderr.read()
+    finally:
+        for proc in (tfhub, downloader):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert json.loads(line) == {"path": str(cache / key), "stolen": False}
+    assert origin.count("/trickle.tar.gz") == 1
+    assert tree_of(str(cache / key)) == tree_of(model)
+    assert set(os.listdir(cache)) == {key, f"{key}.descriptor.txt"}

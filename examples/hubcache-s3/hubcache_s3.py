@@ -3,8 +3,10 @@
 Selected by ``TFHUB_CACHE_DIR=s3://bucket/prefix`` (or ``HUBCACHE_BACKEND=s3`` with the root in
 ``TFHUB_CACHE_DIR``). Every host that can read the bucket shares the cache, as with hubcache's
 built-in ``gcs`` backend, and with the same protocol (:mod:`hubcache.stores.objectstore`): the
-files are uploaded to their final names, the manifest object is created last and is the commit,
-and a lease object with a heartbeat saves the bandwidth of concurrent downloads.
+files are uploaded to their final names, the descriptor holding the manifest is created last and
+is the commit, and a lease object with a heartbeat, there only while a download runs, saves the
+bandwidth of concurrent downloads. Once resolves finish the bucket holds exactly what
+tensorflow_hub's cache holds: ``<sha1>/...`` and ``<sha1>.descriptor.txt`` per model.
 
 This module is a third-party plugin: it imports only hubcache's stable plugin API,
 :mod:`hubcache.plugin` (``hookimpl``, ``ObjectStoreBackend``, ``ObjectStore``, the errors), and s3fs.

@@ -23,6 +23,9 @@ Object-store backends (:class:`ObjectStoreConformance` adds):
 
 - :class:`ObjectStoreCases`: the conditional primitives, listing, reads capped against what others
   wrote.
+- :class:`ObjectLayoutCases`: exactly tensorflow_hub's names in the bucket (after downloads,
+  adoptions and the move of an older hubcache's entries), hostile descriptors, a writer killed
+  before its commit, a hit that writes nothing.
 - :class:`LeaseCases`: the lease against stalled, killed and planted holders, its request rates.
 - :class:`TierChainCases`: a local tier in front of the store when others can write the bucket.
 """
@@ -1067,7 +1070,7 @@ class LeaseCases(ObjectStoreFixtures):
                                                                  stall_at: str) -> None:
         """Writer A (a real process) downloads version 1 of a model and is stopped with SIGSTOP in
         the middle of its upload (``upload``: before its second object; ``commit``: after its
-        last lease check, just before it creates the manifest). The origin republishes the model
+        last lease check, just before it creates the descriptor holding the manifest). The origin republishes the model
         (version 2, other bytes and sizes); B (this process) takes the silent lease over,
         downloads version 2 and commits it. A then gets SIGCONT: none of its pending writes may
         land on B's entry; A withdraws what it wrote, waits for B's commit and returns B's entry."""
@@ -1823,7 +1826,7 @@ def stalled_writer_republished(backend: CacheBackend, workdir: str, url: str, le
 
     Writer A, a real child process, resolves ``url`` through ``backend`` (each file its own
     upload) and stops itself with ``SIGSTOP`` at ``stall_at`` (``"upload"``: just before its
-    second upload of an entry object; ``"commit"``: just before it creates the manifest). Once A
+    second upload of an entry object; ``"commit"``: just before it creates the descriptor). Once A
     is stopped, ``republish()`` is called (the caller changes the origin's archive) and B (this
     process, a backend instance of its own) resolves ``url``: it waits out A's silent lease,
     takes it over, downloads and commits. Then A gets ``SIGCONT`` and finishes its resolve.

@@ -42,7 +42,7 @@ def backend():
 @pytest.mark.parametrize("stall_at", ["upload", "commit"])
 def test_a_stalled_writer_never_overwrites_a_committed_entry(backend, tmp_path, stall_at, figures):
     """Writer A (a real process) stopped with SIGSTOP mid-upload (before its second object) or
-    at its commit (after its last lease check, before it creates the manifest); the origin
+    at its commit (after its last lease check, before it creates the descriptor holding the manifest); the origin
     republishes the model; B takes the lease over and commits version 2; A resumed with SIGCONT:
     none of A's writes lands, A withdraws its objects and returns B's entry, which verifies."""
     import hashlib

@@ -1,7 +1,6 @@
 """The commit manifest: what an entry holds, written last, trusted first.
 
-The manifest (at the end of ``<key>.descriptor.txt`` in a local store, ``<key>.manifest.json``
-in an object store: ``hubcache.core.entry``) lists every file with its size and a fast digest
+The manifest (at the end of ``<key>.descriptor.txt`` in every store: ``hubcache.core.entry``) lists every file with its size and a fast digest
 (CRC-32, computed while the file is written, so it costs no extra read), the archive's SHA-256
 and where the bytes came from. An entry without a valid manifest is not committed.
 """

@@ -3,9 +3,9 @@
 A store keeps entries under a root, one per cache key:
 
 - ``<root>/<key>/``: the extracted model (the path ``resolve`` returns);
-- ``<root>/<key>.descriptor.txt``: tensorflow_hub's descriptor (who downloaded what, when);
-- hubcache's manifest, only entries with one being trusted: at the end of the descriptor in a
-  local store, ``<root>/<key>.manifest.json`` in an object store (``hubcache.core.entry``).
+- ``<root>/<key>.descriptor.txt``: tensorflow_hub's descriptor (who downloaded what, when),
+  then hubcache's manifest at its end, only entries with one being trusted, in every store
+  (``hubcache.core.entry``).
 
 Writers build an entry privately (an :class:`EntryWriter`) and make it visible with one atomic
 commit. Locks only save bandwidth; correctness never depends on them.
