@@ -54,6 +54,15 @@ MAX_REDIRECTS = 10
 #: The setting that bounds a whole download (named in the error).
 DEADLINE_SETTING = "HUBCACHE_DOWNLOAD_DEADLINE"
 CHANGED_HINT = "try again once the file on the server stops changing"
+#: A read of a slow response returns what arrived within this many seconds (at least one byte)
+#: instead of waiting for the whole size asked: the bytes reach the entry as they come, so
+#: whoever judges a download by its temp dir growing (tensorflow_hub waiting for our lock, which
+#: steals a lock whose temp dir did not grow for ``lock_file_timeout_sec``) sees its progress.
+PARTIAL_AFTER = 0.2
+#: A first socket read at least this large means the bytes come fast: the next reads wait for
+#: the whole size asked (fewer, larger reads: less CPU per byte) while each takes less than
+#: :data:`PARTIAL_AFTER`.
+FAST_PIECE = 64 << 10
 
 #: ``.source``: the HttpSource whose request this thread is making (see ``_tracked_pool``)
 _requesting = threading.local()
@@ -215,6 +224,8 @@ class HttpSource(Source):
         self._resolved = ""  # the URL the first answer came from, its query kept: never shown
         self._deadline = deadline
         self._expired = False
+        self._fast = False  # the bytes come faster than they are read (see _receive)
+        self._failed: Exception | None = None  # a read's error, raised by the next one (see _receive)
         self._guard = threading.Lock()
         self._live: urllib3.BaseHTTPResponse | None = None  # the response being read, for the watchdog
         # the connection waiting for response headers, for the watchdog
@@ -471,7 +482,7 @@ class HttpSource(Source):
             return self.readall()
         while True:
             try:
-                data = self._response.read(size)
+                data = self._receive(size)
                 n = len(data)
                 if n == 0 and size:
                     if self._expired:
@@ -495,6 +506,45 @@ class HttpSource(Source):
                                         hint="such a download starts over when cut; try again on a steadier "
                                              "connection")
                 self._response = self._request(self.position)
+
+    def _receive(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body; empty only at the end of the body.
+
+        While bytes come fast (a first socket read of at least :data:`FAST_PIECE` bytes), each
+        read waits for the whole size (the fewest, largest reads: the least CPU per byte) until
+        one takes longer than :data:`PARTIAL_AFTER`; otherwise a read returns what arrived within
+        :data:`PARTIAL_AFTER` seconds of its first byte.
+        """
+        import urllib3
+
+        if self._failed is not None:
+            error, self._failed = self._failed, None
+            raise error
+        if self._fast:
+            started = time.monotonic()
+            data = self._response.read(size)
+            self._fast = time.monotonic() - started < PARTIAL_AFTER
+            return data
+        read1 = getattr(self._response, "read1", None)
+        if read1 is None:  # pragma: no cover - every urllib3 2.x response has it
+            return self._response.read(size)
+        data = cast(bytes, read1(size))
+        if len(data) >= size or not data:
+            return data
+        self._fast = len(data) >= FAST_PIECE
+        parts, got = [data], len(data)
+        until = time.monotonic() + PARTIAL_AFTER
+        while got < size and time.monotonic() < until:
+            try:
+                more = cast(bytes, read1(size - got))
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                self._failed = error  # the bytes got count (a resume starts after them): raised next
+                break
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def cut(self) -> None:
         """Close without reading the rest of the body: its connection is closed, not reused."""
