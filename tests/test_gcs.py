@@ -412,3 +412,33 @@ def test_cli_rm_and_prune_keep_a_download_in_progress_on_another_host(gcs_root, 
     actions = [a for report in json.loads(prune.stdout) for a in report.get("actions", [])]
     assert actions and all(a["outcome"] == "kept" and f"pid {holder.pid}" in str(a) for a in actions), actions
     assert objects and lease["lease"] == holder.lease, "the download's objects and lease are intact"
+
+
+def test_a_gs_cache_dir_holds_exactly_tensorflow_hubs_names_and_a_hit_writes_nothing(origin, tmp_path, gcs_root,
+                                                                                       monkeypatch):
+    """``TFHUB_CACHE_DIR=gs://...``: after cold resolves of two handles (one in this process, one
+    in a child), the bucket prefix holds ``<key>/...`` and ``<key>.descriptor.txt`` per model and
+    nothing else (no lease, no manifest object); a hit in a new process sends the emulator one
+    request, a GET of the descriptor, and no write (counted in the emulator's own request log)."""
+    import gcs_emulator
+
+    monkeypatch.setenv("TFHUB_CACHE_DIR", gcs_root)
+    models = [build_model_dir(tmp_path / f"m{i}", weights_bytes=30_000, seed=i) for i in range(2)]
+    urls = [origin.add(f"/names-{i}.tar.gz", archive_of(m)) for i, m in enumerate(models)]
+    hubcache.resolve(urls[0])
+    assert finish(spawn(urls[1], tmp_path, "second"))["path"] == f"{gcs_root}/{cache_key(urls[1])}"
+    prefix = strip(gcs_root)
+    names = {p[len(prefix) + 1:] for p in gcs().find(prefix)}
+    expected = {f"{cache_key(u)}/{rel}" for u, m in zip(urls, models) for rel in tree_of(m)}
+    assert names == expected | {f"{cache_key(u)}.descriptor.txt" for u in urls}
+    time.sleep(0.5)  # the emulator's log is drained by a thread
+    mark = gcs_emulator.log_mark()
+    assert finish(spawn(urls[0], tmp_path, "hit"))["path"] == f"{gcs_root}/{cache_key(urls[0])}"
+    time.sleep(0.5)
+    requests = [line for line in gcs_emulator.log_since(mark) if b'\\"' in line and b"HTTP/1.1" in line]
+    writes = [line for line in requests if any(m in line for m in (b'\\"POST ', b'\\"PUT ', b'\\"PATCH ',
+                                                                     b'\\"DELETE '))]
+    assert writes == [], writes
+    descriptor = f"{prefix}/{cache_key(urls[0])}.descriptor.txt".replace("/", "%2F").split("%2F", 1)[1]
+    assert len(requests) == 1 and b'\\"GET ' in requests[0] and descriptor.encode() in requests[0], requests
+    assert origin.count() == 2
