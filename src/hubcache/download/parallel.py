@@ -43,10 +43,6 @@ is raised by the next read.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-import threading
-import time
 from typing import TYPE_CHECKING, Callable
 
 from ..core.config import DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS
@@ -61,6 +57,7 @@ from .fetch import (
     _length,
     readinto_by_read,
 )
+from .ring import ChunkRing, Leave, Stopped
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_CONNECTIONS", "MIN_CHUNKS", "ParallelSource", "RangeAnswerError",
            "parallel_source"]
@@ -74,8 +71,6 @@ if TYPE_CHECKING:
 #: An object shorter than this many chunks is read as one stream (with the default 8 MiB chunks,
 #: a second connection would save at most half a second at 32 MB/s a connection).
 MIN_CHUNKS = 2
-#: Most bytes one read hands out (the pipeline's chunk).
-PIECE = 1 << 20
 #: Bytes a worker receives at a time before copying them into the ring: each worker's transient
 #: buffers (urllib3's and http.client's) are a few times this.
 RECEIVE = 256 << 10
@@ -90,11 +85,7 @@ class RangeAnswerError(SourceChangedError):
     """
 
 
-class _Stopped(Exception):
-    """The download was closed or failed elsewhere: a worker leaves quietly."""
-
-
-class _Retire(Exception):
+class _Retire(Leave):
     """The origin refused this connection's request twice in a row (429/503), or once with no
     retry left, while others work:
     the worker hands its chunk back and leaves, so the download goes on with one fewer."""
@@ -132,24 +123,11 @@ def parallel_source(first: Source, url: str, *, connections: int = DEFAULT_CONNE
         raise
 
 
-class _Slot:
-    """A chunk being received into its place in the ring: where that is, how many bytes arrived,
-    how many the reader took, and whether all of it arrived."""
-
-    __slots__ = ("base", "received", "taken", "done")
-
-    def __init__(self, base: int) -> None:
-        self.base = base
-        self.received = 0
-        self.taken = 0
-        self.done = False
-
-
-class ParallelSource(Source):
+class ParallelSource(Source, ChunkRing):
     """An http(s) object read over several ranged connections, handed out in order.
 
     Build it with :func:`parallel_source`. ``read`` returns the bytes in order; closing stops the
-    workers and drops their connections.
+    workers and drops their connections. The ring and its workers are ``download/ring.py``'s.
 
     Attributes:
         connections: the number of worker connections.
@@ -162,91 +140,25 @@ class ParallelSource(Source):
                  retries: int, on_retry: Callable[[int, str, int], None] | None, deadline: Deadline | None):
         assert first.total is not None and first._validator is not None
         self.url, self.final_url, self.total = first.url, first.final_url, first.total
-        self.connections, self.chunk_size = connections, chunk_size
+        self.connections = connections
         self.etag, self.modified, self.validator = first._etag, first._modified, first._validator
-        self._first = first
+        self._first_answer = first
         self._url = url
         # Chunks ask the URL the first answer came from (no redirect to follow each time); if
         # that stops working (a signed redirect target expires), they go back to the original.
         self._origin_target = first._target
         self.direct: str | None = first._resolved if first._resolved != first._target else None
         self._timeout, self._retries, self._deadline = timeout, retries, deadline
-        self._on_retry = on_retry
-        self._count = -(-self.total // chunk_size)
-        lock = threading.Lock()
-        self._readable = threading.Condition(lock)  # the reader waits for its chunk
-        self._claimable = threading.Condition(lock)  # workers wait for the window to move
-        self._slots: dict[int, _Slot] = {}  # chunk -> what arrived of it, only for claimed chunks
-        # The bytes held live in one ring of a place per worker (chunk k at (k - 1) mod workers),
-        # allocated once: workers copy into it, the reader copies out of it. Bytes objects made by
-        # the workers and held until read would live in each worker thread's malloc arena, and
-        # freed space in one arena is not reused by another: a cold 1 GiB resolve peaked ~50 MiB
-        # above the buffer's bound that way. An anonymous mapping: pages are touched as used.
-        workers = min(connections, self._count - 1)
-        self._places = workers
-        self._ring = mmap.mmap(-1, workers * chunk_size)
-        self._view = memoryview(self._ring)
-        self._claimed = 1  # the next chunk to claim (chunk 0 is the first answer's)
-        self._returned: list[int] = []  # chunks handed back by retiring workers, to take first
-        self._workers = workers  # workers still working
-        self._head = 0  # the chunk the reader is in
-        self._notices: list[tuple[int, str, int]] = []  # retries, for on_retry on the reading thread
-        self._error: BaseException | None = None
-        self._stopping = False
-        self._stop = threading.Event()
         self._live: set[_Chunk] = set()
-        self.buffered = 0
-        self.peak_buffered = 0
-        self._threads = [threading.Thread(target=self._work, name=f"hubcache-range-{i}", daemon=True)
-                         for i in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    # -- geometry -------------------------------------------------------------------------------
-
-    def _span(self, k: int) -> tuple[int, int]:
-        """The first and last byte of chunk ``k``."""
-        assert self.total is not None
-        start = k * self.chunk_size
-        return start, min(self.total, start + self.chunk_size) - 1
+        # Chunk 0 is the first answer's, read by the reader itself; workers fetch 1 on.
+        self._ring_init(self.total, chunk_size, connections, first=1, name="hubcache-range", on_retry=on_retry)
+        self._start_workers()
 
     # -- the workers ------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        try:
-            while True:
-                k = self._claim()
-                if k is None:
-                    return
-                self._fetch(k)
-        except (_Stopped, _Retire):
-            return
-        except BaseException as error:  # raised by the reader's next read
-            with self._readable:
-                if self._error is None and not self._stopping:
-                    self._error = error
-            self._halt()
-
-    def _claim(self) -> int | None:
-        with self._claimable:
-            while not self._stopping and not self._returned and self._claimed < self._count and \
-                    self._claimed >= self._head + self.connections:
-                self._claimable.wait()
-            if self._stopping:
-                return None
-            if self._returned:  # the oldest first: the reader may be waiting for it
-                self._returned.sort()
-                return self._returned.pop(0)
-            if self._claimed >= self._count:
-                return None
-            k = self._claimed
-            self._claimed += 1
-            self._slots[k] = _Slot((k - 1) % self._places * self.chunk_size)
-            return k
-
     def _fetch(self, k: int) -> None:
         start, end = self._span(k)
-        slot = self._slots[k]  # only this worker writes its place, only past what arrived
+        slot = self._slots[k]
         start += slot.received  # a chunk handed back goes on from the bytes received
         try:
             chunk = _Chunk(self, start, end, timeout=self._timeout, retries=self._retries, deadline=self._deadline)
@@ -254,15 +166,13 @@ class ParallelSource(Source):
             self._hand_back(k)
             raise
         try:
-            left, at = end - start + 1, slot.base + slot.received
+            left = end - start + 1
             while left:
                 data = chunk.read(min(RECEIVE, left))
                 if not 0 < len(data) <= left:  # HttpSource.read cannot do this: a guard of the ring
                     raise chunk._fail(f"a read of {min(RECEIVE, left)} bytes returned {len(data)}")
-                self._view[at:at + len(data)] = data
-                at += len(data)
+                self._deliver(k, data)
                 left -= len(data)
-                self._put(k, slot, len(data))
             chunk.finish()
         except _Retire:
             self._hand_back(k)
@@ -271,54 +181,18 @@ class ParallelSource(Source):
             with self._readable:
                 self._live.discard(chunk)
             chunk.close()
-        with self._readable:
-            slot.done = True
-            if k == self._head:
-                self._readable.notify()
-
-    def _put(self, k: int, slot: _Slot, count: int) -> None:
-        with self._readable:
-            if self._stopping:
-                raise _Stopped
-            slot.received += count
-            self.buffered += count
-            self.peak_buffered = max(self.peak_buffered, self.buffered)
-            if k == self._head:
-                self._readable.notify()
-
-    def _may_retire(self) -> bool:
-        """Whether a refused worker may leave (another one is left): it counts as gone if so."""
-        with self._readable:
-            if self._workers <= 1 or self._stopping:
-                return False
-            self._workers -= 1
-            return True
-
-    def _hand_back(self, k: int) -> None:
-        with self._readable:
-            self._returned.append(k)
-            self._claimable.notify()
 
     def _enter(self, chunk: _Chunk) -> None:
         """A chunk is about to make a request: it can be cut from now on."""
         with self._readable:
             if self._stopping:
-                raise _Stopped
+                raise Stopped
             self._live.add(chunk)
 
-    def _notice(self, attempt: int, error: str, offset: int) -> None:
+    def _on_halt(self) -> None:
+        """Live connections are shut down: a blocked read or request returns."""
         with self._readable:
-            self._notices.append((attempt, error, offset))
-            self._readable.notify()
-
-    def _halt(self) -> None:
-        """Stop every worker: no new requests, waits end, live connections are shut down."""
-        with self._readable:
-            self._stopping = True
             live = list(self._live)
-            self._readable.notify_all()
-            self._claimable.notify_all()
-        self._stop.set()
         for chunk in live:
             chunk.abort()
 
@@ -337,76 +211,22 @@ class ParallelSource(Source):
         if self._head == 0:  # chunk 0: straight from the first answer, on this thread
             _, end = self._span(0)
             if self.position <= end:
-                head = self._first.read(min(size, end + 1 - self.position))
+                head = self._first_answer.read(min(size, end + 1 - self.position))
                 if not head:  # HttpSource raises on an early end; this is a guard, not a path
-                    raise self._first._fail(f"the first answer ended at byte {self.position}")
+                    raise self._first_answer._fail(f"the first answer ended at byte {self.position}")
                 self.position += len(head)
                 return head
-            self._first.cut()  # the rest of it comes over the ranged connections
-            with self._readable:
-                self._head = 1
-                self._claimable.notify_all()
-        while True:
-            with self._readable:
-                span = None
-                while not self._notices and self._error is None:
-                    span = self._take(size)
-                    if span is not None:
-                        break
-                    self._readable.wait(0.5)
-            if span is None:
-                self._report()
-                continue
-            slot, count = span
-            if slot is None:
-                return b""
-            # Outside the lock: the worker writes only past what arrived, and the place is not
-            # reused before the reader is done with this chunk.
-            data = bytes(self._view[slot.base + slot.taken:slot.base + slot.taken + count])
-            with self._readable:
-                slot.taken += count
-                self.buffered -= count
-            self.position += count
-            return data
-
-    def _report(self) -> None:
-        """Hand the workers' retries to ``on_retry``, then raise their error if one failed."""
-        with self._readable:
-            notices, self._notices = self._notices, []
-            error = self._error
-        for notice in notices:
-            if self._on_retry is not None:
-                self._on_retry(*notice)
-        if error is not None:
-            raise error
-
-    def _take(self, size: int) -> tuple[_Slot | None, int] | None:
-        """(The lock held.) ``(slot, count)``: the next ``count`` bytes of the reader's chunk are
-        in ``slot``; ``(None, 0)`` at the end; ``None`` if they have not arrived yet."""
-        while self._head < self._count:
-            slot = self._slots.get(self._head)
-            if slot is None:
-                return None
-            if slot.received > slot.taken:
-                return slot, min(size, PIECE, slot.received - slot.taken)
-            if not slot.done:
-                return None
-            del self._slots[self._head]
-            self._head += 1
-            self._claimable.notify_all()
-        return None, 0
+            self._first_answer.cut()  # the rest of it comes over the ranged connections
+            self._advance(1)
+        data = self._next_piece(size)
+        self.position += len(data)
+        return data
 
     def close(self) -> None:
         if not self.closed:
             self._halt()
-            self._first.cut()
-            until = time.monotonic() + 5.0  # their connections are shut down: they leave at once
-            for thread in self._threads:
-                thread.join(max(0.0, until - time.monotonic()))
-            if not any(thread.is_alive() for thread in self._threads):
-                with contextlib.suppress(BufferError):  # the ring's memory goes now, not at collection
-                    self._view.release()
-                    self._ring.close()
+            self._first_answer.cut()
+            self._shut_down()  # their connections are shut down: they leave at once
         super().close()
 
 
@@ -435,7 +255,7 @@ class _Chunk(HttpSource):
 
     def _sleep(self, seconds: float) -> None:
         if self._owner._stop.wait(seconds):
-            raise _Stopped
+            raise Stopped
 
     def _range_error(self, message: str, response: urllib3.BaseHTTPResponse | None = None) -> RangeAnswerError:
         if response is not None:
