@@ -126,8 +126,9 @@ def download_into(writer: EntryWriter, handle: Handle, location: Location, confi
                   deadline: Deadline | None = None, parallel: bool = True) -> Manifest:
     """Stream ``location`` into ``writer`` and return the manifest to commit (not yet committed).
 
-    ``parallel``: an http(s) origin that allows it is read over ``connections`` (a setting)
-    ranged connections; ``False`` reads one stream.
+    ``parallel``: an http(s) origin that allows it, or an fsspec object (``gs://``, ``s3://``) of
+    at least two chunks, is read over ``connections`` (a setting) ranged connections; ``False``
+    reads one stream.
 
     Raises:
         SourceChangedError: the file changed during the download; ``writer`` holds a mix and
@@ -141,8 +142,10 @@ def download_into(writer: EntryWriter, handle: Handle, location: Location, confi
 
     # The handle's credentials go only to its own host (``url`` shows them as ***).
     timeout, retries = config.timeout, config.retries
-    source = open_source(handle.reveal(url), timeout=timeout, retries=retries, on_retry=on_retry, deadline=deadline)
     connections = config.connections if parallel else 1
+    # An object store's archive goes parallel in open_source (objectread), pinned to one version.
+    source = open_source(handle.reveal(url), timeout=timeout, retries=retries, on_retry=on_retry, deadline=deadline,
+                         connections=connections, chunk_size=config.chunk_size)
     if connections > 1:  # an http(s) origin that allows it: the rest over ranged connections
         source = parallel_source(source, handle.reveal(url), connections=connections,
                                  chunk_size=config.chunk_size, timeout=timeout,

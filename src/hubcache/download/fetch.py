@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
+from ..core.config import DEFAULT_CHUNK_SIZE
 from ..core.errors import (
     DownloadError,
     HandleError,
@@ -639,7 +640,8 @@ def _without_userinfo(url: str) -> str:
 
 def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
                 on_retry: Callable[[int, str, int], None] | None = None,
-                deadline: Deadline | None = None) -> Source:
+                deadline: Deadline | None = None, connections: int = 1,
+                chunk_size: int = DEFAULT_CHUNK_SIZE) -> Source:
     """Open a byte stream of ``url``.
 
     Args:
@@ -648,6 +650,9 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
         retries: retries of transient failures (HTTP).
         on_retry: called with ``(attempt, error, offset)`` before each retry (HTTP).
         deadline: when the whole download must be over.
+        connections, chunk_size: an fsspec object (``gs://``, ``s3://``, ...) of at least two
+            chunks is read with this many ranged reads of ``chunk_size`` bytes at once
+            (``objectread``); http(s) goes parallel through ``download/parallel.py`` instead.
 
     Raises:
         DownloadError: if it cannot be fetched (after retries, for HTTP).
@@ -679,7 +684,7 @@ def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
                           hint="check the handle's scheme, or install the fsspec implementation for it") from None
     try:
         # One version for the whole read (objectread): a replaced object is a restart, never a splice.
-        f = open_pinned(fs, path, shown)
+        f = open_pinned(fs, path, shown, connections=connections, chunk_size=chunk_size)
         size = f.size
     except SourceChangedError:
         raise

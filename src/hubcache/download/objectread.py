@@ -22,6 +22,16 @@ filesystems send it), so :data:`_PINNERS` is a small table keyed by fsspec proto
 
 On the pinned kinds, an error while reading (the 404 or the 412) is told apart from an ordinary
 failure by looking the object's version up once more: another version (or no object) is a change.
+
+**In parallel.** An object of at least :data:`~hubcache.download.ring.MIN_CHUNKS` chunks, opened
+with ``connections > 1``, is read by ``connections`` worker threads, each fetching one chunk of
+``chunk_size`` bytes at a time with the same pinned ranged read the single stream makes (the
+generation in the path, the file's own ``If-Match``/``VersionId``, or the file's ranged read with
+the ``ukey`` checked by the reader), into the ring of ``download/ring.py``; the reader takes the
+bytes in order, so the digest, decoder and extractor downstream still see one stream, and no copy
+of the archive is written to disk. A version change met by any chunk raises the same
+:class:`SourceChangedError`. Filesystems whose files have no ranged read (``_fetch_range``: the
+local one) are read as one stream.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any, Callable, cast
 
+from ..core.config import DEFAULT_CHUNK_SIZE
 from ..core.errors import SourceChangedError
+from .ring import MIN_CHUNKS, ChunkRing, Stopped
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -123,14 +135,18 @@ def _raise_if_changed(url: str, version: str | None, current: Callable[[], str |
             url=url, hint=CHANGED_HINT)
 
 
-def open_pinned(fs: Any, path: str, url: str, block_size: int = BLOCK_SIZE) -> PinnedObject:
+def open_pinned(fs: Any, path: str, url: str, block_size: int = BLOCK_SIZE, *, connections: int = 1,
+                chunk_size: int = DEFAULT_CHUNK_SIZE) -> PinnedObject:
     """Open ``path`` on the fsspec filesystem ``fs``, pinned to the version it has now.
 
     Args:
         fs: an fsspec filesystem.
         path: the object's path on ``fs``.
         url: the URL as it may be shown (no credentials), for errors.
-        block_size: bytes per ranged request.
+        block_size: bytes per ranged request of one stream.
+        connections: ranged reads at once for an object of at least ``MIN_CHUNKS`` chunks
+            (1: one stream).
+        chunk_size: bytes per ranged read of a parallel read.
 
     Raises:
         FileNotFoundError: there is no such object.
@@ -139,7 +155,25 @@ def open_pinned(fs: Any, path: str, url: str, block_size: int = BLOCK_SIZE) -> P
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     pinner = next((_PINNERS[p] for p in protocols if p in _PINNERS), _checked)
     fs.invalidate_cache(path)  # a listing cached earlier may name an older version
-    return pinner(fs, path, url, block_size)
+    return pinner(fs, path, url, _Reads(block_size, connections, chunk_size))
+
+
+class _Reads:
+    """How to read an object: one stream of ``block_size`` blocks, or ``connections`` ranged reads
+    of ``chunk_size`` at once if it is large enough."""
+
+    def __init__(self, block_size: int, connections: int, chunk_size: int):
+        self.block_size = block_size
+        self.connections = connections
+        self.chunk_size = chunk_size
+
+    def parallel(self, size: int | None) -> bool:
+        return self.connections > 1 and size is not None and size >= MIN_CHUNKS * self.chunk_size
+
+    def ranges(self, fetch: Callable[[int, int], bytes], size: int, on_close: Callable[[], None] | None = None
+               ) -> ParallelRanges:
+        return ParallelRanges(fetch, size, chunk_size=self.chunk_size, connections=self.connections,
+                              on_close=on_close)
 
 
 def _fresh(fs: Any, path: str) -> dict[str, Any]:
@@ -148,7 +182,7 @@ def _fresh(fs: Any, path: str) -> dict[str, Any]:
     return info
 
 
-def _path_generation(fs: Any, path: str, url: str, block_size: int) -> PinnedObject:
+def _path_generation(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObject:
     """Read ``path#<generation>`` through a version-aware client: every ranged GET names the
     generation seen here (gcsfs sends it as the request's ``generation`` parameter, from its floor
     2024.12 on). The blocks are fetched with ``cat_file``, not through the filesystem's file,
@@ -157,7 +191,7 @@ def _path_generation(fs: Any, path: str, url: str, block_size: int) -> PinnedObj
     info = fs.info(path)
     generation = info.get("generation")
     if not generation or "#" in key or "?" in key:  # no generation, or a key it cannot be added to
-        return _checked(fs, path, url, block_size)
+        return _checked(fs, path, url, reads)
     version = str(generation)
     versioned = fs if getattr(fs, "version_aware", False) else _version_aware_view(fs)
     pinned = f"{bucket}/{key}#{version}"
@@ -173,8 +207,10 @@ def _path_generation(fs: Any, path: str, url: str, block_size: int) -> PinnedObj
         data: bytes = sync(versioned.loop, versioned._cat_file, pinned, start=start, end=end)
         return data
 
-    blocks = _Blocks(fetch, int(info["size"]), block_size)
-    return PinnedObject(url, blocks, version, current, check_each_block=False, block_size=block_size)
+    size = int(info["size"])
+    blocks: _Blocks | ParallelRanges = (reads.ranges(fetch, size) if reads.parallel(size)
+                                        else _Blocks(fetch, size, reads.block_size))
+    return PinnedObject(url, blocks, version, current, check_each_block=False, block_size=reads.block_size)
 
 
 def _version_aware_view(fs: Any) -> Any:
@@ -221,25 +257,83 @@ class _Blocks:
         self._block = memoryview(b"")
 
 
-def _file_pins_itself(fs: Any, path: str, url: str, block_size: int) -> PinnedObject:
+class ParallelRanges(ChunkRing):
+    """An object read in consecutive chunks by ``connections`` worker threads, each chunk one
+    ranged read, handed out in order (the ring of ``download/ring.py``: at most ``connections x
+    chunk_size`` bytes held).
+
+    Args:
+        fetch: reads bytes ``[start, end)`` of the pinned version (one ranged request; called
+            from the worker threads at once).
+        size: the version's byte count.
+        on_close: called once the workers stopped (closes the file ``fetch`` belongs to).
+
+    Attributes:
+        size: the byte count.
+        connections: the worker threads.
+    """
+
+    def __init__(self, fetch: Callable[[int, int], bytes], size: int, *, chunk_size: int, connections: int,
+                 on_close: Callable[[], None] | None = None):
+        self._get = fetch
+        self.size = size
+        self.connections = connections
+        self._on_close = on_close
+        self._closed = False
+        self._ring_init(size, chunk_size, connections, first=0, name="hubcache-object")
+        self._start_workers()
+
+    def _fetch(self, k: int) -> None:
+        start, last = self._span(k)
+        if self._stop.is_set():
+            raise Stopped
+        data = self._get(start, last + 1)
+        if len(data) != last + 1 - start:  # a pinned version cannot be shorter, nor longer
+            raise OSError(f"asked for bytes {start}-{last}, got {len(data)} bytes")
+        self._deliver(k, data)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        return self._next_into(memoryview(buffer).cast("B"))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._shut_down()
+            if self._on_close is not None:
+                self._on_close()
+
+
+def _file_pins_itself(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObject:
     """The filesystem's file sends the version of the info it takes at open with each ranged
     request (s3fs: ``If-Match`` with the ETag, or the ``VersionId``); fall back to checking when
-    that info has neither."""
-    f = fs.open(path, "rb", block_size=block_size)
+    that info has neither. In parallel, the workers call that file's own ranged read, which sends
+    the same pin."""
+    f = fs.open(path, "rb", block_size=reads.block_size)
     details = getattr(f, "details", None) or {}
     version = details.get("VersionId") or details.get("ETag")
     if not version:
         f.close()
-        return _checked(fs, path, url, block_size)
+        return _checked(fs, path, url, reads)
     key = "VersionId" if details.get("VersionId") else "ETag"
 
     def current() -> str | None:
         return _fresh(fs, path).get(key)
 
-    return PinnedObject(url, f, version, current, check_each_block=False, block_size=block_size)
+    return PinnedObject(url, _maybe_parallel(f, reads), version, current, check_each_block=False,
+                        block_size=reads.block_size)
 
 
-def _checked(fs: Any, path: str, url: str, block_size: int) -> PinnedObject:
+def _maybe_parallel(f: Any, reads: _Reads) -> Any:
+    """``f`` itself, or its ranged reads (``_fetch_range``: every buffered fsspec file has it, each
+    call one ranged request of the version the file opened) in parallel."""
+    size = getattr(f, "size", None)
+    fetch = getattr(f, "_fetch_range", None)
+    if fetch is None or not isinstance(size, int) or not reads.parallel(size):
+        return f
+    return reads.ranges(fetch, size, on_close=f.close)
+
+
+def _checked(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObject:
     """No server-side pin: compare the object's ``ukey`` at open, after each block and at the end."""
 
     def current() -> str | None:
@@ -251,16 +345,19 @@ def _checked(fs: Any, path: str, url: str, block_size: int) -> PinnedObject:
     except FileNotFoundError:
         raise
     except Exception:  # a filesystem that can name no version (no info/ls): nothing to compare
-        f = fs.open(path, "rb", block_size=block_size)
-        return PinnedObject(url, f, None, current, check_each_block=False, block_size=block_size)
-    f = fs.open(path, "rb", block_size=block_size)
-    return PinnedObject(url, f, version, current, check_each_block=True, block_size=block_size)
+        f = fs.open(path, "rb", block_size=reads.block_size)
+        return PinnedObject(url, f, None, current, check_each_block=False, block_size=reads.block_size)
+    f = fs.open(path, "rb", block_size=reads.block_size)
+    # In parallel, chunks are fetched ahead of the reader's checks; the check at the end still
+    # follows the last fetch.
+    return PinnedObject(url, _maybe_parallel(f, reads), version, current, check_each_block=True,
+                        block_size=reads.block_size)
 
 
 #: How each object store's reads are pinned, by fsspec protocol. A table because fsspec has no
 #: common API for a version-pinned ranged read: each service names a version its own way, and
 #: only some filesystems send it. Protocols not here get :func:`_checked`.
-_PINNERS: dict[str, Callable[[Any, str, str, int], PinnedObject]] = {
+_PINNERS: dict[str, Callable[[Any, str, str, _Reads], PinnedObject]] = {
     "gs": _path_generation, "gcs": _path_generation,
     "s3": _file_pins_itself, "s3a": _file_pins_itself,
 }

@@ -57,7 +57,7 @@ from .fetch import (
     _length,
     readinto_by_read,
 )
-from .ring import ChunkRing, Leave, Stopped
+from .ring import MIN_CHUNKS, ChunkRing, Leave, Stopped
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_CONNECTIONS", "MIN_CHUNKS", "ParallelSource", "RangeAnswerError",
            "parallel_source"]
@@ -68,9 +68,6 @@ if TYPE_CHECKING:
 
     from .fetch import Deadline
 
-#: An object shorter than this many chunks is read as one stream (with the default 8 MiB chunks,
-#: a second connection would save at most half a second at 32 MB/s a connection).
-MIN_CHUNKS = 2
 #: Bytes a worker receives at a time before copying them into the ring: each worker's transient
 #: buffers (urllib3's and http.client's) are a few times this.
 RECEIVE = 256 << 10
