@@ -142,3 +142,10 @@ def test_resolve_restarts_in_parallel_after_a_replacement_and_caches_the_new_arc
     with open(path + ".descriptor.txt", "rb") as f:
         manifest = json.loads(descriptor_manifest(f.read()))
     assert manifest["archive"]["sha256"] == hashlib.sha256(new).hexdigest()
+
+
+def test_the_default_chunk_is_the_settings_default():
+    """objectread sits below core/config.py, so it repeats HUBCACHE_CHUNK_SIZE's default."""
+    from hubcache.core.config import DEFAULT_CHUNK_SIZE
+
+    assert objectread.DEFAULT_CHUNK == DEFAULT_CHUNK_SIZE

@@ -29,7 +29,6 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from ..core.config import DEFAULT_CHUNK_SIZE
 from ..core.errors import (
     DownloadError,
     HandleError,
@@ -39,7 +38,7 @@ from ..core.errors import (
 from ..core.handles import origin_of
 from ..core.redact import split_credentials
 from . import network
-from .objectread import open_pinned
+from .objectread import DEFAULT_CHUNK, open_pinned
 
 if TYPE_CHECKING:  # urllib3 is imported where it is used: importing hubcache does not import it
     import urllib3
@@ -641,7 +640,7 @@ def _without_userinfo(url: str) -> str:
 def open_source(url: str, *, timeout: float = 60.0, retries: int = 4,
                 on_retry: Callable[[int, str, int], None] | None = None,
                 deadline: Deadline | None = None, connections: int = 1,
-                chunk_size: int = DEFAULT_CHUNK_SIZE) -> Source:
+                chunk_size: int = DEFAULT_CHUNK) -> Source:
     """Open a byte stream of ``url``.
 
     Args:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from ..core.config import DEFAULT_CHUNK_SIZE
 from ..core.errors import SourceChangedError
 from .ring import MIN_CHUNKS, ChunkRing, Stopped
 
@@ -48,6 +47,9 @@ if TYPE_CHECKING:
 
 #: Bytes an fsspec file fetches per ranged request.
 BLOCK_SIZE = 1 << 22
+#: Bytes per ranged read of a parallel read unless told (``HUBCACHE_CHUNK_SIZE``'s default; not
+#: imported from ``core/config.py``, which this module sits below).
+DEFAULT_CHUNK = 8 << 20
 CHANGED_HINT = "try again once the object stops changing"
 
 
@@ -136,7 +138,7 @@ def _raise_if_changed(url: str, version: str | None, current: Callable[[], str |
 
 
 def open_pinned(fs: Any, path: str, url: str, block_size: int = BLOCK_SIZE, *, connections: int = 1,
-                chunk_size: int = DEFAULT_CHUNK_SIZE) -> PinnedObject:
+                chunk_size: int = DEFAULT_CHUNK) -> PinnedObject:
     """Open ``path`` on the fsspec filesystem ``fs``, pinned to the version it has now.
 
     Args:
