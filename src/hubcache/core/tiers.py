@@ -75,6 +75,7 @@ from .pins import check_pin
 from .store import EntryWriter, Store
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from ..download.objectfiles import ParallelFiles
     from ..stores.treewalk import Beneath
     from .paths import Limits
 
@@ -300,7 +301,8 @@ class TieredBackend(Backend):
             emit("waiting", handle.raw, target.name, path=store.entry_path(key), holder=holder)
 
         def fill(writer: EntryWriter) -> Manifest:
-            _fill(writer, path, manifest, self._limits().max_bytes, getattr(source, "fs", None))
+            _fill(writer, path, manifest, self._limits().max_bytes, getattr(source, "fs", None),
+                  connections=self.config.connections, chunk_size=self.config.chunk_size)
             return manifest
 
         try:
@@ -331,6 +333,7 @@ class _Source:
         self.root = root
         self.fs = fs
         self.tree: Beneath | None = None
+        self.files: ParallelFiles | None = None  # the files read ahead in parallel, if they are
         if "://" not in root:
             from ..stores.treewalk import Beneath
 
@@ -350,31 +353,67 @@ class _Source:
 
         return cast(BinaryIO, fsspec.open(url, "rb").open())
 
+    def read_ahead(self, files: list[tuple[str, int]], connections: int, chunk_size: int) -> None:
+        """Read the files ``[(rel, size)]`` of a source in an object store ahead, ``connections``
+        ranged reads at once (``download/objectfiles.py``); :meth:`chunks` then takes them in
+        this order. A local source, or one connection, reads each file when its turn comes."""
+        if self.tree is not None or self.fs is None or connections <= 1 or not files:
+            return
+        from ..download.objectfiles import ParallelFiles
+        from ..download.objectread import object_chunk, object_stream
+
+        fs, root = self.fs, self.root.rstrip("/")
+
+        def open_stream(rel: str) -> Any:
+            url = f"{root}/{rel}"
+            return object_stream(fs, fs._strip_protocol(url), url)
+
+        self.files = ParallelFiles(files, open_stream, chunk_size=object_chunk(chunk_size, connections),
+                                   connections=connections)
+        self._order = {rel: index for index, (rel, _) in enumerate(files)}
+
     def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
         if self.tree is not None:
             self.tree.close()
+
+    def _pieces(self, rel: str, size: int) -> Iterator[bytes]:
+        """``rel``'s bytes: from the read ahead (exactly ``size``, else ``SizeMismatch``), or from
+        the file, up to one byte more than ``size``."""
+        if self.files is not None:
+            yield from self.files.file(self._order[rel])
+            return
+        count = 0
+        with self.open(rel) as f:
+            while count <= size:  # one byte more than announced is enough to tell
+                chunk = f.read(min(CHUNK, size + 1 - count))
+                if not chunk:
+                    break
+                count += len(chunk)
+                yield chunk
 
     def chunks(self, rel: str, size: int, expected_crc: str, budget: list[int]) -> Iterator[bytes]:
         """The bytes of ``rel``: exactly ``size`` of them with CRC-32 ``expected_crc``, else
         :class:`SourceUnusable` (raised from inside the writer's loop, so the write stops)."""
+        from ..download.objectfiles import SizeMismatch
+
         crc32 = crc32_function()
         crc = count = 0
         try:
-            with self.open(rel) as f:
-                while count <= size:  # one byte more than announced is enough to tell
-                    chunk = f.read(min(CHUNK, size + 1 - count))
-                    if not chunk:
-                        break
-                    count += len(chunk)
-                    if count > size:
-                        break
-                    budget[0] -= len(chunk)
-                    if budget[0] < 0:
-                        raise SourceUnusable("the entry holds more bytes than HUBCACHE_MAX_EXTRACT_SIZE allows")
-                    crc = crc32(chunk, crc)
-                    yield chunk
+            for chunk in self._pieces(rel, size):
+                count += len(chunk)
+                if count > size:
+                    break
+                budget[0] -= len(chunk)
+                if budget[0] < 0:
+                    raise SourceUnusable("the entry holds more bytes than HUBCACHE_MAX_EXTRACT_SIZE allows")
+                crc = crc32(chunk, crc)
+                yield chunk
         except SourceUnusable:
             raise
+        except SizeMismatch as error:  # this file's, or a later one's read ahead
+            raise SourceUnusable(str(error)) from None
         except Exception as error:  # noqa: BLE001 - whatever the source tier's reader raises
             raise SourceUnusable(f"{rel} cannot be read ({getattr(error, 'strerror', None) or error})") from None
         if count != size:
@@ -384,19 +423,24 @@ class _Source:
             raise SourceUnusable(f"{rel} has CRC-32 {crc_hex(crc)}, but its manifest says {expected_crc}")
 
 
-def _fill(writer: EntryWriter, root: str, manifest: Manifest, max_bytes: int, fs: Any = None) -> None:
+def _fill(writer: EntryWriter, root: str, manifest: Manifest, max_bytes: int, fs: Any = None, *,
+          connections: int = 1, chunk_size: int = 8 << 20) -> None:
     """Write the validated ``manifest``'s entry from ``root``: directories, files, then links (so
-    nothing is ever written through a link)."""
+    nothing is ever written through a link). A source in an object store is read ahead over
+    ``connections`` ranged reads of up to ``chunk_size`` bytes (see :meth:`_Source.read_ahead`)."""
     dirs = set(manifest.dirs)
     for record in manifest.files:
         parts = record.path.split("/")[:-1]
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
     source = _Source(root, fs)
     budget = [max_bytes]
+    files = sorted(manifest.files, key=lambda r: r.path)  # one pass down the tree
     try:
         for d in sorted(dirs):
             writer.add_dir(d)
-        for record in sorted(manifest.files, key=lambda r: r.path):  # one pass down the tree
+        # The sizes are the validated manifest's: within HUBCACHE_MAX_EXTRACT_SIZE in all.
+        source.read_ahead([(r.path, r.size) for r in files], connections, chunk_size)
+        for record in files:
             writer.add_file(record.path, source.chunks(record.path, record.size, record.crc32, budget))
     finally:
         source.close()

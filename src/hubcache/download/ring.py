@@ -73,7 +73,7 @@ class ChunkRing:
     peak_buffered: int
 
     def _ring_init(self, total: int, chunk_size: int, window: int, *, first: int, name: str,
-                   on_retry: Callable[[int, str, int], None] | None = None) -> None:
+                   on_retry: Callable[[int, str, int], None] | None = None, count: int | None = None) -> None:
         """Set the ring up (no thread started yet).
 
         Args:
@@ -84,11 +84,13 @@ class ChunkRing:
                 then call :meth:`_advance`).
             name: the worker threads' name prefix.
             on_retry: called on the reading thread with each :meth:`_notice`.
+            count: the chunks, if not ``total / chunk_size`` (a subclass whose chunks are its own
+                ranges of at most ``chunk_size`` bytes; it overrides :meth:`_span` or ignores it).
         """
         self._total = total
         self.chunk_size = chunk_size
         self._window = window
-        self._count = -(-total // chunk_size)
+        self._count = -(-total // chunk_size) if count is None else count
         lock = threading.Lock()
         self._readable = threading.Condition(lock)  # the reader waits for its chunk
         self._claimable = threading.Condition(lock)  # workers wait for the window to move
