@@ -149,3 +149,24 @@ def test_the_default_chunk_is_the_settings_default():
     from hubcache.core.config import DEFAULT_CHUNK_SIZE
 
     assert objectread.DEFAULT_CHUNK == DEFAULT_CHUNK_SIZE
+
+
+@pytest.mark.parametrize("connections", ["1", "3", "64"])
+def test_the_gcs_store_uploads_over_the_configured_connections_in_bounded_memory(monkeypatch, connections):
+    """HUBCACHE_CONNECTIONS sizes the bucket writer's upload pool; the uploads it keeps pending
+    (small files batched in memory) stay within UPLOAD_BUFFER whatever the setting."""
+    from hubcache.core import resolver
+    from hubcache.stores.objectstore import UPLOAD_BUFFER
+
+    monkeypatch.setenv("TFHUB_CACHE_DIR", fresh_root())
+    monkeypatch.setenv("HUBCACHE_CONNECTIONS", connections)
+    store = resolver.current_backend()[1].store
+    assert store.workers == int(connections)
+    writer = store.writer("0" * 40, "https://example.invalid/m.tar.gz")
+    try:
+        assert writer._pool._max_workers == int(connections)
+        pending = writer._slots._value
+        assert 2 <= pending <= max(2, 2 * int(connections))
+        assert pending * (store.batch_bytes + store.small_file) <= UPLOAD_BUFFER
+    finally:
+        writer.abort()

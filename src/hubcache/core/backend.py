@@ -192,7 +192,7 @@ class ObjectStoreBackend(CacheBackend):
 
     def make_store(self, root: str) -> ObjectStore:
         """Build :meth:`store_class` on :meth:`filesystem` for ``root``, with the config's
-        ``lease_ttl`` and ``lock_timeout``.
+        ``lease_ttl`` and ``lock_timeout``, and ``connections`` parallel uploads.
 
         Raises:
             ConfigError: ``root`` names no bucket.
@@ -202,7 +202,7 @@ class ObjectStoreBackend(CacheBackend):
             raise ConfigError(f"cache dir {root!r} names no bucket",
                               hint=f"set TFHUB_CACHE_DIR={self._example_root()}")
         return self.store_class()(root, self.filesystem(), lease_ttl=self.config.lease_ttl,
-                                  lock_timeout=self.config.lock_timeout)
+                                  lock_timeout=self.config.lock_timeout, workers=self.config.connections)
 
     def describe(self) -> dict[str, object]:
         facts = super().describe()

@@ -143,6 +143,10 @@ TAKEOVER_SPREAD = 5.0
 #: drawn uniformly from the upper half of the current step, so a fleet does not poll in step):
 #: a waiting host starts within about a second of the commit, at about 1.3 manifest reads/s.
 MAX_POLL = 1.0
+#: The most bytes of small files a writer holds in memory for pending uploads (larger files are
+#: spooled to a temp file): at most this / (batch_bytes + small_file) uploads are pending, and
+#: never more than two per worker (``HUBCACHE_CONNECTIONS`` workers for the built-in backends).
+UPLOAD_BUFFER = 64 << 20
 #: The most bytes read of a manifest from a store (a bucket others can write): a larger one is a
 #: damaged entry. 64 MiB holds several hundred thousand file records.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -256,8 +260,8 @@ class ObjectStore(Store):
         batch_bytes: a batch of small files is sent when it holds this many bytes...
         batch_files: ...or this many files.
 
-    Memory stays bounded: at most ``2 * workers`` uploads are pending, each at most
-    ``batch_bytes + small_file`` bytes in memory.
+    Memory stays bounded: at most ``2 * workers`` uploads are pending (and no more than
+    :data:`UPLOAD_BUFFER` bytes of them), each at most ``batch_bytes + small_file`` bytes in memory.
 
     Subclasses for other stores override the primitives (:meth:`create_object` above all); the
     protocol is the same.
@@ -1083,7 +1087,9 @@ class ObjectWriter(EntryWriter):
         self.handle = handle
         self.prefix = store.object_path(key)
         self._pool = ThreadPoolExecutor(max_workers=store.workers, thread_name_prefix="hubcache-upload")
-        self._slots = threading.BoundedSemaphore(2 * store.workers)
+        # Pending uploads: two per worker, but never more than UPLOAD_BUFFER of batches in memory.
+        per_upload = store.batch_bytes + store.small_file
+        self._slots = threading.BoundedSemaphore(max(2, min(2 * store.workers, UPLOAD_BUFFER // per_upload)))
         self._pending: list[Future[None]] = []
         self._batch: dict[str, bytes] = {}
         self._batch_bytes = 0
