@@ -170,12 +170,14 @@ class Config:
 
     @property
     def connections(self) -> int:
-        """``HUBCACHE_CONNECTIONS``: connections one http(s) download may use (1: one stream)."""
+        """``HUBCACHE_CONNECTIONS``: connections one download may use (http(s) ranges, an object
+        store's ranged reads, a tier copy's reads, a bucket's uploads; 1: one stream)."""
         return self._count("connections")
 
     @property
     def chunk_size(self) -> int:
-        """``HUBCACHE_CHUNK_SIZE``: bytes per range request of a download over several connections."""
+        """``HUBCACHE_CHUNK_SIZE``: bytes per range request of a download over several connections
+        (object-store reads use smaller ones if connections x chunk would pass 32 MiB)."""
         return self._count("chunk_size")
 
     @property
@@ -364,13 +366,14 @@ def load_config() -> Config:
                         "retries of a failed or interrupted download",
                         lambda t: _parse_int(t, "HUBCACHE_RETRIES"))
     s["connections"] = _env(ENV_CONNECTIONS, DEFAULTS["connections"], "connections",
-                            "http(s): connections one download may use, each fetching a range of "
-                            "chunk_size bytes (1: one stream)",
+                            "connections one download may use, each fetching a range of chunk_size "
+                            "bytes (http(s), gs://, s3://, tier copies from a bucket; also a bucket's "
+                            "parallel uploads; 1: one stream)",
                             lambda t: _parse_between(t, ENV_CONNECTIONS, 1, MAX_CONNECTIONS,
                                                      lambda u: _parse_int(u, ENV_CONNECTIONS)))
     s["chunk_size"] = _env(ENV_CHUNK_SIZE, DEFAULTS["chunk_size"], "chunk_size",
-                           "http(s): bytes per range request of a download over several connections "
-                           "(memory: up to connections x chunk_size)",
+                           "bytes per range request of a download over several connections "
+                           "(memory: up to connections x chunk_size; object stores: at most 32 MiB)",
                            lambda t: _parse_between(t, ENV_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
                                                     lambda u: parse_size(u, name=ENV_CHUNK_SIZE)))
     s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", DEFAULTS["lock_timeout"], "lock_timeout",
