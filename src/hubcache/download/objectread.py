@@ -222,8 +222,11 @@ def _path_generation(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObjec
         return data
 
     size = int(info["size"])
-    blocks: _Blocks | ParallelRanges = (reads.ranges(_gcs_stream(versioned, pinned, url), size)
-                                        if reads.parallel(size) else _Blocks(fetch, size, reads.block_size))
+    # Streamed through the client's session where it has the parts of it this uses; else each
+    # range read whole (more memory per range, the same pin).
+    stream = _gcs_stream(versioned, pinned, url) if _can_stream(versioned) else _fetched(fetch)
+    blocks: _Blocks | ParallelRanges = (reads.ranges(stream, size) if reads.parallel(size)
+                                        else _Blocks(fetch, size, reads.block_size))
     return PinnedObject(url, blocks, version, current, check_each_block=False, block_size=reads.block_size)
 
 
@@ -359,6 +362,11 @@ def _fetched(fetch: Callable[[int, int], bytes]) -> Stream:
     return stream
 
 
+def _can_stream(fs: Any) -> bool:
+    """Whether a gcsfs client has what :func:`_gcs_stream` uses (gcsfs 2024.12 to 2026.10 do)."""
+    return all(hasattr(fs, name) for name in ("_set_session", "_get_headers", "_get_params", "url", "loop"))
+
+
 def _gcs_stream(fs: Any, pinned: str, shown: str, past_end: bool = False) -> Stream:
     """A ``stream`` of ``bucket/key#generation`` through gcsfs's session (its credentials and
     endpoint), the body handed on as it arrives: ``_cat_file`` would hold each whole range, and
@@ -380,7 +388,7 @@ def _gcs_stream(fs: Any, pinned: str, shown: str, past_end: bool = False) -> Str
         headers = fs._get_headers({"Range": f"bytes={start}-{end - 1}"})
         try:
             async with fs.session.get(url=url, params=fs._get_params({}), headers=headers,
-                                      timeout=fs.requests_timeout) as r:
+                                      timeout=getattr(fs, "requests_timeout", None)) as r:
                 if r.status in (404, 410):
                     raise FileNotFoundError(f"{shown} (generation {pinned.rsplit('#', 1)[1]})")
                 if r.status in (401, 403):
@@ -407,7 +415,7 @@ def object_stream(fs: Any, path: str, shown: str) -> Stream:
     check what they read, as a copy between tiers checks sizes and CRC-32s), whose ranges may
     run past the object's end (fewer bytes then, none for a range starting past it)."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if {"gs", "gcs"} & set(protocols) and hasattr(fs, "session") and hasattr(fs, "_get_headers"):
+    if {"gs", "gcs"} & set(protocols) and _can_stream(fs):
         return _gcs_stream(fs, path, shown, past_end=True)
 
     def stream(start: int, end: int, sink: Sink) -> None:
