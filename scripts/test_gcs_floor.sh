@@ -12,7 +12,8 @@
 #
 # Usage: scripts/test_gcs_floor.sh [pytest options...]    e.g. -k lease, -x
 # Environment: PYTHON (python3), FLOOR_VENV (/tmp/venv-gcs-floor), GCSFS_FLOOR (the extra's floor),
-#              FLOOR_TESTS (tests/test_gcs.py tests/test_objectstore_hostile.py).
+#              FLOOR_TESTS (tests/test_gcs.py tests/test_objectstore_hostile.py tests/test_object_parallel.py
+#              tests/test_tier_parallel_copy.py: the parallel reads use parts of gcsfs's client).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -71,6 +72,6 @@ cd "$ROOT"
 export GCE_METADATA_HOST=127.0.0.1:9 GCE_METADATA_IP=127.0.0.1:9
 status=0
 # shellcheck disable=SC2086 # FLOOR_TESTS is a list of paths
-"$VENV/bin/python" -m pytest -p no:cacheprovider -q ${FLOOR_TESTS:-tests/test_gcs.py tests/test_objectstore_hostile.py} "$@" || status=$?
+"$VENV/bin/python" -m pytest -p no:cacheprovider -q ${FLOOR_TESTS:-tests/test_gcs.py tests/test_objectstore_hostile.py tests/test_object_parallel.py tests/test_tier_parallel_copy.py} "$@" || status=$?
 echo "gcs floor: venv ready in $((ready - started)) s, tests in $(( $(date +%s) - ready )) s"
 exit $status

@@ -27,7 +27,8 @@ from hubcache.core.entry import descriptor_manifest
 from hubcache.core.errors import SourceChangedError
 from hubcache.download import objectread
 from hubcache.download.fetch import open_source
-from hubcache.testing import ReplaceMidRead, archive_of, replacing_mid_read, same_layout_models, tree_of
+from hubcache.testing import (ReplaceMidRead, archive_of, instances_of, replacing_mid_read, same_layout_models,
+                              tree_of)
 
 CHUNK = 256 << 10
 CONNECTIONS = 3
@@ -52,18 +53,8 @@ def _read_all(source, size: int = 100_000) -> bytes:
 @pytest.fixture
 def made() -> Iterator[list]:
     """Ranges readers the test builds (``objectread.ParallelRanges``), to check what was used."""
-    built: list = []
-    real = objectread.ParallelRanges.__init__
-
-    def init(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        built.append(self)
-
-    objectread.ParallelRanges.__init__ = init
-    try:
+    with instances_of(objectread.ParallelRanges) as built:
         yield built
-    finally:
-        objectread.ParallelRanges.__init__ = real
 
 
 def test_large_object_is_read_in_parallel_ranges_of_one_generation_in_order(made):

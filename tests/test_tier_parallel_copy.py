@@ -21,7 +21,7 @@ from gcs_emulator import fresh_root, gcs
 from hubcache.core import resolver
 from hubcache.core.handles import cache_key
 from hubcache.download import objectfiles
-from hubcache.testing import archive_of, build_model_dir, tree_of
+from hubcache.testing import archive_of, build_model_dir, instances_of, tree_of
 
 CHUNK = 256 << 10
 CONNECTIONS = 3
@@ -30,18 +30,8 @@ CONNECTIONS = 3
 @pytest.fixture
 def made():
     """The read-aheads built (``objectfiles.ParallelFiles``)."""
-    built: list = []
-    real = objectfiles.ParallelFiles.__init__
-
-    def init(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        built.append(self)
-
-    objectfiles.ParallelFiles.__init__ = init
-    try:
+    with instances_of(objectfiles.ParallelFiles) as built:
         yield built
-    finally:
-        objectfiles.ParallelFiles.__init__ = real
 
 
 @pytest.fixture

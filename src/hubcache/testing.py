@@ -30,6 +30,7 @@ from .testkit import (
     build_model_dir,
     compress,
     hostile_archives,
+    instances_of,
     isolate,
     read_tree,
     replacing_mid_read,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - at run time the suite is imported when a
     from .conformance import CacheBackendConformance, ObjectStoreConformance
 
 __all__ = ["FORMATS", "SETTINGS", "SUFFIX", "OriginServer", "ReplaceMidRead", "Request", "Route", "archive_of",
-           "build_model_dir", "compress", "hostile_archives", "isolate", "read_tree", "replacing_mid_read",
+           "build_model_dir", "compress", "hostile_archives", "instances_of", "isolate", "read_tree", "replacing_mid_read",
            "routed_hosts", "same_layout_models", "tar_directory", "tree_of"]
 
 

@@ -627,6 +627,33 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
+def instances_of(cls: type) -> Iterator[list[Any]]:
+    """Every instance of ``cls`` built inside the ``with`` block, in order (a spy on its
+    ``__init__``, which still runs): a test checks which reader a code path really used::
+
+        with instances_of(objectread.ParallelRanges) as built:
+            hubcache.resolve(url)
+        assert built and built[0].connections == 8
+    """
+    built: list[Any] = []
+    own = vars(cls).get("__init__")  # None: inherited, and inherited again afterwards
+    real = getattr(cls, "__init__")
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        built.append(self)
+
+    setattr(cls, "__init__", init)
+    try:
+        yield built
+    finally:
+        if own is None:
+            delattr(cls, "__init__")
+        else:
+            setattr(cls, "__init__", own)
+
+
+@contextlib.contextmanager
 def routed_hosts(routes: dict[str, str]) -> Iterator[None]:
     """Send hubcache's HTTP requests for some origins to others, for tests only (in this
     process): a request for a URL that starts with a key of ``routes`` goes to that key's value

@@ -23,7 +23,8 @@ from hubcache.core.entry import descriptor_manifest
 from hubcache.core.errors import SourceChangedError
 from hubcache.download import objectread
 from hubcache.download.fetch import open_source
-from hubcache.testing import ReplaceMidRead, archive_of, replacing_mid_read, same_layout_models, tree_of
+from hubcache.testing import (ReplaceMidRead, archive_of, instances_of, replacing_mid_read, same_layout_models,
+                              tree_of)
 
 CHUNK = 256 << 10
 CONNECTIONS = 3
@@ -41,18 +42,8 @@ def client(moto_endpoint, bucket):
 @pytest.fixture
 def made() -> Iterator[list]:
     """The parallel readers built (``objectread.ParallelRanges``), to check one was used."""
-    built: list = []
-    real = objectread.ParallelRanges.__init__
-
-    def init(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        built.append(self)
-
-    objectread.ParallelRanges.__init__ = init
-    try:
+    with instances_of(objectread.ParallelRanges) as built:
         yield built
-    finally:
-        objectread.ParallelRanges.__init__ = real
 
 
 def _url(bucket: str, name: str = "big.bin") -> str:

@@ -93,10 +93,8 @@ class ParallelFiles(ChunkRing):
                 self._open_stream(path)(start + slot.received, end + 1 if last else end, sink)
             except Transient:
                 failures += 1
-                if failures > CHUNK_RETRIES:
+                if not self._pause_before_retry(failures, CHUNK_RETRIES):
                     raise
-                if self._stop.wait(min(8.0, 0.25 * 2 ** failures)):
-                    raise Stopped from None
                 continue
             break
         if slot.received != end - start:  # the object ended early

@@ -332,10 +332,8 @@ class ParallelRanges(ChunkRing):
                                      f"{start + slot.received}")
             except Transient:
                 failures += 1
-                if failures > CHUNK_RETRIES:
+                if not self._pause_before_retry(failures, CHUNK_RETRIES):
                     raise
-                if self._stop.wait(min(8.0, 0.25 * 2 ** failures)):
-                    raise Stopped from None
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         return self._next_into(memoryview(buffer).cast("B"))

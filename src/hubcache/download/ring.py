@@ -132,6 +132,19 @@ class ChunkRing:
         """Fetch chunk ``k`` (from ``_slots[k].received`` on) and :meth:`_deliver` its bytes."""
         raise NotImplementedError
 
+    def _pause_before_retry(self, failures: int, retries: int) -> bool:
+        """Whether a chunk is tried again after its ``failures``-th transient failure: not past
+        ``retries``; else yes, after a backoff pause (0.5 s, 1 s, ... at most 8 s).
+
+        Raises:
+            Stopped: the ring stopped during the pause.
+        """
+        if failures > retries:
+            return False
+        if self._stop.wait(min(8.0, 0.25 * 2 ** failures)):
+            raise Stopped
+        return True
+
     def _on_halt(self) -> None:
         """Called once every worker was told to stop: cut what a worker may be blocked on."""
 
