@@ -184,8 +184,9 @@ class Bench:
         if got != self.model_bytes:
             raise BenchError(f"{what} produced {got} bytes of files in {path}, expected {self.model_bytes}")
 
-    def child(self, args: list[str], cache: str, stdin: bool = False) -> subprocess.Popen:
-        env = dict(self.env, TFHUB_CACHE_DIR=cache)
+    def child(self, args: list[str], cache: str, stdin: bool = False,
+              env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+        env = dict(self.env, TFHUB_CACHE_DIR=cache, **(env_extra or {}))
         return subprocess.Popen([self.python, CHILD, *args], env=env, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
 
@@ -510,7 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "out"), help="results.json/.md/.png go here")
     parser.add_argument("--publish", action="store_true", help="also refresh docs/benchmarks.md and its PNG")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the measured processes")
+    parser.add_argument("--profile", choices=("loopback", "network"), default="loopback",
+                        help="loopback: the origin as fast as the machine (the table above, default); network: "
+                             "every connection capped at --rate, every answer --latency late, hubcache against "
+                             "tensorflow_hub, curl, aria2 and hf_transfer at --connections")
+    parser.add_argument("--rate", type=float, default=32e6,
+                        help="network profile: bytes per second per connection (default 32e6)")
+    parser.add_argument("--latency", type=float, default=0.030,
+                        help="network profile: seconds before each answer (default 0.030)")
+    parser.add_argument("--connections", default="1,8,16",
+                        help="network profile: connection counts to measure (default 1,8,16)")
     args = parser.parse_args(argv)
+    if args.profile == "network":
+        import network
+
+        return network.main(args)
     args.size = args.size or (64 * MIB if args.quick else 1 << 30)
     args.repeat = args.repeat or 3
     args.tfhub_repeat = args.tfhub_repeat or (1 if args.quick else args.repeat)
@@ -639,26 +654,27 @@ def markdown_section(result: dict, summary: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def publish(markdown: str, png: str) -> None:
-    """Replace the generated section of docs/benchmarks.md (the prose around it is kept)."""
+def publish(markdown: str, png: str, section: str = "results", png_name: str = "benchmarks.png") -> None:
+    """Replace the generated section ``section`` of docs/benchmarks.md (the prose around it is
+    kept; a section not there yet is appended) and copy its chart to ``docs/<png_name>``."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     doc = os.path.join(ROOT, "docs", "benchmarks.md")
     os.makedirs(os.path.dirname(doc), exist_ok=True)
-    shutil.copyfile(png, os.path.join(ROOT, "docs", "benchmarks.png"))
-    section = f"{START}\n{markdown}\n![benchmark chart](benchmarks.png)\n{END}"
-    text = open(doc, encoding="utf-8").read() if os.path.exists(doc) else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1] if END in rest else ""
+    shutil.copyfile(png, os.path.join(ROOT, "docs", png_name))
+    block = f"{start}\n{markdown}\n![benchmark chart]({png_name})\n{end}"
+    text = open(doc, encoding="utf-8").read() if os.path.exists(doc) else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
     with open(doc, "w", encoding="utf-8") as f:
-        f.write(head + section + tail)
+        f.write(head + block + tail)
     print(f"published {doc}")
 
 
 if __name__ == "__main__":
+    # network.py imports this module as `run`: one module, so one BenchError class, not two.
+    sys.modules.setdefault("run", sys.modules[__name__])
     try:
         sys.exit(main())
     except BenchError as error:
