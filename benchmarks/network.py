@@ -261,8 +261,12 @@ def draw(summary: dict, conns: list[int], path: str, title: str) -> None:
     ax.set_xlabel("connections (HUBCACHE_CONNECTIONS; aria2c -x/-s; hf_transfer max_files)")
     ax.set_ylabel("seconds from nothing to an unpacked model (log)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(title, fontsize=9)
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title.replace(" — ", "\n"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

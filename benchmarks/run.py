@@ -654,14 +654,17 @@ def markdown_section(result: dict, summary: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def publish(markdown: str, png: str, section: str = "results", png_name: str = "benchmarks.png") -> None:
+def publish(markdown: str, png: str | None, section: str = "results", png_name: str = "benchmarks.png") -> None:
     """Replace the generated section ``section`` of docs/benchmarks.md (the prose around it is
-    kept; a section not there yet is appended) and copy its chart to ``docs/<png_name>``."""
+    kept; a section not there yet is appended) and copy its chart, if any, to ``docs/<png_name>``."""
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     doc = os.path.join(ROOT, "docs", "benchmarks.md")
     os.makedirs(os.path.dirname(doc), exist_ok=True)
-    shutil.copyfile(png, os.path.join(ROOT, "docs", png_name))
-    block = f"{start}\n{markdown}\n![benchmark chart]({png_name})\n{end}"
+    chart = ""
+    if png is not None:
+        shutil.copyfile(png, os.path.join(ROOT, "docs", png_name))
+        chart = f"![benchmark chart]({png_name})\n"
+    block = f"{start}\n{markdown}\n{chart}{end}"
     text = open(doc, encoding="utf-8").read() if os.path.exists(doc) else f"# Benchmarks\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"

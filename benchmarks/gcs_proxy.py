@@ -1,0 +1,172 @@
+"""A counting HTTP proxy in front of the GCS emulator: one port per emulated host.
+
+``fleet.py`` points each host's ``STORAGE_EMULATOR_HOST`` at its own port of this proxy, so every
+request to the bucket is counted per host: object reads (``alt=media``) with their bytes and the
+time of the first one, per object, and uploaded bytes. It forwards each request to the emulator
+unchanged (``Location`` headers of resumable uploads are rewritten to come back through the same
+port) and streams answers back in 1 MiB pieces.
+
+Run as ``gcs_proxy.py UPSTREAM_URL HOSTS``: prints one JSON line ``{"ports": [...]}`` and serves
+until killed. ``GET /__bench__/stats`` (on any port) answers every counter as JSON;
+``POST /__bench__/reset`` clears them. Times are ``time.monotonic()``, which on Linux is one
+clock for every process of the machine, so they compare with the hosts' own.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+       "transfer-encoding", "upgrade", "host", "content-length"}
+PIECE = 1 << 20
+
+
+class Counters:
+    """Per host: requests, uploads, and per object read: GETs, bytes, first and last time."""
+
+    def __init__(self, hosts: int):
+        self.lock = threading.Lock()
+        self.hosts = hosts
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.data = [{"requests": 0, "upload_bytes": 0, "reads": {}} for _ in range(self.hosts)]
+
+    def request(self, host: int, upload: int) -> None:
+        with self.lock:
+            self.data[host]["requests"] += 1
+            self.data[host]["upload_bytes"] += upload
+
+    def read(self, host: int, name: str, started: float, nbytes: int) -> None:
+        with self.lock:
+            read = self.data[host]["reads"].setdefault(name, {"gets": 0, "bytes": 0, "first": started, "last": 0.0})
+            read["gets"] += 1
+            read["bytes"] += nbytes
+            read["first"] = min(read["first"], started)
+            read["last"] = max(read["last"], time.monotonic())
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return json.loads(json.dumps(self.data))
+
+
+def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPRequestHandler]:
+    up = urlsplit(upstream)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        conn: http.client.HTTPConnection | None = None
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def control(self) -> bool:
+            if not self.path.startswith("/__bench__/"):
+                return False
+            if self.path.startswith("/__bench__/reset"):
+                counters.reset()
+                payload = b"{}"
+            else:
+                payload = json.dumps(counters.snapshot()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return True
+
+        def forward(self) -> None:
+            if self.control():
+                return
+            started = time.monotonic()
+            data = self.body()
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+            headers["Host"] = up.netloc
+            if data or self.command in ("POST", "PUT", "PATCH"):
+                headers["Content-Length"] = str(len(data))
+            for attempt in (0, 1):  # a kept-alive upstream connection the emulator closed: once more
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection(up.hostname, up.port, timeout=600)
+                try:
+                    self.conn.request(self.command, self.path, body=data or None, headers=headers)
+                    resp = self.conn.getresponse()
+                    break
+                except (ConnectionError, http.client.HTTPException, OSError):
+                    self.conn.close()
+                    self.conn = None
+                    if attempt:
+                        raise
+            url = urlsplit(self.path)
+            counters.request(host, len(data) if url.path.startswith("/upload/") else 0)
+            media = self.command == "GET" and "media" in parse_qs(url.query).get("alt", [])
+            self.send_response(resp.status, resp.reason)
+            length = resp.getheader("Content-Length")
+            for key, value in resp.getheaders():
+                if key.lower() in HOP:
+                    continue
+                if key.lower() == "location":
+                    value = value.replace(upstream.rstrip("/"), f"http://127.0.0.1:{self.server.server_address[1]}")
+                self.send_header(key, value)
+            if self.command == "HEAD":
+                resp.read()
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                return
+            sent = 0
+            if length is None:  # chunked or close-delimited upstream: whole, then with a length
+                payload = resp.read()
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                sent = len(payload)
+            else:
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                while piece := resp.read(PIECE):
+                    self.wfile.write(piece)
+                    sent += len(piece)
+            if media and 200 <= resp.status < 300:
+                counters.read(host, unquote(url.path.split("/o/", 1)[-1]), started, sent)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = forward
+
+    return Handler
+
+
+def main() -> None:
+    upstream, hosts = sys.argv[1], int(sys.argv[2])
+    counters = Counters(hosts)
+    servers = []
+    for host in range(hosts):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(upstream, host, counters))
+        server.daemon_threads = True
+        server.request_queue_size = 64
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    print(json.dumps({"ports": [s.server_address[1] for s in servers]}), flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
