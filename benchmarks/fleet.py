@@ -135,6 +135,8 @@ class Fleet:
                 "bucket_file_gets": sum(r["gets"] for r in files.values()),
                 "bucket_objects_read": len(files),
                 "max_gets_per_object": max((r["gets"] for r in files.values()), default=0),
+                # reads the host hung up on before their end (their bytes are in bucket_file_bytes)
+                "bucket_aborted_gets": sum(r.get("aborted", 0) for r in files.values()),
                 "bucket_other_bytes": sum(r["bytes"] for n, r in seen["reads"].items() if _kind(n) != "file"),
                 "bucket_requests": seen["requests"],
                 "upload_bytes": seen["upload_bytes"],
@@ -179,7 +181,8 @@ def table_lines(alone: dict, fleet: dict, summary: dict) -> list[str]:
     def host_row(name: str, h: dict) -> str:
         after = h["first_read_after_commit"]
         return (f"| {name} | {h['seconds']:.2f} | {'yes' if h['downloaded'] else '—'} | "
-                f"{h['bucket_file_bytes'] / MIB:.1f} | {h['bucket_file_gets']} | {h['max_gets_per_object']} | "
+                f"{h['bucket_file_bytes'] / MIB:.1f} | {h['bucket_file_gets']} ({h['bucket_aborted_gets']}) | "
+                f"{h['max_gets_per_object']} | "
                 f"{h['bucket_other_bytes'] / 1024:.1f} | {h['upload_bytes'] / MIB:.1f} | "
                 f"{'—' if after is None or h['downloaded'] else f'{after:.2f}'} | {h['peak_rss_mib']:.0f} |")
 
@@ -192,7 +195,8 @@ def table_lines(alone: dict, fleet: dict, summary: dict) -> list[str]:
         lines.append(f"| {name} | {run['wall']:.2f} | {run['origin']['gets']} | {run['origin']['bytes'] / MIB:.1f} | "
                      f"{len(run['downloaders'])} | {'—' if commit is None else f'{commit:.2f}'} |")
     lines += ["", f"Fleet wall ÷ one host alone: **{summary['wall_over_alone']:.2f}×**", "",
-              "| host | resolve (s) | downloaded | entry MiB read from bucket | entry GETs | GETs per object (max) | "
+              "| host | resolve (s) | downloaded | entry MiB read from bucket | entry GETs (hung up early) | "
+              "GETs per object (max) | "
               "manifest/lease/descriptor KiB read | MiB uploaded | first entry read after commit (s) | peak RSS (MiB) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     lines.append(host_row("alone", alone["hosts"][0]))

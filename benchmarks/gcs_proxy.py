@@ -44,11 +44,14 @@ class Counters:
             self.data[host]["requests"] += 1
             self.data[host]["upload_bytes"] += upload
 
-    def read(self, host: int, name: str, started: float, nbytes: int) -> None:
+    def read(self, host: int, name: str, started: float, nbytes: int, aborted: bool = False) -> None:
+        """One object read: ``nbytes`` sent; ``aborted``: the host hung up before the end."""
         with self.lock:
-            read = self.data[host]["reads"].setdefault(name, {"gets": 0, "bytes": 0, "first": started, "last": 0.0})
+            read = self.data[host]["reads"].setdefault(
+                name, {"gets": 0, "bytes": 0, "aborted": 0, "first": started, "last": 0.0})
             read["gets"] += 1
             read["bytes"] += nbytes
+            read["aborted"] += int(aborted)
             read["first"] = min(read["first"], started)
             read["last"] = max(read["last"], time.monotonic())
 
@@ -133,6 +136,20 @@ def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPReque
                 self.send_header("Content-Length", length or "0")
                 self.end_headers()
                 return
+            sent, aborted = 0, False
+            try:
+                sent = self.relay(resp, length)
+            except (BrokenPipeError, ConnectionResetError) as error:  # the host hung up mid-answer
+                sent, aborted = getattr(error, "sent", 0), True
+                self.close_connection = True
+                if self.conn is not None:  # the rest of the upstream answer is not wanted
+                    self.conn.close()
+                    self.conn = None
+            if media and 200 <= resp.status < 300:
+                counters.read(host, unquote(url.path.split("/o/", 1)[-1]), started, sent, aborted)
+
+        def relay(self, resp: http.client.HTTPResponse, length: str | None) -> int:
+            """Send the answer's body; return its bytes (on a hang-up, the error carries ``sent``)."""
             sent = 0
             if length is None:  # chunked or close-delimited upstream: whole, then with a length
                 payload = resp.read()
@@ -143,15 +160,24 @@ def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPReque
             else:
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                while piece := resp.read(PIECE):
-                    self.wfile.write(piece)
-                    sent += len(piece)
-            if media and 200 <= resp.status < 300:
-                counters.read(host, unquote(url.path.split("/o/", 1)[-1]), started, sent)
+                try:
+                    while piece := resp.read(PIECE):
+                        self.wfile.write(piece)
+                        sent += len(piece)
+                except (BrokenPipeError, ConnectionResetError) as error:
+                    error.sent = sent  # type: ignore[attr-defined]
+                    raise
+            return sent
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = forward
 
     return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 def main() -> None:
@@ -159,7 +185,7 @@ def main() -> None:
     counters = Counters(hosts)
     servers = []
     for host in range(hosts):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(upstream, host, counters))
+        server = _QuietServer(("127.0.0.1", 0), _handler(upstream, host, counters))
         server.daemon_threads = True
         server.request_queue_size = 64
         threading.Thread(target=server.serve_forever, daemon=True).start()

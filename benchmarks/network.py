@@ -261,10 +261,11 @@ def draw(summary: dict, conns: list[int], path: str, title: str) -> None:
     ax.set_xlabel("connections (HUBCACHE_CONNECTIONS; aria2c -x/-s; hf_transfer max_files)")
     ax.set_ylabel("seconds from nothing to an unpacked model (log)")
     ax.grid(True, which="both", alpha=0.3)
-    from matplotlib.ticker import LogLocator, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7, loc="best")
     ax.set_title(title.replace(" — ", "\n"), fontsize=9)
     fig.tight_layout()
