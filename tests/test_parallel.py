@@ -20,6 +20,7 @@ import pytest
 import hubcache
 from hubcache import DownloadError
 from hubcache.core.config import load_config
+from hubcache.download import parallel
 from hubcache.download.fetch import HttpSource, open_source
 from hubcache.download.parallel import ParallelSource, RangeAnswerError, parallel_source
 from hubcache.testing import archive_of, build_model_dir, tree_of
@@ -560,3 +561,22 @@ def test_one_connection_is_todays_single_stream(origin, models, monkeypatch):
     url = origin.add("/m.tar.gz", models["archives"][0])
     assert tree_of(hubcache.resolve(url)) == models["trees"][0]
     assert _ranges(origin, "/m.tar.gz") == [None]
+
+
+def test_more_connections_share_the_ring_budget_instead_of_growing_it(origin):
+    """16 connections of 8 MiB would hold 128 MiB (measured at 949 MiB: a peak RSS of 172 MiB);
+    the chunks shrink so the ring stays within HTTP_BUFFER (64 MiB), and the bytes are the same."""
+    body = os.urandom(24 << 20)
+    url = origin.add("/big.bin", body)
+    source = _open(url, connections=16, chunk_size=8 << 20)
+    try:
+        assert isinstance(source, ParallelSource)
+        assert source.chunk_size == 4 << 20 and source.connections == 16
+        data = _read_all(source)
+    finally:
+        source.close()
+    assert data == body
+    assert 0 < source.peak_buffered <= parallel.HTTP_BUFFER
+    # A chunk size that already fits is kept.
+    assert parallel.fitted_chunk(8 << 20, 8, parallel.HTTP_BUFFER) == 8 << 20
+    assert parallel.fitted_chunk(8 << 20, 64, parallel.HTTP_BUFFER) == 1 << 20  # never below 1 MiB

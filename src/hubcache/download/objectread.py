@@ -40,7 +40,7 @@ import io
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..core.errors import SourceChangedError
-from .ring import MIN_CHUNKS, ChunkRing, Stopped
+from .ring import MIN_CHUNKS, ChunkRing, Stopped, fitted_chunk
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -54,8 +54,6 @@ Stream = Callable[[int, int, Sink], None]
 #: The most bytes a parallel object read holds (its ring), whatever the settings ask: see
 #: :meth:`_Reads.ranges`.
 OBJECT_BUFFER = 32 << 20
-#: The smallest chunk of a parallel object read (the ring's bound gives way to it).
-MIN_OBJECT_CHUNK = 1 << 20
 #: Bytes per ranged read of a parallel read unless told (``HUBCACHE_CHUNK_SIZE``'s default; not
 #: imported from ``core/config.py``, which this module sits below).
 DEFAULT_CHUNK = 8 << 20
@@ -435,8 +433,8 @@ def object_stream(fs: Any, path: str, shown: str) -> Stream:
 
 def object_chunk(chunk_size: int, connections: int) -> int:
     """The chunk of a parallel read of objects: ``chunk_size``, smaller if ``connections`` of it
-    would exceed :data:`OBJECT_BUFFER` (not below :data:`MIN_OBJECT_CHUNK`)."""
-    return min(chunk_size, max(MIN_OBJECT_CHUNK, OBJECT_BUFFER // max(1, connections)))
+    would exceed :data:`OBJECT_BUFFER` (see :func:`~hubcache.download.ring.fitted_chunk`)."""
+    return fitted_chunk(chunk_size, connections, OBJECT_BUFFER)
 
 
 def _file_pins_itself(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObject:

@@ -32,6 +32,17 @@ PIECE = 1 << 20
 #: An object shorter than this many chunks is read as one stream (with the default 8 MiB chunks,
 #: a second connection would save at most half a second at 32 MB/s a connection).
 MIN_CHUNKS = 2
+#: The smallest chunk a ring's byte budget shrinks chunks to (smaller ones would spend more of
+#: each connection's time on request latency than on bytes).
+MIN_FITTED_CHUNK = 1 << 20
+
+
+def fitted_chunk(chunk_size: int, connections: int, budget: int) -> int:
+    """The chunk of a ring of ``connections`` places that holds at most ``budget`` bytes:
+    ``chunk_size``, or less if ``connections`` of it would not fit (never below
+    :data:`MIN_FITTED_CHUNK`, nor above ``chunk_size``): more connections share the budget
+    instead of growing the process."""
+    return min(chunk_size, max(MIN_FITTED_CHUNK, budget // max(1, connections)))
 
 
 class Leave(Exception):

@@ -54,7 +54,7 @@ lease cannot hold waiters off for ever.
 
 **Rates.** A heartbeat rewrites the lease at most once per :data:`MIN_HEARTBEAT` second (GCS allows
 about one update per second to one object name). Waiters read the descriptor with exponential
-backoff and jitter up to :data:`MAX_POLL` (1 s) and the lease about four times per judged TTL.
+backoff and jitter up to :data:`MAX_POLL` (0.5 s) and the lease about four times per judged TTL.
 Waiters that saw a lease die pause at random (up to :data:`TAKEOVER_SPREAD`) and read it again
 before rewriting it, so a fleet sends a few takeover attempts, not one per host.
 
@@ -139,10 +139,12 @@ MAX_LEASE_TTL = 600.0
 #: Waiters that saw a lease die wait a random part of up to this many seconds (and of a third
 #: of its TTL) before taking it over, so a fleet sends a few takeover rewrites, not one each.
 TAKEOVER_SPREAD = 5.0
-#: Waiters poll for the manifest with exponential backoff up to this many seconds (each sleep
-#: drawn uniformly from the upper half of the current step, so a fleet does not poll in step):
-#: a waiting host starts within about a second of the commit, at about 1.3 manifest reads/s.
-MAX_POLL = 1.0
+#: Waiters poll for the commit (the descriptor) with exponential backoff up to this many seconds
+#: (each sleep drawn uniformly from the upper half of the current step, so a fleet does not poll
+#: in step): a waiting host starts copying within half a second of the commit (a fleet's copies
+#: within 1 s of it), at about 2.7 reads/s of one small object; 256 waiting hosts send about 700
+#: reads/s, well within a bucket's read rate (about 5,000/s before it scales up).
+MAX_POLL = 0.5
 #: The most bytes of small files a writer holds in memory for pending uploads (larger files are
 #: spooled to a temp file): at most this / (batch_bytes + small_file) uploads are pending, and
 #: never more than two per worker (``HUBCACHE_CONNECTIONS`` workers for the built-in backends).
