@@ -373,7 +373,7 @@ def load_config() -> Config:
                                                      lambda u: _parse_int(u, ENV_CONNECTIONS)))
     s["chunk_size"] = _env(ENV_CHUNK_SIZE, DEFAULTS["chunk_size"], "chunk_size",
                            "bytes per range request of a download over several connections "
-                           "(memory: up to connections x chunk_size; object stores: at most 32 MiB)",
+                           "(memory: up to connections x chunk_size, at most 64 MiB for http(s), 32 MiB for object stores: chunks shrink to fit)",
                            lambda t: _parse_between(t, ENV_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
                                                     lambda u: parse_size(u, name=ENV_CHUNK_SIZE)))
     s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", DEFAULTS["lock_timeout"], "lock_timeout",
