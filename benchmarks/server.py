@@ -77,6 +77,7 @@ class FileServer:
         self.rate = float(rate)
         self.latency = float(latency)
         self._counts: Counter[str] = Counter()
+        self._downloads: Counter[str] = Counter()  # GETs without a Range: how a download starts
         self._bytes: Counter[str] = Counter()
         self._heads = 0
         self._connections = 0
@@ -94,6 +95,13 @@ class FileServer:
         with self._lock:
             return self._counts[path]
 
+    def downloads(self, path: str) -> int:
+        """Downloads of ``path`` since the last :meth:`reset_counts`: GETs without ``Range``. A
+        download starts with one (hubcache's parallel one then sends ranged GETs for the rest,
+        and a resumed one a ranged GET), so ``count`` is not the number of downloads."""
+        with self._lock:
+            return self._downloads[path]
+
     def bytes_sent(self, path: str) -> int:
         """Body bytes sent for ``path`` since the last :meth:`reset_counts`."""
         with self._lock:
@@ -109,6 +117,7 @@ class FileServer:
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._downloads.clear()
             self._bytes.clear()
             self._heads = self._connections = self._peak = 0
 
@@ -173,6 +182,8 @@ def _handler(origin: FileServer) -> type[BaseHTTPRequestHandler]:
             with origin._lock:
                 if body:
                     origin._counts[path] += 1
+                    if "Range" not in self.headers:
+                        origin._downloads[path] += 1
                 else:
                     origin._heads += 1
             if origin.latency > 0:

@@ -40,6 +40,16 @@ def models(tmp_path_factory):
     return {"dirs": dirs, "trees": [tree_of(d) for d in dirs], "archives": [archive_of(d, "gz") for d in dirs]}
 
 
+@pytest.fixture(autouse=True)
+def network_bound(request, monkeypatch):
+    """The test origin is on loopback, faster than any decoder: the probe would keep every
+    download here one stream. These tests are about the parallel path itself, so there is no
+    probe: the workers start with the first answer (the probe is tested on its own, at the end,
+    by the tests marked ``real_probe``)."""
+    if "real_probe" not in request.keywords:
+        monkeypatch.setattr(parallel, "PROBE_BYTES", 0)
+
+
 @pytest.fixture
 def parallel_env(monkeypatch):
     monkeypatch.setenv("HUBCACHE_CONNECTIONS", str(N))
@@ -580,3 +590,44 @@ def test_more_connections_share_the_ring_budget_instead_of_growing_it(origin):
     # A chunk size that already fits is kept.
     assert parallel.fitted_chunk(8 << 20, 8, parallel.HTTP_BUFFER) == 8 << 20
     assert parallel.fitted_chunk(8 << 20, 64, parallel.HTTP_BUFFER) == 1 << 20  # never below 1 MiB
+
+
+# -- the probe: parallel only where the link limits ------------------------------------------------
+
+#: The probe's threshold in these tests: far above the capped origin's 2 MB/s, far below what
+#: loopback gives even on a loaded machine (the default, 250 MB/s, is measured in benchmarks/).
+ENOUGH = 20e6
+
+
+@pytest.mark.real_probe
+def test_a_capped_link_goes_parallel_after_the_probe(origin, monkeypatch):
+    """An origin that sends each answer at 2 MB/s: one flow is slower than the threshold, so
+    after the probe's bytes the workers start and the rest comes over ranged connections."""
+    monkeypatch.setattr(parallel, "ONE_FLOW_ENOUGH", ENOUGH)
+    body = os.urandom(12 * CHUNK)
+    url = origin.add("/capped.bin", body)
+    origin.network("/capped.bin", 2e6, step=16 << 10)
+    source = _open(url, chunk_size=4 * CHUNK)  # the probe: the first 256 KiB (chunk 0 here)
+    try:
+        data = _read_all(source, 64 << 10)
+    finally:
+        source.close()
+    assert data == body and source.mode == "parallel"
+    assert sum(1 for r in _ranges(origin, "/capped.bin") if r) == 2  # chunks 1 and 2
+
+
+@pytest.mark.real_probe
+def test_a_flow_faster_than_the_threshold_stays_one_stream(origin, monkeypatch):
+    """An origin at loopback speed: one flow beats the threshold, so no worker starts, the
+    first answer is read to its end, and the origin sees one plain GET (more connections would
+    only add work)."""
+    monkeypatch.setattr(parallel, "ONE_FLOW_ENOUGH", ENOUGH)
+    body = os.urandom(48 * CHUNK)
+    url = origin.add("/fast.bin", body)
+    source = _open(url, chunk_size=16 * CHUNK)  # the probe: 1 MiB of chunk 0
+    try:
+        data = _read_all(source, 64 << 10)
+    finally:
+        source.close()
+    assert data == body and source.mode == "single"
+    assert _ranges(origin, "/fast.bin") == [None]
