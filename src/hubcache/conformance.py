@@ -1334,6 +1334,20 @@ class ObjectLayoutCases(ObjectStoreFixtures):
         for key in trees:
             assert entry.descriptor_manifest(_existing(store, store.descriptor_path(key))) is not None, key
 
+    def committed_entry(self, backend: CacheBackend, url: str) -> tuple[str, str, ObjectStore, bytes, bytes]:
+        """Resolve ``url`` (a miss) and return ``(path, key, store, descriptor, manifest)``: the
+        committed descriptor's bytes and the manifest at its end."""
+        from .core import entry
+        from .core.handles import cache_key
+
+        path = self.resolve(backend, url)
+        key = cache_key(url)
+        store = self.object_store(backend)
+        descriptor = _existing(store, store.descriptor_path(key))
+        manifest = entry.descriptor_manifest(descriptor)
+        assert manifest is not None, "a committed descriptor holds the manifest"
+        return path, key, store, descriptor, manifest
+
     def spy_writes(self, store: ObjectStore) -> list[str]:
         """Record every write ``store`` (this instance) makes: ``["<method> <path>", ...]``."""
         calls: list[str] = []
@@ -1382,15 +1396,9 @@ class ObjectLayoutCases(ObjectStoreFixtures):
         resolve moves the manifest into the descriptor and deletes the old object (and its
         lease): the next hit writes nothing."""
         from .core import entry
-        from .core.handles import cache_key
 
         url = origin.add("/older.tar.gz", archive_of(model))
-        path = self.resolve(backend, url)
-        key = cache_key(url)
-        store = self.object_store(backend)
-        committed = _existing(store, store.descriptor_path(key))
-        manifest = entry.descriptor_manifest(committed)
-        assert manifest is not None
+        path, key, store, committed, manifest = self.committed_entry(backend, url)
         # As an older hubcache left it.
         store.write_object(store.legacy_manifest_path(key), manifest)
         store.write_object(store.descriptor_path(key), entry.descriptor_head(committed).encode())
@@ -1478,17 +1486,11 @@ class ObjectLayoutCases(ObjectStoreFixtures):
         import json
 
         from .core import entry
-        from .core.handles import cache_key
         from .stores import objectstore
 
         monkeypatch.setattr(objectstore, "MAX_MANIFEST_BYTES", 32 << 10)
         url = origin.add("/hostile.tar.gz", archive_of(model))
-        path = self.resolve(backend, url)
-        key = cache_key(url)
-        store = self.object_store(backend)
-        committed = _existing(store, store.descriptor_path(key))
-        manifest = entry.descriptor_manifest(committed)
-        assert manifest is not None
+        path, key, store, committed, manifest = self.committed_entry(backend, url)
         hostile = self.HOSTILE_DESCRIPTORS[case](entry.descriptor_head(committed), json.loads(manifest))
         store.write_object(store.descriptor_path(key), hostile)
         fresh = self.fresh(backend)
