@@ -109,6 +109,7 @@ class Fleet:
             if proc.returncode != 0 or not out.strip():
                 raise BenchError(f"host {i} failed (exit {proc.returncode}): {err.strip()[-3000:]}")
             results.append(json.loads(out.strip().splitlines()[-1]))
+        self.origin.wait_idle()  # every answer counted
         origin = self.origin.stats()
         bucket = self.stats()
         for i, res in enumerate(results):

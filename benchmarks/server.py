@@ -114,6 +114,17 @@ class FileServer:
             return {"gets": sum(self._counts.values()), "heads": self._heads, "bytes": sum(self._bytes.values()),
                     "connections": self._connections, "peak_answers": self._peak}
 
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no answer is being sent (at most ``timeout`` seconds): an answer's bytes are
+        counted when its last write returns, which may be after its client has read them all."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if self._active == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()

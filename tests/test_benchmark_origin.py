@@ -73,8 +73,11 @@ def test_each_connection_is_capped_and_each_answer_is_late(blob):
             t.join()
         wall = time.monotonic() - started
         assert 0.35 <= wall < 0.8, (wall, times)  # 1.5 MiB each at 8 MB/s: 0.2 s, + 0.2 s late
+        assert server.wait_idle()  # each answer is counted once its last write has returned
         stats = server.stats()
         assert stats["gets"] == 5 and stats["heads"] == 1 and stats["bytes"] == 3 * len(data)
+        # One download (the plain GET): ranged GETs, such as a parallel download's chunks, are not more.
+        assert server.downloads("/blob") == 1
         assert stats["peak_answers"] == 4
 
 
@@ -116,6 +119,7 @@ def test_ranges_and_if_range(blob):
             resp, body, _ = _get(server, {"Range": f"bytes={start}-{start + 99}"}, conn=conn)
             assert body == data[start:start + 100]
         assert server.count("/blob") == 9 and server.count("/other") == 0
+        assert server.downloads("/blob") == 0  # each GET here asked for a Range
         server.reset_counts()
         assert server.stats() == {"gets": 0, "heads": 0, "bytes": 0, "connections": 0, "peak_answers": 0}
 

@@ -28,10 +28,7 @@ def test_quick_run_writes_a_sane_table_json_and_chart(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--size", "8M", "--repeat", "1",
            "--procs", "2", "--calls", "2000", "--workdir", str(tmp_path / "work"), "--out", str(out)]
-    # 1 MiB chunks: the 8 MiB archive is then downloaded over several connections, as a large
-    # one is by default, so "one download" is checked for a parallel download (ranged GETs).
-    env = {**os.environ, "HUBCACHE_CHUNK_SIZE": "1M"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=230, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=230, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     result = json.loads((out / "results.json").read_text())
