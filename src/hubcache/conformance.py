@@ -1683,7 +1683,10 @@ def fleet_takeover(backend: CacheBackend, waiters: int = 16) -> dict[str, int]:
         store = stores[i]
         start.wait()
         with store.lock(key, lambda owner: None):
-            if key in store._leases:
+            # As the resolver does (commit.py): once holding the lease, look the entry up again.
+            # A waiter can read "no lease" just after the winner committed and released, and
+            # then take a fresh lease of its own; it finds the commit and writes nothing.
+            if key in store._leases and store.lookup(key, f"https://example.invalid/{key}") is None:
                 winners.append(i)
                 time.sleep(0.3)  # less than a heartbeat (5 / 3 s): no rewrite of its own
                 store.create_object(store.object_path(f"{key}.descriptor.txt"), _committed_descriptor(key))
