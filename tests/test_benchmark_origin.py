@@ -185,7 +185,10 @@ def test_fleet_runs_end_to_end(tmp_path):
     assert len(fleet["hosts"]) == 3 and len(alone["hosts"]) == 1
     assert alone["downloaders"] == [0] and alone["hosts"][0]["upload_bytes"] >= result["settings"]["model_bytes"]
     assert len(fleet["downloaders"]) == 1
-    assert fleet["origin"]["bytes"] == result["settings"]["archive_bytes"]
+    # Every byte of the archive once; past chunk 0 the first answer (a plain GET of the whole
+    # archive) is cut, and what the origin had already handed its socket is counted too.
+    archive = result["settings"]["archive_bytes"]
+    assert archive <= fleet["origin"]["bytes"] <= archive + (4 << 20)
     readers = [h for h in fleet["hosts"] if not h["downloaded"]]
     assert len(readers) == 2
     for host in readers:  # what each host read from the bucket, counted by the proxy

@@ -29,6 +29,8 @@ from test_fetch import nothing_committed
 
 CHUNK = 64 << 10
 N = 4
+#: The chunks the ring holds at most (its places): two per connection.
+WINDOW = parallel.PLACES_PER_CONNECTION * N
 
 
 @pytest.fixture(scope="module")
@@ -423,17 +425,17 @@ def test_a_reader_that_stops_reading_stops_the_fetching(origin, models):
     try:
         assert source.read(100) == body[:100]
         _settled(origin, "/m.tar.gz")
-        # Stopped in chunk 0: only chunks 1..N-1 may be asked for, and they are all held.
+        # Stopped in chunk 0: only chunks 1..WINDOW-1 may be asked for, and they are all held.
         ends = [int(r[6:].split("-")[1]) for r in _ranges(origin, "/m.tar.gz") if r]
-        assert len(ends) == N - 1 and max(ends) == N * CHUNK - 1
-        assert source.buffered == (N - 1) * CHUNK
+        assert len(ends) == WINDOW - 1 and max(ends) == WINDOW * CHUNK - 1
+        assert source.buffered == (WINDOW - 1) * CHUNK
         rest = source.read(CHUNK)  # the rest of chunk 0, then one piece of chunk 1
         while source.position < CHUNK + 1:
             rest += source.read(CHUNK)
         _settled(origin, "/m.tar.gz")
         ends = [int(r[6:].split("-")[1]) for r in _ranges(origin, "/m.tar.gz") if r]
-        assert max(ends) == (N + 1) * CHUNK - 1  # the window moved by one chunk, no further
-        assert source.buffered <= N * CHUNK
+        assert max(ends) == (WINDOW + 1) * CHUNK - 1  # the window moved by one chunk, no further
+        assert source.buffered <= WINDOW * CHUNK
         # Past chunk 0 the first answer's connection is closed (it would go on sending the object).
         first = origin.requests[0].client
         end = time.monotonic() + 2.0
@@ -444,7 +446,7 @@ def test_a_reader_that_stops_reading_stops_the_fetching(origin, models):
     finally:
         source.close()
     assert data == body
-    assert source.peak_buffered <= N * CHUNK
+    assert source.peak_buffered <= WINDOW * CHUNK
 
 
 def test_a_slow_reader_holds_at_most_the_window(origin, models):
@@ -458,11 +460,11 @@ def test_a_slow_reader_holds_at_most_the_window(origin, models):
             if not data:
                 break
             parts.append(data)
-            assert source.buffered <= N * CHUNK
+            assert source.buffered <= WINDOW * CHUNK
             time.sleep(0.0005)
     finally:
         source.close()
-    assert b"".join(parts) == body and 0 < source.peak_buffered <= N * CHUNK
+    assert b"".join(parts) == body and 0 < source.peak_buffered <= WINDOW * CHUNK
 
 
 def _no_workers_left(limit=5.0):
@@ -574,14 +576,15 @@ def test_one_connection_is_todays_single_stream(origin, models, monkeypatch):
 
 
 def test_more_connections_share_the_ring_budget_instead_of_growing_it(origin):
-    """16 connections of 8 MiB would hold 128 MiB (measured at 949 MiB: a peak RSS of 172 MiB);
-    the chunks shrink so the ring stays within HTTP_BUFFER (64 MiB), and the bytes are the same."""
+    """16 connections of 8 MiB, two places each, would hold 256 MiB (measured at 949 MiB with
+    one place each: a peak RSS of 172 MiB); the chunks shrink so the ring stays within
+    HTTP_BUFFER (64 MiB), and the bytes are the same."""
     body = os.urandom(24 << 20)
     url = origin.add("/big.bin", body)
     source = _open(url, connections=16, chunk_size=8 << 20)
     try:
         assert isinstance(source, ParallelSource)
-        assert source.chunk_size == 4 << 20 and source.connections == 16
+        assert source.chunk_size == 2 << 20 and source.connections == 16
         data = _read_all(source)
     finally:
         source.close()
@@ -631,3 +634,54 @@ def test_a_flow_faster_than_the_threshold_stays_one_stream(origin, monkeypatch):
         source.close()
     assert data == body and source.mode == "single"
     assert _ranges(origin, "/fast.bin") == [None]
+
+
+# -- the next request goes out a round trip early ---------------------------------------------------
+
+
+def _network_download(origin, monkeypatch, *, connections, chunk, chunks, rate, latency):
+    """Read an object of ``chunks`` chunks from an origin that answers each request after
+    ``latency`` seconds and sends each answer at ``rate`` bytes per second; returns the seconds
+    the read took and the origin's range requests."""
+    body = os.urandom(chunks * chunk)
+    url = origin.add("/far.bin", body)
+    origin.network("/far.bin", rate, latency)
+    began = time.monotonic()
+    source = _open(url, connections=connections, chunk_size=chunk)
+    try:
+        assert isinstance(source, ParallelSource)
+        data = _read_all(source)
+    finally:
+        source.close()
+    seconds = time.monotonic() - began
+    assert data == body
+    return seconds, [r for r in origin.requests if r.path == "/far.bin" and r.headers.get("Range")]
+
+
+def test_a_worker_requests_its_next_chunk_before_its_current_one_ends(origin, monkeypatch):
+    """Each chunk's request waits a round trip for its first byte; a worker that asked only once
+    its chunk ended spent that wait idle per chunk (at 8 connections of 32 MB/s and 30 ms, 10 %
+    of the download; at 16, 19 %). The next request goes out while the current answer still
+    flows: the origin sees most chunk requests arrive while every connection's answer is still
+    being sent."""
+    n, latency = 2, 0.15
+    _, ranged = _network_download(origin, monkeypatch, connections=n, chunk=2 << 20, chunks=10,
+                                  rate=8e6, latency=latency)
+
+    def flowing(request):  # the other chunk answers being sent when ``request`` arrived
+        return sum(1 for r in ranged if r is not request and r.arrived < request.arrived < r.finished)
+
+    later = ranged[n:]  # the first round's requests all go out at once
+    early = [r for r in later if flowing(r) >= n]
+    assert len(early) >= len(later) - 2, [(round(r.arrived, 3), flowing(r)) for r in later]
+
+
+def test_requests_made_early_do_not_make_more_flows_than_connections(origin, monkeypatch):
+    """The early request is timed to answer when the current one ends, not at once: otherwise
+    two answers per connection would flow together and the download would take more than its
+    connections' share of the link. It can take no less than the bytes at ``n x rate``."""
+    n, rate, chunk, chunks = 2, 8e6, 2 << 20, 10
+    seconds, ranged = _network_download(origin, monkeypatch, connections=n, chunk=chunk, chunks=chunks,
+                                        rate=rate, latency=0.1)
+    assert seconds >= 0.9 * chunks * chunk / (n * rate)
+    assert len(ranged) == chunks - 1  # chunk 0 is the first answer's

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable, Iterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from .plugins.markers import hookimpl
 
@@ -303,6 +303,9 @@ class Request:
     sent: int = 0
     #: the client's port: one per connection (requests on a kept-alive connection share it)
     client: int = 0
+    #: ``time.monotonic()`` when the request arrived, and when its answer was written (0: not yet)
+    arrived: float = 0.0
+    finished: float = 0.0
 
 
 class OriginServer:
@@ -466,7 +469,14 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
 
         def _get(self) -> None:
             parts = urlsplit(self.path)
-            record = Request(parts.path, parts.query, dict(self.headers), client=self.client_address[1])
+            record = Request(parts.path, parts.query, dict(self.headers), client=self.client_address[1],
+                             arrived=time.monotonic())
+            try:
+                self._answer(record, parts)
+            finally:
+                record.finished = time.monotonic()
+
+        def _answer(self, record: Request, parts: SplitResult) -> None:
             with origin._lock:
                 origin.requests.append(record)
             route = origin.routes.get(parts.path)

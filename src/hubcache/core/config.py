@@ -33,9 +33,10 @@ ENV_CHUNK_SIZE = "HUBCACHE_CHUNK_SIZE"
 #: each may hold a chunk in memory until the reader gets to it.
 DEFAULT_CONNECTIONS = 8
 MAX_CONNECTIONS = 64
-#: Bytes per range request. Each request leaves its connection idle for a round trip: 8 MiB
-#: takes 0.26 s at 32 MB/s, so a 30 ms round trip costs about 10 %; and the bytes held, received
-#: but not yet read, are at most connections x chunk size (64 MiB by default).
+#: Bytes per range request, at most: the bytes held, received but not yet read, are at most
+#: two chunks per connection for http(s) (one for object stores), and chunks shrink so that is
+#: never more than 64 MiB (32 MiB): 8 http(s) connections use 4 MiB chunks. The round trip
+#: each request waits is hidden: a worker asks for its next chunk before its current one ends.
 DEFAULT_CHUNK_SIZE = 8 << 20
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 256 << 20
@@ -373,7 +374,7 @@ def load_config() -> Config:
                                                      lambda u: _parse_int(u, ENV_CONNECTIONS)))
     s["chunk_size"] = _env(ENV_CHUNK_SIZE, DEFAULTS["chunk_size"], "chunk_size",
                            "bytes per range request of a download over several connections "
-                           "(memory: up to connections x chunk_size, at most 64 MiB for http(s), 32 MiB for object stores: chunks shrink to fit)",
+                           "(memory: up to 2 x connections x chunk_size for http(s), at most 64 MiB; connections x chunk_size for object stores, at most 32 MiB: chunks shrink to fit)",
                            lambda t: _parse_between(t, ENV_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
                                                     lambda u: parse_size(u, name=ENV_CHUNK_SIZE)))
     s["lock_timeout"] = _env("HUBCACHE_LOCK_TIMEOUT", DEFAULTS["lock_timeout"], "lock_timeout",

@@ -78,9 +78,10 @@ def _new_manager(cls: type[urllib3.PoolManager], **kwargs: Any) -> urllib3.PoolM
     """A ``PoolManager`` or ``ProxyManager`` (``cls``, with ``kwargs`` from network.py)."""
     import urllib3
 
-    # maxsize: idle connections kept per host, up to HUBCACHE_CONNECTIONS' maximum (a download
-    # over more connections than the pool keeps would open a connection per chunk).
-    pool = cls(num_pools=8, maxsize=64, retries=False, **kwargs)
+    # maxsize: idle connections kept per host, up to twice HUBCACHE_CONNECTIONS' maximum (each
+    # worker of a parallel download may have its next request open beside its current one; a
+    # download over more connections than the pool keeps would open a connection per chunk).
+    pool = cls(num_pools=8, maxsize=128, retries=False, **kwargs)
     pool.pool_classes_by_scheme = {"http": _tracked_pool(urllib3.HTTPConnectionPool),
                                    "https": _tracked_pool(urllib3.HTTPSConnectionPool)}
     return pool

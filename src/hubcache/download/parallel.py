@@ -22,12 +22,22 @@ connections would only add work, and the first answer is read to its end as one 
 How. The reader reads chunk 0 from that first answer itself; the answer is then closed (its
 connection dropped) and the rest comes from ``connections`` worker threads, each fetching one
 chunk at a time with ``Range: bytes=START-END`` and ``If-Range`` (the first answer's
-validator), into its place in a ring allocated once (``connections x chunk_size``, an anonymous
-mapping). A worker may start chunk ``k`` only while ``k`` is less than the reader's chunk plus
-``connections``: the bytes held, received but not yet read, are at most ``connections x
-chunk_size`` however slowly the reader reads (8 x 8 MiB = 64 MiB by default; with more
-connections the chunks shrink so the ring never holds more than :data:`HTTP_BUFFER`), and reads
-copy them out of the ring (a cold 1 GiB resolve peaked at 104-108 MiB of RSS, one stream at 36).
+validator), into its place in a ring allocated once (:data:`PLACES_PER_CONNECTION` places per
+connection, an anonymous mapping). A chunk's place is filled only while the chunk is less than
+the reader's chunk plus the places: the bytes held, received but not yet read, are at most
+``places x chunk_size`` however slowly the reader reads (the chunks shrink so that is never more
+than :data:`HTTP_BUFFER`, 64 MiB: 8 connections use 4 MiB chunks), and reads copy them out of
+the ring (a cold 1 GiB resolve peaked at 120-132 MiB of RSS, one stream at 36).
+
+A round trip ahead. Each request waits a round trip (and the origin's time to answer) for its
+first byte. So that a connection does not spend that wait idle once per chunk, a worker asks
+for its next chunk while its current answer still flows: when the bytes left would take
+:data:`AHEAD` request latencies at the answer's rate (the latency: the shortest time a chunk's
+request has taken to be answered), on a second connection of its own, and takes that answer
+once the current one ends. The next answer starts flowing about when the current one stops, so
+the download does not use more than ``connections`` flows' share of the link, though up to twice
+as many sockets are open at moments. The second place per connection is what lets that early
+answer be taken at once: its chunk's place was read a round of chunks before.
 
 The same object, or a restart. Every chunk's answer must be a 206 with the first answer's
 validator and a ``Content-Range`` of exactly the bytes asked for and the same total, and a
@@ -52,6 +62,8 @@ is raised by the next read.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -78,10 +90,10 @@ if TYPE_CHECKING:
 
     from .fetch import Deadline
 
-#: The most bytes the ring of one download holds, whatever the settings ask: with more
-#: connections than ``HTTP_BUFFER / chunk_size`` (8 at the default 8 MiB) chunks shrink to fit
-#: (measured, 949 MiB .tar.gz at 16 connections of 8 MiB: peak RSS 172 MiB; the ring is the
-#: difference), so a cold resolve stays within 150 MiB at any connection count.
+#: The most bytes the ring of one download holds, whatever the settings ask: with more places
+#: than ``HTTP_BUFFER / chunk_size`` chunks shrink to fit (measured, 949 MiB .tar.gz at 16
+#: connections of 8 MiB: peak RSS 172 MiB; the ring is the difference), so a cold resolve stays
+#: within 150 MiB at any connection count.
 HTTP_BUFFER = 64 << 20
 #: Bytes of chunk 0 the reader reads from the first answer before it decides whether to go
 #: parallel (a probe at 32 MB/s takes 66 ms); 0: no probe, parallel from the start.
@@ -93,6 +105,16 @@ ONE_FLOW_ENOUGH = 250e6
 #: Bytes a worker receives at a time before copying them into the ring: each worker's transient
 #: buffers (urllib3's and http.client's) are a few times this.
 RECEIVE = 256 << 10
+#: The ring's places per connection. One each made a worker whose next chunk was requested
+#: early wait for the reader to read its current one (that next chunk's place) before taking a
+#: byte: 47 ms of each 262 ms chunk at 8 connections of 32 MB/s. With two, the next chunk's
+#: place was read a round of chunks before; the chunks are half as long in the same memory.
+PLACES_PER_CONNECTION = 2
+#: A worker requests its next chunk when the bytes left of its current one would take this many
+#: request latencies at its rate (the latency: the shortest time a chunk's request took to be
+#: answered), so that a connection's time is not spent waiting for each chunk's first byte
+#: (at 32 MB/s and 30 ms, 16 connections of 4 MiB chunks spent 19 % of it so).
+AHEAD = 1.25
 
 
 class RangeAnswerError(SourceChangedError):
@@ -131,7 +153,7 @@ def parallel_source(first: Source, url: str, *, connections: int = DEFAULT_CONNE
         return first
     total = first.total
     validator = first._validator
-    chunk_size = fitted_chunk(chunk_size, connections, HTTP_BUFFER)
+    chunk_size = fitted_chunk(chunk_size, PLACES_PER_CONNECTION * connections, HTTP_BUFFER)
     if (connections <= 1 or not first.ranges or total is None or validator is None
             or total < MIN_CHUNKS * chunk_size):
         return first
@@ -153,7 +175,8 @@ class ParallelSource(Source, ChunkRing):
         connections: the number of worker connections.
         chunk_size: bytes per range request.
         buffered: bytes received and not yet read.
-        peak_buffered: the most bytes ever held at once (at most ``connections x chunk_size``).
+        peak_buffered: the most bytes ever held at once (at most
+            ``PLACES_PER_CONNECTION x connections x chunk_size``).
     """
 
     def __init__(self, first: HttpSource, url: str, *, connections: int, chunk_size: int, timeout: float,
@@ -170,9 +193,12 @@ class ParallelSource(Source, ChunkRing):
         self.direct: str | None = first._resolved if first._resolved != first._target else None
         self._timeout, self._retries, self._deadline = timeout, retries, deadline
         self._live: set[_Chunk] = set()
+        self._openers: dict[int, _Opener] = {}  # chunk -> its request made early by its worker
+        self._latency = math.inf  # the shortest time a chunk's request took to be answered
         # Chunk 0 is the first answer's, read by the reader itself; workers fetch 1 on, once the
         # probe has shown that the link limits (see :meth:`_probed`).
-        self._ring_init(self.total, chunk_size, connections, first=1, name="hubcache-range", on_retry=on_retry)
+        self._ring_init(self.total, chunk_size, PLACES_PER_CONNECTION * connections, first=1,
+                        name="hubcache-range", on_retry=on_retry, workers=connections)
         #: "probe" (reading the first PROBE_BYTES), "parallel" (workers started) or "single" (the
         #: first answer is read to its end, no worker ever started)
         self.mode = "probe"
@@ -184,31 +210,70 @@ class ParallelSource(Source, ChunkRing):
 
     # -- the workers ------------------------------------------------------------------------------
 
-    def _fetch(self, k: int) -> None:
-        start, end = self._span(k)
-        slot = self._slots[k]
-        start += slot.received  # a chunk handed back goes on from the bytes received
+    def _fetch(self, k: int) -> int | None:
+        opener = self._openers.pop(k, None)
         try:
-            chunk = _Chunk(self, start, end, timeout=self._timeout, retries=self._retries, deadline=self._deadline)
+            chunk = opener.take() if opener is not None else self._open(k)
         except _Retire:
             self._hand_back(k)
             raise
+        early: int | None = None
         try:
-            left = end - start + 1
+            self._await_place(k)
+            _, end = self._span(k)
+            left = end - chunk._start + 1
+            # The rate so far counts from the answer's head: bytes that waited in the socket
+            # (an early answer, before its place was free) do not make the flow look faster.
+            began, got, ahead = chunk.answered, 0, True
             while left:
                 data = chunk.read(min(RECEIVE, left))
                 if not 0 < len(data) <= left:  # HttpSource.read cannot do this: a guard of the ring
                     raise chunk._fail(f"a read of {min(RECEIVE, left)} bytes returned {len(data)}")
                 self._deliver(k, data)
                 left -= len(data)
+                got += len(data)
+                # A round trip before this chunk ends, the next one's request goes out: its
+                # first byte arrives about when this one's last does (once per chunk).
+                if ahead and left and got >= 2 * RECEIVE and self._latency < math.inf and \
+                        left <= AHEAD * self._latency * got / max(1e-6, time.monotonic() - began):
+                    ahead = False
+                    early = self._claim_early()
+                    if early is not None:
+                        self._openers[early] = _Opener(self, early)
             chunk.finish()
-        except _Retire:
-            self._hand_back(k)
+        except BaseException as error:
+            if early is not None:
+                self._drop_early(early, handed_back=isinstance(error, _Retire))
+                early = None
+            if isinstance(error, _Retire):
+                self._hand_back(k)
             raise
         finally:
             with self._readable:
                 self._live.discard(chunk)
             chunk.close()
+        return early
+
+    def _open(self, k: int) -> _Chunk:
+        """Request chunk ``k`` (from the bytes already received of it) and wait for the answer's
+        head; the time that took is the request latency the next requests are sent ahead by."""
+        start, end = self._span(k)
+        start += self._slots[k].received  # a chunk handed back goes on from the bytes received
+        began = time.monotonic()
+        chunk = _Chunk(self, start, end, timeout=self._timeout, retries=self._retries, deadline=self._deadline)
+        chunk.answered = time.monotonic()
+        if chunk._attempts == 1:  # a retried request's time is not a round trip
+            self._latency = min(self._latency, chunk.answered - began)
+        return chunk
+
+    def _drop_early(self, k: int, handed_back: bool) -> None:
+        """Abandon the request made early for chunk ``k`` (its worker failed or leaves); the chunk
+        is handed back for another worker if this worker leaves while the others go on."""
+        opener = self._openers.pop(k, None)
+        if opener is not None:
+            opener.discard()
+        if handed_back:
+            self._hand_back(k)
 
     def _enter(self, chunk: _Chunk) -> None:
         """A chunk is about to make a request: it can be cut from now on."""
@@ -278,7 +343,58 @@ class ParallelSource(Source, ChunkRing):
             self._halt()
             self._first_answer.cut()
             self._shut_down()  # their connections are shut down: they leave at once
+            for opener in list(self._openers.values()):
+                opener.discard()
+            self._openers.clear()
         super().close()
+
+
+class _Opener:
+    """A worker's next chunk, requested a round trip early on a thread of its own (the worker is
+    still receiving its current chunk); :meth:`take` hands the answered request over."""
+
+    def __init__(self, owner: ParallelSource, k: int):
+        self._owner, self.k = owner, k
+        self._chunk: _Chunk | None = None
+        self._error: BaseException | None = None
+        self._discarded = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"hubcache-range-ahead-{k}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            chunk = self._owner._open(self.k)
+        except BaseException as error:  # raised by take(), on the worker's thread
+            self._error = error
+            return
+        with self._lock:
+            self._chunk = chunk
+            discarded = self._discarded
+        if discarded:
+            self._close(chunk)
+
+    def take(self) -> _Chunk:
+        """The chunk's request, answered; raises what making it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._chunk is not None
+        return self._chunk
+
+    def discard(self) -> None:
+        """Close the request now if it was answered, else as soon as it is (without waiting:
+        a halted ring cuts it at once; otherwise it may take a round trip or a timeout)."""
+        with self._lock:
+            self._discarded = True
+            chunk = self._chunk
+        if chunk is not None:
+            self._close(chunk)
+
+    def _close(self, chunk: _Chunk) -> None:
+        with self._owner._readable:
+            self._owner._live.discard(chunk)
+        chunk.close()
 
 
 class _Chunk(HttpSource):
@@ -291,6 +407,7 @@ class _Chunk(HttpSource):
         self._start, self._end = start, end
         self._framed = True  # the latest answer has a Content-Length
         self._refusals = 0  # 429s and 503s in a row
+        self.answered = 0.0  # when the answer's head arrived (set by ParallelSource._open)
         try:
             super().__init__(owner._url, timeout=timeout, retries=retries, deadline=deadline,
                              on_retry=lambda attempt, error, offset: owner._notice(

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-__all__ = ["MIN_CHUNKS", "PIECE", "ChunkRing", "Leave", "Stopped"]
+__all__ = ["MIN_CHUNKS", "PIECE", "ChunkRing", "GaveWay", "Leave", "Stopped"]
 
 #: Most bytes one read hands out (the pipeline's chunk).
 PIECE = 1 << 20
@@ -51,6 +51,11 @@ class Leave(Exception):
 
 class Stopped(Leave):
     """The download was closed or failed elsewhere: a worker leaves quietly."""
+
+
+class GaveWay(Exception):
+    """A worker handed the chunk it claimed early back, for an older one (see
+    :meth:`ChunkRing._await_place`): it claims again."""
 
 
 class _Slot:
@@ -84,19 +89,23 @@ class ChunkRing:
     peak_buffered: int
 
     def _ring_init(self, total: int, chunk_size: int, window: int, *, first: int, name: str,
-                   on_retry: Callable[[int, str, int], None] | None = None, count: int | None = None) -> None:
+                   on_retry: Callable[[int, str, int], None] | None = None, count: int | None = None,
+                   workers: int | None = None) -> None:
         """Set the ring up (no thread started yet).
 
         Args:
             total: the object's byte count.
             chunk_size: bytes per chunk.
-            window: chunks held at most, the reader's own included; also the most workers.
+            window: chunks held at most, the reader's own included (the ring's places).
             first: the first chunk the workers fetch (the reader may read earlier ones itself,
                 then call :meth:`_advance`).
             name: the worker threads' name prefix.
             on_retry: called on the reading thread with each :meth:`_notice`.
             count: the chunks, if not ``total / chunk_size`` (a subclass whose chunks are its own
                 ranges of at most ``chunk_size`` bytes; it overrides :meth:`_span` or ignores it).
+            workers: the worker threads, at most ``window`` (default: ``window``). Fewer workers
+                than places leave the reader slack: a worker whose next chunk is ``workers``
+                past its current one finds that chunk's place already read.
         """
         self._total = total
         self.chunk_size = chunk_size
@@ -107,10 +116,11 @@ class ChunkRing:
         self._claimable = threading.Condition(lock)  # workers wait for the window to move
         self._slots: dict[int, _Slot] = {}  # chunk -> what arrived of it, only for claimed chunks
         # Chunk k's place is (k - first) mod places: the window never holds two chunks of one place.
-        workers = max(1, min(window, self._count - first))
+        places = max(1, min(window, self._count - first))
+        workers = max(1, min(places, workers or window))
         self._first = first
-        self._places = workers
-        self._ring = mmap.mmap(-1, workers * chunk_size)  # pages are touched as used
+        self._places = places
+        self._ring = mmap.mmap(-1, places * chunk_size)  # pages are touched as used
         self._view = memoryview(self._ring)
         self._claimed = first  # the next chunk to claim
         self._returned: list[int] = []  # chunks handed back by leaving workers, to take first
@@ -139,8 +149,12 @@ class ChunkRing:
 
     # -- the workers ------------------------------------------------------------------------------
 
-    def _fetch(self, k: int) -> None:
-        """Fetch chunk ``k`` (from ``_slots[k].received`` on) and :meth:`_deliver` its bytes."""
+    def _fetch(self, k: int) -> int | None:
+        """Fetch chunk ``k`` (from ``_slots[k].received`` on) and :meth:`_deliver` its bytes.
+
+        Returns the chunk this worker goes on with, if it claimed one with :meth:`_claim_early`
+        (its request already on its way), else ``None`` (the worker claims its next one).
+        """
         raise NotImplementedError
 
     def _pause_before_retry(self, failures: int, retries: int) -> bool:
@@ -161,12 +175,15 @@ class ChunkRing:
 
     def _work(self) -> None:
         try:
-            while True:
-                k = self._claim()
-                if k is None:
-                    return
-                self._fetch(k)
+            k = self._claim()
+            while k is not None:
+                try:
+                    early = self._fetch(k)
+                except GaveWay:
+                    k = self._claim()
+                    continue
                 self._done(k)
+                k = early if early is not None else self._claim()
         except Leave:
             return
         except BaseException as error:  # raised by the reader's next read
@@ -191,6 +208,45 @@ class ChunkRing:
             self._claimed += 1
             self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
             return k
+
+    def _claim_early(self) -> int | None:
+        """Claim a worker's next chunk while it still receives its current one, so the request
+        for it can go out a round trip before the current one ends; ``None`` if there is none to
+        claim (yet). It may be up to ``window`` chunks past what :meth:`_claim` allows: its
+        place is not filled before :meth:`_await_place` says it is free, so the bytes held stay
+        bounded as before."""
+        with self._claimable:
+            if self._stopping:
+                return None
+            if self._returned:
+                self._returned.sort()
+                return self._returned.pop(0)
+            if self._claimed >= self._count or self._claimed >= self._head + 2 * self._window:
+                return None
+            k = self._claimed
+            self._claimed += 1
+            self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
+            return k
+
+    def _await_place(self, k: int) -> None:
+        """Wait until chunk ``k``'s place may be filled (``k`` is less than the reader's chunk
+        plus ``window``); at once for a chunk :meth:`_claim` gave.
+
+        Raises:
+            Stopped: the ring stopped.
+            GaveWay: ``k`` was handed back instead, because an older chunk was handed back
+                meanwhile (by a leaving worker): that one must go first, or every worker could
+                wait for a place while the reader waits for the chunk nobody fetches.
+        """
+        with self._claimable:
+            while not self._stopping and k >= self._head + self._window:
+                if self._returned and min(self._returned) < k:
+                    self._returned.append(k)
+                    self._claimable.notify_all()
+                    raise GaveWay
+                self._claimable.wait()
+            if self._stopping:
+                raise Stopped
 
     def _deliver(self, k: int, data: bytes | memoryview) -> None:
         """Copy the next bytes of chunk ``k`` into its place (only this worker writes it, only
@@ -227,7 +283,7 @@ class ChunkRing:
     def _hand_back(self, k: int) -> None:
         with self._readable:
             self._returned.append(k)
-            self._claimable.notify()
+            self._claimable.notify_all()  # a claim, or an _await_place that must give way
 
     def _notice(self, attempt: int, error: str, offset: int) -> None:
         with self._readable:
