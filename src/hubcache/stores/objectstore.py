@@ -648,7 +648,9 @@ class ObjectStore(Store):
         waiting for the lease to be judged dead (up to :data:`MAX_LEASE_TTL` for a lease that
         claims a long TTL). For a host with another place to put the model (a tier chain's local
         tier): a lease planted in the bucket then costs it ``patience`` seconds, not minutes.
-        ``None``: as :meth:`lock`."""
+        A lease this host has seen change is a live holder's, and a silence of up to this host's
+        own lease TTL is waited out (a heartbeat can be late when the bucket or the holder is
+        busy). ``None``: as :meth:`lock`."""
         with self._io(f"taking the download lease in {self.root}"):
             lease = self._acquire(key, on_wait, patience)
         if lease is not None:
@@ -734,6 +736,7 @@ class ObjectStore(Store):
         judged: list[str] = []  # the descriptor version last judged not to be a commit
         seen: bytes | None = None
         seen_at = time.monotonic()
+        beating = False  # the lease was seen to change while this host waited
         state: LeaseState | None = None
         read_at = -math.inf
         waited = False
@@ -756,10 +759,17 @@ class ObjectStore(Store):
                     waited = True
                     on_wait(state.owner)
                 if state.raw != seen:
+                    beating = beating or seen is not None
                     seen, seen_at = state.raw, now
                 ttl = state.judged_ttl(self.lease_ttl)
                 silent = now - seen_at
-                if patience is not None and silent > patience and not state.abandoned(self.lease_ttl):
+                # Patience is for a lease never seen to beat (planted, or its holder gone before
+                # this host came). A holder seen beating is alive, and a late heartbeat is a slow
+                # bucket or a busy host (measured: one rewrite took 8.5 s while its host
+                # uploaded 1 GiB to the emulator, and four hosts of a fleet downloaded too): it
+                # is waited for up to this host's own TTL, whatever TTL its lease claims.
+                limit = None if patience is None else patience if not beating else max(patience, self.lease_ttl)
+                if limit is not None and silent > limit and not state.abandoned(self.lease_ttl):
                     raise CacheError(f"the download lease of {self.entry_path(key)} is held by {state.owner}, "
                                      f"whose heartbeat stopped {silent:.0f} s ago",
                                      hint="it is taken over once its TTL has passed")
