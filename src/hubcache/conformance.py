@@ -1021,6 +1021,49 @@ class LeaseCases(ObjectStoreFixtures):
         assert m["lease_reads"] <= 3, m
         assert m["latency"] < 1.0
 
+    def test_a_waiter_reads_the_commit_once(self, backend: CacheBackend) -> None:
+        """A host waiting for the lease learns of the commit from its poll of the descriptor,
+        and the lookup right after takes that read: the committed descriptor is read once from
+        the commit to the entry in hand (it was three times: the poll's head, the whole
+        descriptor, the lookup's), so the copy of a waiting host starts sooner."""
+        import threading
+        import time
+        import uuid
+
+        holder = self.object_store(backend)
+        waiter = self.object_store(type(backend)(backend.config))
+        key = uuid.uuid4().hex + "0" * 8
+        descriptor = waiter.descriptor_path(key)
+        reads: list[float] = []
+        original = waiter.read_versioned
+
+        def counted(path: str, *args: Any, **kwargs: Any) -> Any:
+            found = original(path, *args, **kwargs)
+            if path == descriptor and found is not None:
+                reads.append(time.monotonic())
+            return found
+
+        waiter.read_versioned = counted  # type: ignore[method-assign]  # this instance's reads are counted
+        held = threading.Event()
+
+        def hold() -> None:
+            with holder.lock(key, lambda owner: None):
+                held.set()
+                time.sleep(1.0)
+                holder.create_object(descriptor, _committed_descriptor(key))
+
+        thread = threading.Thread(target=hold, daemon=True)
+        thread.start()
+        assert held.wait(30)
+        with waiter.lock(key, lambda owner: None):
+            assert key not in waiter._leases, "it waited, and found the commit"
+        found = waiter.lookup(key, f"https://example.invalid/{key}")
+        thread.join(30)
+        assert found is not None and found[0] == waiter.entry_path(key)
+        assert len(reads) == 1, f"the committed descriptor was read {len(reads)} times"
+        # The next lookup reads it again: what a wait read serves one lookup, it is no cache.
+        assert waiter.lookup(key, f"https://example.invalid/{key}") is not None and len(reads) == 2
+
     def test_a_fleet_takes_a_dead_lease_over_with_few_rewrites(self, backend: CacheBackend) -> None:
         """Sixteen waiters (threads standing for hosts: only the requests they send matter here,
         and each has a store of its own) find the same dead lease at the same moment: one takes

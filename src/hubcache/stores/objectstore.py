@@ -152,6 +152,9 @@ UPLOAD_BUFFER = 64 << 20
 #: The most bytes read of a manifest from a store (a bucket others can write): a larger one is a
 #: damaged entry. 64 MiB holds several hundred thousand file records.
 MAX_MANIFEST_BYTES = 64 << 20
+#: Seconds a commit read by a waiter stands for the lookup that follows its wait (that lookup
+#: comes at once; a later one reads the descriptor again).
+SEEN_COMMIT_FRESH = 1.0
 #: The most bytes read of a lease or a descriptor (a few hundred bytes when hubcache writes them;
 #: a larger lease reads as unreadable, i.e. long dead).
 MAX_SMALL_OBJECT = 64 << 10
@@ -226,6 +229,18 @@ class _Descriptor:
     legacy: tuple[bytes, str] | None = None
 
 
+def _whole_descriptor(raw: bytes, version: str) -> _Descriptor:
+    """A descriptor read whole (at most ``MAX_MANIFEST_BYTES + 1`` bytes), and the manifest at
+    its end, checked (see :meth:`ObjectStore._read_entry`)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        return _Descriptor(raw=raw[:MAX_SMALL_OBJECT], version=version,
+                           problem=f"the descriptor is larger than {MAX_MANIFEST_BYTES} bytes")
+    embedded = layout.descriptor_manifest(raw)
+    if embedded is not None:
+        return _Descriptor(*_parse_manifest(embedded), raw=raw, version=version)
+    return _Descriptor(raw=raw, version=version)
+
+
 def _parse_manifest(raw: bytes) -> tuple[Manifest | None, str | None]:
     """``(manifest, None)`` for a readable, safe manifest, else ``(None, why)``."""
     try:
@@ -283,6 +298,8 @@ class ObjectStore(Store):
         self.batch_bytes = int(batch_bytes)
         self.batch_files = int(batch_files)
         self._leases: dict[str, _Lease] = {}  # leases this process holds, by key
+        # key -> (when, what): a commit a wait for the lease read, for the lookup right after
+        self._seen_commits: dict[str, tuple[float, _Descriptor]] = {}
 
     # -- the primitives a store for another service may override ------------------------------
 
@@ -548,14 +565,9 @@ class ObjectStore(Store):
         if found is None:
             return _Descriptor()
         raw, version = found
-        if len(raw) > MAX_MANIFEST_BYTES:
-            return _Descriptor(raw=raw[:MAX_SMALL_OBJECT], version=version,
-                               problem=f"the descriptor is larger than {MAX_MANIFEST_BYTES} bytes")
-        embedded = layout.descriptor_manifest(raw)
-        if embedded is not None:
-            return _Descriptor(*_parse_manifest(embedded), raw=raw, version=version)
-        if not legacy:
-            return _Descriptor(raw=raw, version=version)
+        read = _whole_descriptor(raw, version)
+        if read.problem is not None or read.manifest is not None or not legacy:
+            return read
         old = self.read_versioned(self.legacy_manifest_path(key), MAX_MANIFEST_BYTES)
         if old is None:
             return _Descriptor(raw=raw, version=version)
@@ -566,7 +578,11 @@ class ObjectStore(Store):
 
     def lookup(self, key: str, handle: str) -> tuple[str, Manifest] | None:
         with self._io(f"reading the cache at {self.root}"):
-            found = self._read_entry(key)
+            seen = self._seen_commits.pop(key, None)
+            if seen is not None and time.monotonic() - seen[0] < SEEN_COMMIT_FRESH:
+                found = seen[1]  # the commit a wait for the lease just read
+            else:
+                found = self._read_entry(key)
             if found.manifest is None:
                 if found.problem is None and layout.written_by_tensorflow_hub(found.raw):
                     return self._adopt(key, handle, found)
@@ -798,7 +814,12 @@ class ObjectStore(Store):
         found = self.read_versioned(self.descriptor_path(key), MAX_SMALL_OBJECT)
         if found is None or layout.descriptor_manifest(found[0]) is None or found[1] in judged:
             return False
-        if self._read_entry(key, legacy=False).manifest is not None:
+        # A descriptor no longer than the cap was read whole (most are): no second read.
+        read = _whole_descriptor(*found) if len(found[0]) <= MAX_SMALL_OBJECT else self._read_entry(key, legacy=False)
+        if read.manifest is not None:
+            # The caller's lookup comes next and takes this read instead of making its own: a
+            # waiting host starts its copy a round trip or two sooner after the commit.
+            self._seen_commits[key] = (time.monotonic(), read)
             return True
         judged[:] = [found[1]]
         return False
