@@ -202,3 +202,31 @@ def test_a_scheme_whose_package_is_missing_says_what_to_install():
     with pytest.raises(MissingDependencyError, match="smb://") as info:
         hubcache.resolve("smb://host/share/m.tar.gz")
     assert isinstance(info.value, ImportError) and info.value.hint
+
+
+def test_bytes_collected_before_a_reset_count_and_the_resume_starts_after_them(origin, monkeypatch):
+    """A slow answer's read collects what arrives for up to PARTIAL_AFTER; when the connection is
+    reset in the middle of that, the bytes already collected are handed out (they count), the
+    error is raised by the next read, and the retry resumes after them, not from the start of
+    the read (``HttpSource._receive``'s deferred error)."""
+    from hubcache.download import fetch
+    from hubcache.download.fetch import open_source
+
+    # The reset comes 0.5 s after the first bytes, inside one read's collection window (made 2 s
+    # here, so a loaded machine's late reader still gets those bytes before the RST discards them).
+    monkeypatch.setattr(fetch, "PARTIAL_AFTER", 2.0)
+    body = os.urandom(200_000)
+    url = origin.add("/reset.bin", body)
+    origin.fail("/reset.bin", ("reset", 40_000, 0.5))  # 40,000 bytes at once (a slow first read), then an RST
+    source = open_source(url)
+    try:
+        first = source.read(256 << 10)
+        rest = b""
+        while data := source.read(256 << 10):
+            rest += data
+    finally:
+        source.close()
+    assert first == body[:40_000], "the bytes received before the reset were handed out"
+    assert first + rest == body
+    ranges = [r.headers.get("Range") for r in origin.requests]
+    assert ranges == [None, "bytes=40000-"], ranges

@@ -252,7 +252,8 @@ class Route:
     #: a tfhub.dev-style model: {"compressed": redirect target, "uncompressed": 303 body}
     tfhub: dict[str, str] | None = None
     #: failures to inject, consumed in order, one per request: ("status", code),
-    #: ("cut", after_bytes) (clean close), ("reset", after_bytes) (TCP RST),
+    #: ("cut", after_bytes) (clean close), ("reset", after_bytes[, pause]) (TCP RST, ``pause``
+    #: seconds after those bytes: 0.05 by default),
     #: ("stall", after_bytes, seconds), ("delay", seconds): answer normally,
     #: but only after ``seconds`` (keeps a download in flight, e.g. to race other processes);
     #: for resumes: ("change", new_body): the object is replaced (a new ETag and Last-Modified),
@@ -598,7 +599,8 @@ def _make_handler(origin: OriginServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body[: fault[1]])
                 self.wfile.flush()
                 record.sent = len(body[: fault[1]])
-                time.sleep(0.05)  # let the bytes leave: an RST discards what is still queued
+                # Let the bytes leave, and the client read them: an RST discards what is queued.
+                time.sleep(fault[2] if len(fault) > 2 else 0.05)
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.close_connection = True
                 self.connection.close()
