@@ -27,7 +27,8 @@ connection, an anonymous mapping). A chunk's place is filled only while the chun
 the reader's chunk plus the places: the bytes held, received but not yet read, are at most
 ``places x chunk_size`` however slowly the reader reads (the chunks shrink so that is never more
 than :data:`HTTP_BUFFER`, 64 MiB: 8 connections use 4 MiB chunks), and reads copy them out of
-the ring (a cold 1 GiB resolve peaked at 120-132 MiB of RSS, one stream at 36).
+the ring (a cold 1 GiB resolve peaked at 110-137 MiB of RSS at 8 and 16 connections, one
+stream at 34-45).
 
 A round trip ahead. Each request waits a round trip (and the origin's time to answer) for its
 first byte. So that a connection does not spend that wait idle once per chunk, a worker asks

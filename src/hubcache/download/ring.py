@@ -3,9 +3,12 @@
 The machinery every parallel download shares (http(s) ranges in ``download/parallel.py``, object
 store ranges in ``download/objectread.py``): worker threads claim chunk numbers in order and
 copy what they receive into their chunk's place in one ring allocated once (``places x
-chunk_size``, an anonymous mapping); the reading thread copies the bytes out in order. A worker
-may claim chunk ``k`` only while ``k`` is less than the reader's chunk plus ``window``: the bytes
-held, received but not yet read, are bounded however slowly the reader reads.
+chunk_size``, an anonymous mapping); the reading thread copies the bytes out in order. Chunk
+``k``'s place is filled only while ``k`` is less than the reader's chunk plus ``window`` (the
+places): the bytes held, received but not yet read, are bounded however slowly the reader reads.
+A worker may claim its next chunk early, while it still receives its current one
+(:meth:`ChunkRing._claim_early`, so its request can go out a round trip ahead); that chunk's
+bytes still wait for its place (:meth:`ChunkRing._await_place`).
 
 Why a ring and not the bytes objects the workers receive: held until read, those would live in
 each worker thread's malloc arena, and freed space in one arena is not reused by another (a
