@@ -685,3 +685,33 @@ def test_requests_made_early_do_not_make_more_flows_than_connections(origin, mon
                                         rate=rate, latency=0.1)
     assert seconds >= 0.9 * chunks * chunk / (n * rate)
     assert len(ranged) == chunks - 1  # chunk 0 is the first answer's
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a hang: every worker gone, the chunk unfetched
+def test_a_chunk_requested_early_and_refused_is_handed_to_another_connection(origin):
+    """The early request of a chunk is refused twice (429 then 503) while its worker still
+    receives its current chunk: the worker hands that chunk back once its current one is done and
+    leaves, another connection fetches it, and the bytes are the object's (the early request's
+    errors are raised on its worker's thread, as its own request's are)."""
+    n, chunk, chunks = 3, 2 << 20, 10
+    body = os.urandom(chunks * chunk)
+    url = origin.add("/far.bin", body)
+    origin.network("/far.bin", 8e6, 0.1)
+    refused = 7 * chunk  # past the first round: requested early
+    origin.fail_range("/far.bin", refused, ("status", 429), ("status", 503))
+    notices = []
+    source = _open(url, connections=n, chunk_size=chunk,
+                   on_retry=lambda attempt, error, offset: notices.append((error, offset)))
+    try:
+        data = _read_all(source)
+    finally:
+        source.close()
+    assert data == body
+    asked = f"bytes={refused}-{refused + chunk - 1}"
+    requests = [r for r in origin.requests if r.headers.get("Range") == asked]
+    assert [r.status for r in requests] == [429, 503, 206]
+    # Its first request went out while the other connections' answers still flowed: early.
+    assert sum(1 for r in origin.requests
+               if r.headers.get("Range") and r.arrived < requests[0].arrived < r.finished) >= n - 1
+    assert any(error.endswith("going on with one connection fewer") and offset == refused
+               for error, offset in notices), notices

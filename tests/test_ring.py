@@ -83,3 +83,38 @@ def test_early_claims_stop_a_window_past_the_window():
 def test_workers_are_at_most_the_places(workers, places):
     ring = _Ring(chunks=10, window=places, workers=workers)
     assert ring._places == places and len(ring._threads) == min(places, workers or places)
+
+
+def _claim_in_thread(ring):
+    got = []
+    thread = threading.Thread(target=lambda: got.append(ring._claim()), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_with_every_chunk_claimed_an_idle_worker_stays_for_one_handed_back():
+    """A worker with nothing left to claim does not leave while a chunk is still being fetched:
+    that chunk may yet be handed back (its worker refused by the origin), and then needs a
+    worker. Before, the idle workers left, the refused one handed its chunk back and left too,
+    and the reader waited for ever (seen with a chunk whose early request was refused)."""
+    ring = _Ring(chunks=3, window=3, workers=2)
+    assert [ring._claim() for _ in range(3)] == [0, 1, 2]
+    ring._done(0), ring._done(1)
+    thread, got = _claim_in_thread(ring)
+    thread.join(0.2)
+    assert thread.is_alive() and not got, "left while chunk 2 could still come back"
+    ring._hand_back(2)
+    thread.join(2.0)
+    assert got == [2]
+
+
+def test_an_idle_worker_leaves_once_every_chunk_is_fetched():
+    ring = _Ring(chunks=2, window=2, workers=2)
+    assert [ring._claim() for _ in range(2)] == [0, 1]
+    ring._done(0)
+    thread, got = _claim_in_thread(ring)
+    thread.join(0.2)
+    assert thread.is_alive()
+    ring._done(1)
+    thread.join(2.0)
+    assert got == [None]

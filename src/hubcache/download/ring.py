@@ -126,6 +126,7 @@ class ChunkRing:
         self._ring = mmap.mmap(-1, places * chunk_size)  # pages are touched as used
         self._view = memoryview(self._ring)
         self._claimed = first  # the next chunk to claim
+        self._undone = 0  # chunks claimed and not yet fetched whole (handed back ones included)
         self._returned: list[int] = []  # chunks handed back by leaving workers, to take first
         self._workers = workers  # workers still working
         self._head = 0  # the chunk the reader is in
@@ -197,8 +198,11 @@ class ChunkRing:
 
     def _claim(self) -> int | None:
         with self._claimable:
-            while not self._stopping and not self._returned and self._claimed < self._count and \
-                    self._claimed >= self._head + self._window:
+            # With every chunk claimed, a worker stays until every one is fetched: one refused
+            # mid-way may still be handed back, and must find a worker to take it.
+            while not self._stopping and not self._returned and (
+                    self._undone > 0 if self._claimed >= self._count
+                    else self._claimed >= self._head + self._window):
                 self._claimable.wait()
             if self._stopping:
                 return None
@@ -209,6 +213,7 @@ class ChunkRing:
                 return None
             k = self._claimed
             self._claimed += 1
+            self._undone += 1
             self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
             return k
 
@@ -228,6 +233,7 @@ class ChunkRing:
                 return None
             k = self._claimed
             self._claimed += 1
+            self._undone += 1
             self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
             return k
 
@@ -272,8 +278,11 @@ class ChunkRing:
     def _done(self, k: int) -> None:
         with self._readable:
             self._slots[k].done = True
+            self._undone -= 1
             if k == self._head:
                 self._readable.notify()
+            if not self._undone:
+                self._claimable.notify_all()  # workers staying for a chunk handed back may go
 
     def _may_retire(self) -> bool:
         """Whether a refused worker may leave (another one is left): it counts as gone if so."""
