@@ -195,7 +195,9 @@ def test_fleet_runs_end_to_end(tmp_path):
         assert host["bucket_file_bytes"] == result["settings"]["model_bytes"]
         assert host["upload_bytes"] < 4096, "a lease attempt at most, no entry files"
         assert host["first_read_after_commit"] is not None
-        assert 0 <= host["first_read_after_commit"] < 30
+        # The commit's time is the downloader's event, sent once the descriptor's create has
+        # returned: a waiter polling then may read the entry a moment before it.
+        assert -1.0 <= host["first_read_after_commit"] < 30
     assert 0 < fleet["wall"] < 60 and result["wall_over_alone"] > 0
     assert [c["met"] for c in result["checks"]][:3] == [True, True, True]
     assert "| one host alone |" in (out / "results-fleet.md").read_text()

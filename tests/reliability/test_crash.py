@@ -159,7 +159,7 @@ def test_sigkill_never_commits_a_partial_entry(point, served, cache_root, figure
         assert in_temp >= int(point.split("-")[1]) and left, "the kill point was not reached"
 
     # The next resolve: no lock wait (the kernel released the dead holder's lock), no timeout.
-    requests_before = origin.count(path)
+    requests_before = len(origin.requests)
     with EventLog() as log:
         began = time.perf_counter()
         resolved = hubcache.resolve(url)
@@ -170,7 +170,10 @@ def test_sigkill_never_commits_a_partial_entry(point, served, cache_root, figure
     assert leftovers(cache_root) == [], "the later resolve left the dead writer's temp files"
     # The dead holder's lock file is gone too (taken over, or dropped by the hit): tensorflow_hub's listing.
     assert sorted(os.listdir(cache_root)) == [key, f"{key}.descriptor.txt"]
-    downloaded = origin.count(path) - requests_before
+    # Downloads are the plain GETs: a parallel download's range requests are part of one (on a
+    # loaded machine loopback can be slow enough for the probe to go parallel).
+    downloaded = sum(1 for r in origin.requests[requests_before:]
+                     if r.path == path and "Range" not in r.headers)
     assert downloaded == (0 if point == "manifest-written" else 1)
     assert recovery < 10.0
 
