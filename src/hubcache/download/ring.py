@@ -204,18 +204,7 @@ class ChunkRing:
                     self._undone > 0 if self._claimed >= self._count
                     else self._claimed >= self._head + self._window):
                 self._claimable.wait()
-            if self._stopping:
-                return None
-            if self._returned:  # the oldest first: the reader may be waiting for it
-                self._returned.sort()
-                return self._returned.pop(0)
-            if self._claimed >= self._count:
-                return None
-            k = self._claimed
-            self._claimed += 1
-            self._undone += 1
-            self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
-            return k
+            return self._next_claim(self._count)
 
     def _claim_early(self) -> int | None:
         """Claim a worker's next chunk while it still receives its current one, so the request
@@ -224,18 +213,23 @@ class ChunkRing:
         place is not filled before :meth:`_await_place` says it is free, so the bytes held stay
         bounded as before."""
         with self._claimable:
-            if self._stopping:
-                return None
-            if self._returned:
-                self._returned.sort()
-                return self._returned.pop(0)
-            if self._claimed >= self._count or self._claimed >= self._head + 2 * self._window:
-                return None
-            k = self._claimed
-            self._claimed += 1
-            self._undone += 1
-            self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
-            return k
+            return self._next_claim(min(self._count, self._head + 2 * self._window))
+
+    def _next_claim(self, below: int) -> int | None:
+        """(The lock held.) A chunk handed back, the oldest first (the reader may be waiting for
+        it), else the next unclaimed chunk if it is below ``below``; ``None`` when stopping."""
+        if self._stopping:
+            return None
+        if self._returned:
+            self._returned.sort()
+            return self._returned.pop(0)
+        if self._claimed >= below:
+            return None
+        k = self._claimed
+        self._claimed += 1
+        self._undone += 1
+        self._slots[k] = _Slot((k - self._first) % self._places * self.chunk_size)
+        return k
 
     def _await_place(self, k: int) -> None:
         """Wait until chunk ``k``'s place may be filled (``k`` is less than the reader's chunk
