@@ -1007,17 +1007,18 @@ class LeaseCases(ObjectStoreFixtures):
         assert 2 <= len(rewrites) <= 4 and all(g >= 0.9 for g in gaps), rewrites
 
     def test_waiter_request_rate_and_commit_latency(self, backend: CacheBackend, tmp_path: pathlib.Path) -> None:
-        """A waiter (even with a tiny TTL of its own) polls a live lease's entry at about three
-        descriptor reads a second (backoff with jitter, capped at 0.5 s) and reads the lease a
-        few times per TTL of the holder; it notices the commit within a second (half a second
-        and one read, unloaded)."""
+        """A waiter (even with a tiny TTL of its own) polls a live lease's entry at about five
+        descriptor reads a second (backoff with jitter, capped at 0.25 s from the start of one read
+        to the next) and reads the lease a few times per TTL of the holder; it notices the commit
+        within a second (a quarter of a second and one read, unloaded)."""
         self.object_store(backend)
         m = waiter_request_rate(backend, str(tmp_path))
         print(f"\n{type(backend).name}: a waiter made {m['manifest_rate']:.2f} manifest reads/s over "
               f"{m['window']:g} s ({m['steady_rate']:.2f}/s after the first 2 s) and {m['lease_reads']} lease "
               f"reads; it noticed the commit after {m['latency']:.2f} s")
-        # Sleeps are drawn from [0.25, 0.5] s (mean 0.375 s: 2.7 reads/s); 4/s is the most possible.
-        assert m["manifest_rate"] <= 4.4 and m["steady_rate"] <= 3.6, m
+        # Steps are drawn from [0.125, 0.25] s (mean 0.1875 s: 5.3 reads/s); 8/s is the most
+        # possible. The first 2 s of backoff (steps from 0.1 s) add about one read.
+        assert m["manifest_rate"] <= 6.2 and m["steady_rate"] <= 6.0, m
         assert m["lease_reads"] <= 3, m
         assert m["latency"] < 1.0
 
@@ -1063,6 +1064,58 @@ class LeaseCases(ObjectStoreFixtures):
         assert len(reads) == 1, f"the committed descriptor was read {len(reads)} times"
         # The next lookup reads it again: what a wait read serves one lookup, it is no cache.
         assert waiter.lookup(key, f"https://example.invalid/{key}") is not None and len(reads) == 2
+
+    def test_a_slow_poll_is_not_followed_by_a_full_step(self, backend: CacheBackend) -> None:
+        """A waiter's steps run from the start of one descriptor read to the start of the next:
+        when the bucket answers slowly (each read here is made to take 0.4 s, longer than a
+        step: an emulator cannot be made slow on demand, so the store's read is wrapped), the
+        next read follows at once instead of a step after the slow one's end, so the commit is
+        noticed within about one read."""
+        import threading
+        import time
+        import uuid
+
+        holder = self.object_store(backend)
+        waiter = self.object_store(type(backend)(backend.config))
+        key = uuid.uuid4().hex + "0" * 8
+        descriptor = waiter.descriptor_path(key)
+        reads: list[tuple[float, float]] = []
+        original = waiter.read_versioned
+
+        def slow(path: str, *args: Any, **kwargs: Any) -> Any:
+            if path != descriptor:
+                return original(path, *args, **kwargs)
+            started = time.monotonic()
+            time.sleep(0.4)
+            found = original(path, *args, **kwargs)
+            reads.append((started, time.monotonic()))
+            return found
+
+        waiter.read_versioned = slow  # type: ignore[method-assign]  # this instance's reads are slowed
+        held = threading.Event()
+        committed: list[float] = []
+
+        def hold() -> None:
+            with holder.lock(key, lambda owner: None):
+                held.set()
+                time.sleep(3.0)
+                holder.create_object(descriptor, _committed_descriptor(key))
+                committed.append(time.monotonic())
+
+        thread = threading.Thread(target=hold, daemon=True)
+        thread.start()
+        assert held.wait(30)
+        with waiter.lock(key, lambda owner: None):
+            noticed = time.monotonic()
+            assert key not in waiter._leases, "it waited, and found the commit"
+        thread.join(30)
+        # Between one read's end and the next one's start, only the lease reads (a few per TTL)
+        # and the loop itself: not a sleep of 0.125-0.25 s.
+        gaps = sorted(b[0] - a[1] for a, b in zip(reads, reads[1:]))
+        print(f"\n{type(backend).name}: {len(reads)} reads of 0.4 s; gaps between them {[round(g, 3) for g in gaps]}; "
+              f"noticed the commit {noticed - committed[0]:.2f} s after it")
+        assert len(gaps) >= 5 and gaps[len(gaps) // 2] < 0.06, gaps
+        assert noticed - committed[0] < 2 * 0.4 + 0.3
 
     def test_a_fleet_takes_a_dead_lease_over_with_few_rewrites(self, backend: CacheBackend) -> None:
         """Sixteen waiters (threads standing for hosts: only the requests they send matter here,

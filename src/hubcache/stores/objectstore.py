@@ -54,7 +54,8 @@ lease cannot hold waiters off for ever.
 
 **Rates.** A heartbeat rewrites the lease at most once per :data:`MIN_HEARTBEAT` second (GCS allows
 about one update per second to one object name). Waiters read the descriptor with exponential
-backoff and jitter up to :data:`MAX_POLL` (0.5 s) and the lease about four times per judged TTL.
+backoff and jitter up to :data:`MAX_POLL` (0.25 s, counted from the start of one read to the start of
+the next) and the lease about four times per judged TTL.
 Waiters that saw a lease die pause at random (up to :data:`TAKEOVER_SPREAD`) and read it again
 before rewriting it, so a fleet sends a few takeover attempts, not one per host.
 
@@ -140,11 +141,15 @@ MAX_LEASE_TTL = 600.0
 #: of its TTL) before taking it over, so a fleet sends a few takeover rewrites, not one each.
 TAKEOVER_SPREAD = 5.0
 #: Waiters poll for the commit (the descriptor) with exponential backoff up to this many seconds
-#: (each sleep drawn uniformly from the upper half of the current step, so a fleet does not poll
-#: in step): a waiting host starts copying within half a second of the commit (a fleet's copies
-#: within 1 s of it), at about 2.7 reads/s of one small object; 256 waiting hosts send about 700
-#: reads/s, well within a bucket's read rate (about 5,000/s before it scales up).
-MAX_POLL = 0.5
+#: between the starts of two reads (each step drawn uniformly from the upper half of the current
+#: one, so a fleet does not poll in step): a waiting host notices the commit within a quarter of a
+#: second and one read, at about 5.3 reads/s of one small object; 256 waiting hosts send about
+#: 1,400 reads/s, within a new bucket's read rate (about 5,000/s before it scales up), and an hour
+#: of waiting costs a host about 19,000 reads. (At 0.5 s, the sleep after the last read before the
+#: commit was most of a fleet's 0.3-0.7 s from the commit to its copies: measured, every waiter's
+#: read had queued 3.2 s behind the holder's last uploads and returned just before the commit.)
+#: Counted start to start, so a slow read is not followed by a full step more.
+MAX_POLL = 0.25
 #: The most bytes of small files a writer holds in memory for pending uploads (larger files are
 #: spooled to a temp file): at most this / (batch_bytes + small_file) uploads are pending, and
 #: never more than two per worker (``HUBCACHE_CONNECTIONS`` workers for the built-in backends).
@@ -757,6 +762,7 @@ class ObjectStore(Store):
         read_at = -math.inf
         waited = False
         while True:
+            polled = time.monotonic()
             if self._committed(key, judged):
                 return None  # committed by the holder: the caller's lookup finds it
             now = time.monotonic()
@@ -800,7 +806,9 @@ class ObjectStore(Store):
                 raise CacheError(f"another process has held the download lease for over "
                                  f"{self.lock_timeout:.0f} s ({state.owner if state else 'unknown'})",
                                  hint="raise HUBCACHE_LOCK_TIMEOUT or try again later")
-            time.sleep(random.uniform(step / 2, step))
+            # The step runs from this poll's start: a slow read (a busy bucket) is not followed
+            # by a full step more before the next.
+            time.sleep(max(0.0, polled + random.uniform(step / 2, step) - time.monotonic()))
             step = min(MAX_POLL, step * 2)
 
     def _committed(self, key: str, judged: list[str]) -> bool:
