@@ -6,8 +6,13 @@ time of the first one, per object, and uploaded bytes. It forwards each request 
 unchanged (``Location`` headers of resumable uploads are rewritten to come back through the same
 port) and streams answers back in 1 MiB pieces.
 
-Run as ``gcs_proxy.py UPSTREAM_URL HOSTS``: prints one JSON line ``{"ports": [...]}`` and serves
-until killed. ``GET /__bench__/stats`` (on any port) answers every counter as JSON;
+With ``--latency SECONDS`` and ``--rate BYTES_PER_SECOND`` it also shapes object reads as a far
+bucket would: each media answer's head waits ``latency``, and its body is sent at ``rate`` per
+connection; each such read is then recorded (object, ``Range``, arrival and end times) in
+``media``.
+
+Run as ``gcs_proxy.py UPSTREAM_URL HOSTS [--latency S] [--rate B]``: prints one JSON line
+``{"ports": [...]}`` and serves until killed. ``GET /__bench__/stats`` (on any port) answers every counter as JSON;
 ``POST /__bench__/reset`` clears them. Times are ``time.monotonic()``, which on Linux is one
 clock for every process of the machine, so they compare with the hosts' own.
 """
@@ -37,7 +42,13 @@ class Counters:
 
     def reset(self) -> None:
         with self.lock:
-            self.data = [{"requests": 0, "upload_bytes": 0, "reads": {}} for _ in range(self.hosts)]
+            self.data = [{"requests": 0, "upload_bytes": 0, "reads": {}, "media": []} for _ in range(self.hosts)]
+
+    def media(self, host: int, name: str, asked: str | None, arrived: float, finished: float) -> None:
+        """One shaped object read: its ``Range`` header, when it arrived and when its answer ended."""
+        with self.lock:
+            self.data[host]["media"].append({"object": name, "range": asked, "arrived": arrived,
+                                             "finished": finished})
 
     def request(self, host: int, upload: int) -> None:
         with self.lock:
@@ -60,8 +71,10 @@ class Counters:
             return json.loads(json.dumps(self.data))
 
 
-def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPRequestHandler]:
+def _handler(upstream: str, host: int, counters: Counters, latency: float = 0.0,
+             rate: float = 0.0) -> type[BaseHTTPRequestHandler]:
     up = urlsplit(upstream)
+    shaped = latency > 0 or rate > 0
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -123,6 +136,8 @@ def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPReque
             url = urlsplit(self.path)
             counters.request(host, len(data) if url.path.startswith("/upload/") else 0)
             media = self.command == "GET" and "media" in parse_qs(url.query).get("alt", [])
+            if media and latency > 0:
+                time.sleep(max(0.0, started + latency - time.monotonic()))
             self.send_response(resp.status, resp.reason)
             length = resp.getheader("Content-Length")
             for key, value in resp.getheaders():
@@ -146,7 +161,10 @@ def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPReque
                     self.conn.close()
                     self.conn = None
             if media and 200 <= resp.status < 300:
-                counters.read(host, unquote(url.path.split("/o/", 1)[-1]), started, sent, aborted)
+                name = unquote(url.path.split("/o/", 1)[-1])
+                counters.read(host, name, started, sent, aborted)
+                if shaped:
+                    counters.media(host, name, self.headers.get("Range"), started, time.monotonic())
 
         def relay(self, resp: http.client.HTTPResponse, length: str | None) -> int:
             """Send the answer's body; return its bytes (on a hang-up, the error carries ``sent``)."""
@@ -160,10 +178,13 @@ def _handler(upstream: str, host: int, counters: Counters) -> type[BaseHTTPReque
             else:
                 self.send_header("Content-Length", length)
                 self.end_headers()
+                began = time.monotonic()
                 try:
-                    while piece := resp.read(PIECE):
+                    while piece := resp.read(PIECE if rate <= 0 else 64 << 10):
                         self.wfile.write(piece)
                         sent += len(piece)
+                        if rate > 0:  # paced: this connection's bytes so far at ``rate``
+                            time.sleep(max(0.0, began + sent / rate - time.monotonic()))
                 except (BrokenPipeError, ConnectionResetError) as error:
                     error.sent = sent  # type: ignore[attr-defined]
                     raise
@@ -181,11 +202,18 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 def main() -> None:
-    upstream, hosts = sys.argv[1], int(sys.argv[2])
-    counters = Counters(hosts)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("upstream")
+    parser.add_argument("hosts", type=int)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each object read's answer")
+    parser.add_argument("--rate", type=float, default=0.0, help="bytes/s of each object read's answer")
+    args = parser.parse_args()
+    counters = Counters(args.hosts)
     servers = []
-    for host in range(hosts):
-        server = _QuietServer(("127.0.0.1", 0), _handler(upstream, host, counters))
+    for host in range(args.hosts):
+        server = _QuietServer(("127.0.0.1", 0), _handler(args.upstream, host, counters, args.latency, args.rate))
         server.daemon_threads = True
         server.request_queue_size = 64
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -70,9 +70,9 @@ def test_large_object_is_read_in_parallel_ranges_of_one_generation_in_order(made
     assert hashlib.sha256(data).digest() == hashlib.sha256(body).digest()
     assert len(made) == 1
     ranges = made[0]
-    # The ring held at most one chunk per connection, and every chunk was one ranged GET that
-    # named the generation.
-    assert 0 < ranges.peak_buffered <= CONNECTIONS * CHUNK
+    # The ring held at most two chunks per connection (its current one, and the next one it
+    # requested early), and every chunk was one ranged GET that named the generation.
+    assert ranges._places == 2 * CONNECTIONS and 0 < ranges.peak_buffered <= 2 * CONNECTIONS * CHUNK
     lines = _media_lines(key, since)
     assert len(lines) == -(-len(body) // CHUNK)
     assert all(b"generation=" in line for line in lines)
@@ -182,3 +182,100 @@ def test_the_gcs_store_uploads_over_the_configured_connections_in_bounded_memory
         assert pending * (store.batch_bytes + store.small_file) <= UPLOAD_BUFFER
     finally:
         writer.abort()
+
+
+# -- the next request goes out a round trip early ---------------------------------------------------
+
+
+@pytest.fixture
+def far_bucket():
+    """A gcsfs client whose requests pass ``benchmarks/gcs_proxy.py`` shaped as a far bucket: each
+    object read answered 0.15 s late, at 8 MB/s per connection; yields ``(fs, reads)``, where
+    ``reads(count)`` lists the shaped reads (once there are ``count``) (``range``, ``arrived``, ``finished``) in arrival order."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    import gcsfs
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proxy = subprocess.Popen([sys.executable, os.path.join(here, os.pardir, "benchmarks", "gcs_proxy.py"),
+                              gcs_emulator.emulator_url(), "1", "--latency", "0.15", "--rate", "8e6"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(proxy.stdout.readline())["ports"][0]
+        endpoint = f"http://127.0.0.1:{port}"
+
+        def reads(count: int) -> list[dict]:
+            # The proxy records a read once its last byte is sent: the client may have it first.
+            deadline = time.monotonic() + 10
+            while True:
+                with urllib.request.urlopen(f"{endpoint}/__bench__/stats", timeout=30) as answer:
+                    media = sorted(json.load(answer)[0]["media"], key=lambda r: r["arrived"])
+                if len(media) >= count or time.monotonic() > deadline:
+                    return media
+                time.sleep(0.05)
+
+        fs = gcsfs.GCSFileSystem(endpoint_url=endpoint, token="anon", use_listings_cache=False, skip_instance_cache=True)
+        yield fs, reads
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
+def _flowing(reads: list[dict], read: dict) -> int:
+    """The other answers being sent when ``read`` arrived."""
+    return sum(1 for r in reads if r is not read and r["arrived"] < read["arrived"] < r["finished"])
+
+
+def test_a_worker_requests_its_next_range_before_its_current_one_ends(far_bucket, made):
+    """Each ranged read waits a round trip for its first byte; a worker that asked only once its
+    chunk ended left its connection idle that long per chunk. The next request goes out while the
+    current answer still flows, so the bucket sees the later requests arrive while every
+    connection's answer is still being sent, and the read takes little more than its bytes at
+    the connections' rate."""
+    fs, reads = far_bucket
+    n, chunk, chunks = 2, 2 << 20, 10
+    url = f"{fresh_root()}/far.bin"
+    body = os.urandom(chunks * chunk)
+    gcs().pipe_file(url[5:], body)
+    began = time.monotonic()
+    data = _read_all(objectread.open_pinned(fs, url[5:], url, connections=n, chunk_size=chunk))
+    seconds = time.monotonic() - began
+    assert data == body and len(made) == 1 and made[0].chunk_size == chunk
+    ranged = [r for r in reads(chunks) if r["range"]]
+    assert len(ranged) == chunks
+    later = ranged[n:]  # the first round's requests go out at once
+    early = [r for r in later if _flowing(ranged, r) >= n]
+    assert len(early) >= len(later) - 2, [(round(r["arrived"], 3), _flowing(ranged, r)) for r in later]
+    # One round trip per chunk would add (chunks / n) x 0.15 s = 0.75 s to the 1.31 s of bytes.
+    wire = chunks * chunk / (n * 8e6)
+    print(f"\nread {chunks} x {chunk >> 20} MiB over {n} connections in {seconds:.2f} s (bytes alone {wire:.2f} s)")
+    assert seconds >= 0.9 * wire  # never more flows than connections
+
+
+def test_a_copy_down_requests_its_next_range_before_its_current_one_ends(far_bucket):
+    """The same for a tier's copy of many objects (``download/objectfiles.py``): ranges of
+    several files, each next one requested while the current answers flow."""
+    from hubcache.download.objectfiles import ParallelFiles
+
+    fs, reads = far_bucket
+    n, chunk = 2, 1 << 20
+    root = fresh_root()
+    bodies = [os.urandom(size) for size in (3 * chunk + 5, 2 * chunk, chunk // 2, 3 * chunk)]
+    for i, body in enumerate(bodies):
+        gcs().pipe_file(f"{root[5:]}/f{i}", body)
+    assert objectread.opens_early(fs)
+    files = ParallelFiles([(f"f{i}", len(b)) for i, b in enumerate(bodies)],
+                          lambda rel: objectread.object_stream(fs, f"{root[5:]}/{rel}", f"{root}/{rel}"),
+                          chunk_size=chunk, connections=n, ahead=True)
+    try:
+        got = [b"".join(files.file(i)) for i in range(len(bodies))]
+    finally:
+        files.close()
+    assert got == bodies
+    ranged = [r for r in reads(10) if r["range"]]
+    assert len(ranged) == 10  # 4 + 2 + 1 + 3 ranges
+    later = ranged[n:]
+    early = [r for r in later if _flowing(ranged, r) >= 1]
+    assert len(early) >= len(later) - 2, [(r["range"], round(r["arrived"], 3), _flowing(ranged, r)) for r in later]

@@ -360,7 +360,7 @@ class _Source:
         if self.tree is not None or self.fs is None or connections <= 1 or not files:
             return
         from ..download.objectfiles import ParallelFiles
-        from ..download.objectread import object_chunk, object_stream
+        from ..download.objectread import object_chunk, object_stream, opens_early
 
         fs, root = self.fs, self.root.rstrip("/")
 
@@ -368,8 +368,9 @@ class _Source:
             url = f"{root}/{rel}"
             return object_stream(fs, fs._strip_protocol(url), url)
 
-        self.files = ParallelFiles(files, open_stream, chunk_size=object_chunk(chunk_size, connections),
-                                   connections=connections)
+        ahead = opens_early(fs)
+        self.files = ParallelFiles(files, open_stream, chunk_size=object_chunk(chunk_size, connections, ahead),
+                                   connections=connections, ahead=ahead)
         self._order = {rel: index for index, (rel, _) in enumerate(files)}
 
     def close(self) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
 
-from .objectread import CHUNK_RETRIES, Transient
-from .ring import ChunkRing, Stopped
+from .objectread import CHUNK_RETRIES, AheadRing, Transient, ahead_places
+from .ring import Stopped
 
 __all__ = ["ParallelFiles", "SizeMismatch"]
 
@@ -43,19 +43,23 @@ class SizeMismatch(OSError):
         self.path, self.count, self.more, self.size = path, count, more, size
 
 
-class ParallelFiles(ChunkRing):
+class ParallelFiles(AheadRing):
     """The files ``[(path, size)]`` read by ``connections`` worker threads in ranges of at most
     ``chunk_size`` bytes; :meth:`file` hands out one file's bytes, in the files' order.
 
     Args:
         files: ``(path, size)`` pairs in the order they will be read.
-        open_stream: ``open_stream(path)`` -> a :data:`FileStream` of that object.
+        open_stream: ``open_stream(path)`` -> a :data:`FileStream` of that object (an
+            :class:`~hubcache.download.objectread.OpeningStream`: each worker's next request is
+            sent early, and the ring has two places per worker).
         chunk_size: most bytes per ranged read (and per place of the ring).
         connections: worker threads.
+        ahead: whether ``open_stream`` gives :class:`~hubcache.download.objectread.OpeningStream`
+            objects (the ring's places: two per worker).
     """
 
     def __init__(self, files: Sequence[tuple[str, int]], open_stream: Callable[[str], FileStream], *,
-                 chunk_size: int, connections: int):
+                 chunk_size: int, connections: int, ahead: bool = False):
         self._files = list(files)
         self._open_stream = open_stream
         # Ranges: (file index, start, end, last of its file), never across files.
@@ -70,15 +74,22 @@ class ParallelFiles(ChunkRing):
                 start = end
         self._next_file = 0
         self._closed = False
-        self._ring_init(sum(size for _, size in self._files), chunk_size, connections, first=0,
-                        name="hubcache-copy", count=len(self._ranges))
+        self._ahead_init()
+        self._ring_init(sum(size for _, size in self._files), chunk_size, ahead_places(ahead) * connections,
+                        first=0, name="hubcache-copy", count=len(self._ranges), workers=connections)
         self._start_workers()
 
-    def _fetch(self, k: int) -> None:
+    def _range_of(self, k: int) -> tuple[FileStream, int, int]:
+        index, start, end, last = self._ranges[k]
+        # The last range asks for one byte more: an object longer than its record sends it.
+        return self._open_stream(self._files[index][0]), start + self._slots[k].received, end + 1 if last else end
+
+    def _fetch(self, k: int) -> int | None:
         index, start, end, last = self._ranges[k]
         path, size = self._files[index]
         slot = self._slots[k]
         failures = 0
+        next_claim: list[int | None] = []
 
         def sink(data: bytes | memoryview) -> None:
             if start + slot.received + len(data) > end:  # only a last range asks past the record
@@ -88,9 +99,8 @@ class ParallelFiles(ChunkRing):
         while True:
             if self._stop.is_set():
                 raise Stopped
-            # The last range asks for one byte more: an object longer than its record sends it.
             try:
-                self._open_stream(path)(start + slot.received, end + 1 if last else end, sink)
+                self._read_range(k, sink, next_claim)
             except Transient:
                 failures += 1
                 if not self._pause_before_retry(failures, CHUNK_RETRIES):
@@ -99,6 +109,7 @@ class ParallelFiles(ChunkRing):
             break
         if slot.received != end - start:  # the object ended early
             raise SizeMismatch(path, start + slot.received, more=False, size=size)
+        return next_claim[0] if next_claim else None
 
     def file(self, index: int) -> Iterator[bytes]:
         """The bytes of file ``index`` (the files are read in order, each once)."""

@@ -37,9 +37,12 @@ local one) are read as one stream.
 from __future__ import annotations
 
 import io
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..core.errors import SourceChangedError
+from .ahead import EarlyRequest, Latency, due
 from .ring import MIN_CHUNKS, ChunkRing, Stopped, fitted_chunk
 
 if TYPE_CHECKING:
@@ -185,7 +188,8 @@ class _Reads:
                on_close: Callable[[], None] | None = None) -> ParallelRanges:
         # The ring holds at most OBJECT_BUFFER: with a cloud client's imports (gcsfs: 88 MiB of
         # RSS) a resolve must still fit in 150 MiB; chunks shrink to fit, connections stay.
-        return ParallelRanges(stream, size, chunk_size=object_chunk(self.chunk_size, self.connections), connections=self.connections, on_close=on_close)
+        chunk = object_chunk(self.chunk_size, self.connections, isinstance(stream, OpeningStream))
+        return ParallelRanges(stream, size, chunk_size=chunk, connections=self.connections, on_close=on_close)
 
 
 def _fresh(fs: Any, path: str) -> dict[str, Any]:
@@ -282,16 +286,134 @@ RECEIVE = 256 << 10
 CHUNK_RETRIES = 4
 
 
-class ParallelRanges(ChunkRing):
+class Answer:
+    """A ranged read whose answer's head is in (:meth:`OpeningStream.open`): :meth:`pump` reads
+    its body to the end; until then the body waits in the connection.
+
+    Attributes:
+        answered: when its head arrived (``time.monotonic()``).
+    """
+
+    answered: float
+
+    def pump(self, sink: Sink) -> None:
+        """Hand the body to ``sink`` as it arrives, to its end (:class:`Transient` on a cut)."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Drop the answer without reading (more of) it; harmless after :meth:`pump`."""
+        raise NotImplementedError
+
+
+class OpeningStream:
+    """A :data:`Stream` that can also send its request and return once the answer's head is in
+    (:meth:`open`), so a parallel read can send a worker's next request while its current answer
+    still flows (``download/ahead.py``)."""
+
+    def __call__(self, start: int, end: int, sink: Sink) -> None:
+        answer = self.open(start, end)
+        try:
+            answer.pump(sink)
+        finally:
+            answer.discard()
+
+    def open(self, start: int, end: int) -> Answer:
+        """Request bytes ``[start, end)``; return once the answer's head is in."""
+        raise NotImplementedError
+
+
+class AheadRing(ChunkRing):
+    """A ring whose chunks are ranged reads of object streams (a mixin of :class:`ChunkRing`).
+
+    Where the stream is an :class:`OpeningStream`, each worker sends its next chunk's request a
+    round trip before its current answer ends (``download/ahead.py``) and reads that answer once
+    the current one is done; the ring then has two places per worker, so the early answer's
+    place is free by then. Call :meth:`_ahead_init` from ``__init__``; the subclass says what
+    each chunk reads (:meth:`_range_of`) and fetches with :meth:`_read_range`.
+    """
+
+    def _ahead_init(self) -> None:
+        self._early: dict[int, EarlyRequest[Answer]] = {}  # chunk -> its request made early
+        self._early_lock = threading.Lock()
+        self._latency = Latency()
+
+    def _range_of(self, k: int) -> tuple[Stream, int, int]:
+        """Chunk ``k``'s stream and the range ``[start, end)`` still to read of it."""
+        raise NotImplementedError
+
+    def _read_range(self, k: int, sink: Sink, next_claim: list[int | None]) -> None:
+        """One read of what is left of chunk ``k`` into ``sink``.
+
+        ``next_claim`` holds the chunk this worker claimed early (``[k2]``, or ``[None]`` if
+        there was none to claim), once it tried: once per chunk, over its retries too.
+
+        Raises:
+            Transient: a failure worth another try (of the rest of the chunk).
+        """
+        stream, start, end = self._range_of(k)
+        with self._early_lock:
+            early = self._early.pop(k, None)
+        if not isinstance(stream, OpeningStream):
+            stream(start, end, sink)
+            return
+        answer = early.take() if early is not None else self._open_timed(stream, start, end)
+        try:
+            self._await_place(k)
+            got = 0
+
+            def counted(data: bytes | memoryview) -> None:
+                nonlocal got
+                sink(data)
+                got += len(data)
+                if not next_claim and due(end - start - got, got, answer.answered, self._latency):
+                    claimed = self._claim_early()
+                    next_claim.append(claimed)
+                    if claimed is not None:
+                        self._open_early(claimed)
+
+            answer.pump(counted)
+        finally:
+            answer.discard()
+
+    def _open_timed(self, stream: OpeningStream, start: int, end: int) -> Answer:
+        began = time.monotonic()
+        answer = stream.open(start, end)
+        self._latency.timed(began, answer.answered)
+        return answer
+
+    def _open_early(self, k: int) -> None:
+        stream, start, end = self._range_of(k)
+        if isinstance(stream, OpeningStream):
+            request = EarlyRequest(lambda: self._open_timed(stream, start, end), Answer.discard,
+                                   name=f"hubcache-object-ahead-{k}")
+            with self._early_lock:
+                self._early[k] = request
+
+    def _on_halt(self) -> None:
+        with self._early_lock:
+            early, self._early = list(self._early.values()), {}
+        for request in early:
+            request.discard()
+
+
+def ahead_places(stream_opens: bool) -> int:
+    """The ring's places per worker: two where requests go out early (see :class:`AheadRing`)."""
+    return 2 if stream_opens else 1
+
+
+class ParallelRanges(AheadRing):
     """An object read in consecutive chunks by ``connections`` worker threads, each chunk one
-    ranged read, handed out in order (the ring of ``download/ring.py``: at most ``connections x
-    chunk_size`` bytes held).
+    ranged read, handed out in order (the ring of ``download/ring.py``: at most ``places x
+    chunk_size`` bytes held, two places per connection where requests go out early).
 
     Args:
         stream: ``stream(start, end, sink)`` reads bytes ``[start, end)`` of the pinned version
             (one ranged request, called from the worker threads at once) and hands them to
-            ``sink`` as they arrive; raises :class:`Transient` for a failure worth a retry.
+            ``sink`` as they arrive; raises :class:`Transient` for a failure worth a retry. An
+            :class:`OpeningStream` has each worker's next request sent early.
         size: the version's byte count.
+        chunk_size: bytes per chunk.
+        connections: the worker threads.
         on_close: called once the workers stopped (closes the file the reads belong to).
 
     Attributes:
@@ -306,13 +428,20 @@ class ParallelRanges(ChunkRing):
         self.connections = connections
         self._on_close = on_close
         self._closed = False
-        self._ring_init(size, chunk_size, connections, first=0, name="hubcache-object")
+        self._ahead_init()
+        places = ahead_places(isinstance(stream, OpeningStream)) * connections
+        self._ring_init(size, chunk_size, places, first=0, name="hubcache-object", workers=connections)
         self._start_workers()
 
-    def _fetch(self, k: int) -> None:
+    def _range_of(self, k: int) -> tuple[Stream, int, int]:
+        start, last = self._span(k)
+        return self._stream, start + self._slots[k].received, last + 1
+
+    def _fetch(self, k: int) -> int | None:
         start, last = self._span(k)
         slot = self._slots[k]
         failures = 0
+        next_claim: list[int | None] = []
         while start + slot.received <= last:
             at = start + slot.received
 
@@ -324,7 +453,7 @@ class ParallelRanges(ChunkRing):
             if self._stop.is_set():
                 raise Stopped
             try:
-                self._stream(at, last + 1, sink)
+                self._read_range(k, sink, next_claim)
                 if start + slot.received <= last:
                     raise Transient(f"asked for bytes {at}-{last}, the answer ended at byte "
                                      f"{start + slot.received}")
@@ -332,6 +461,7 @@ class ParallelRanges(ChunkRing):
                 failures += 1
                 if not self._pause_before_retry(failures, CHUNK_RETRIES):
                     raise
+        return next_claim[0] if next_claim else None
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         return self._next_into(memoryview(buffer).cast("B"))
@@ -363,7 +493,7 @@ def _can_stream(fs: Any) -> bool:
     return all(hasattr(fs, name) for name in ("_set_session", "_get_headers", "_get_params", "url", "loop"))
 
 
-def _gcs_stream(fs: Any, pinned: str, shown: str, past_end: bool = False) -> Stream:
+class _GcsStream(OpeningStream):
     """A ``stream`` of ``bucket/key#generation`` through gcsfs's session (its credentials and
     endpoint), the body handed on as it arrives: ``_cat_file`` would hold each whole range, and
     its join, in memory at once (measured: 8 ranges of 8 MiB took a resolve's peak RSS from 106 to
@@ -371,47 +501,90 @@ def _gcs_stream(fs: Any, pinned: str, shown: str, past_end: bool = False) -> Str
 
     ``past_end``: a range that starts past the object's end (a 416) is an answer of no bytes (a
     copy checking an untrusted size), not an error."""
-    import asyncio
 
-    from fsspec.asyn import sync  # here: importing hubcache imports no fsspec
+    def __init__(self, fs: Any, pinned: str, shown: str, past_end: bool = False):
+        self._fs, self._pinned, self._shown, self._past_end = fs, pinned, shown, past_end
+        self._url = fs.url(pinned)
 
-    url = fs.url(pinned)
+    def open(self, start: int, end: int) -> Answer:
+        from fsspec.asyn import sync  # here: importing hubcache imports no fsspec
 
-    async def read(start: int, end: int, sink: Sink) -> None:
+        response = sync(self._fs.loop, self._request, start, end)
+        return _GcsAnswer(self._fs.loop, response, self._shown)
+
+    async def _request(self, start: int, end: int) -> Any:
+        import asyncio
+
         import aiohttp
 
+        fs, shown = self._fs, self._shown
         await fs._set_session()
         headers = fs._get_headers({"Range": f"bytes={start}-{end - 1}"})
         try:
-            async with fs.session.get(url=url, params=fs._get_params({}), headers=headers,
-                                      timeout=getattr(fs, "requests_timeout", None)) as r:
-                if r.status in (404, 410):
-                    raise FileNotFoundError(f"{shown} (generation {pinned.rsplit('#', 1)[1]})")
-                if r.status in (401, 403):
-                    raise PermissionError(f"HTTP {r.status} reading {shown}")
-                if r.status == 429 or r.status >= 500:
-                    raise Transient(f"HTTP {r.status} reading {shown}")
-                if r.status == 416 and past_end:
-                    return
-                if r.status != 206 and not (r.status == 200 and start == 0):  # 200: the whole object
-                    raise OSError(f"HTTP {r.status} to the range {start}-{end - 1} of {shown}")
-                while data := await r.content.read(RECEIVE):
-                    sink(data)
+            response = await fs.session.get(url=self._url, params=fs._get_params({}), headers=headers,
+                                            timeout=getattr(fs, "requests_timeout", None))
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise Transient(f"reading {shown}: {type(error).__name__}: {error}") from None
+        status = response.status
+        if status == 200 and start == 0 or status == 206:  # 200: the whole object
+            return response
+        response.release()
+        if status in (404, 410):
+            raise FileNotFoundError(f"{shown} (generation {self._pinned.rsplit('#', 1)[1]})")
+        if status in (401, 403):
+            raise PermissionError(f"HTTP {status} reading {shown}")
+        if status == 429 or status >= 500:
+            raise Transient(f"HTTP {status} reading {shown}")
+        if status == 416 and self._past_end:
+            return None
+        raise OSError(f"HTTP {status} to the range {start}-{end - 1} of {shown}")
 
-    def stream(start: int, end: int, sink: Sink) -> None:
-        sync(fs.loop, read, start, end, sink)
 
-    return stream
+class _GcsAnswer(Answer):
+    """A gcsfs (aiohttp) answer whose body is read on the client's event loop."""
+
+    def __init__(self, loop: Any, response: Any, shown: str):
+        self._loop, self._response, self._shown = loop, response, shown
+        self.answered = time.monotonic()
+
+    def pump(self, sink: Sink) -> None:
+        from fsspec.asyn import sync
+
+        if self._response is not None:
+            sync(self._loop, self._read, sink)
+
+    async def _read(self, sink: Sink) -> None:
+        import asyncio
+
+        import aiohttp
+
+        response, self._response = self._response, None
+        try:
+            while data := await response.content.read(RECEIVE):
+                sink(data)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            raise Transient(f"reading {self._shown}: {type(error).__name__}: {error}") from None
+        finally:
+            response.release()  # read to its end, its connection goes back to the pool; else closed
+
+    def discard(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            # On the loop's own thread (aiohttp is not thread-safe); an unread body: the
+            # connection is dropped.
+            self._loop.call_soon_threadsafe(response.close)
+
+
+def _gcs_stream(fs: Any, pinned: str, shown: str, past_end: bool = False) -> Stream:
+    """A :class:`_GcsStream` (see there)."""
+    return _GcsStream(fs, pinned, shown, past_end)
 
 
 def object_stream(fs: Any, path: str, shown: str) -> Stream:
     """A :data:`Stream` of the object ``path`` on ``fs``, not pinned to a version (for readers that
     check what they read, as a copy between tiers checks sizes and CRC-32s), whose ranges may
     run past the object's end (fewer bytes then, none for a range starting past it)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if {"gs", "gcs"} & set(protocols) and _can_stream(fs):
+    if opens_early(fs):
         return _gcs_stream(fs, path, shown, past_end=True)
 
     def stream(start: int, end: int, sink: Sink) -> None:
@@ -431,10 +604,18 @@ def object_stream(fs: Any, path: str, shown: str) -> Stream:
     return stream
 
 
-def object_chunk(chunk_size: int, connections: int) -> int:
-    """The chunk of a parallel read of objects: ``chunk_size``, smaller if ``connections`` of it
-    would exceed :data:`OBJECT_BUFFER` (see :func:`~hubcache.download.ring.fitted_chunk`)."""
-    return fitted_chunk(chunk_size, connections, OBJECT_BUFFER)
+def object_chunk(chunk_size: int, connections: int, ahead: bool = False) -> int:
+    """The chunk of a parallel read of objects: ``chunk_size``, smaller if the ring's places
+    (``connections``, twice as many with requests sent ``ahead``) of it would exceed
+    :data:`OBJECT_BUFFER` (see :func:`~hubcache.download.ring.fitted_chunk`)."""
+    return fitted_chunk(chunk_size, ahead_places(ahead) * connections, OBJECT_BUFFER)
+
+
+def opens_early(fs: Any) -> bool:
+    """Whether :func:`object_stream` of ``fs`` is an :class:`OpeningStream` (its reads in
+    parallel send each worker's next request early)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"gs", "gcs"} & set(protocols)) and _can_stream(fs)
 
 
 def _file_pins_itself(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObject:

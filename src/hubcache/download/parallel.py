@@ -33,7 +33,7 @@ stream at 34-45).
 A round trip ahead. Each request waits a round trip (and the origin's time to answer) for its
 first byte. So that a connection does not spend that wait idle once per chunk, a worker asks
 for its next chunk while its current answer still flows: when the bytes left would take
-:data:`AHEAD` request latencies at the answer's rate (the latency: the shortest time a chunk's
+:data:`~hubcache.download.ahead.AHEAD` request latencies at the answer's rate (the latency: the shortest time a chunk's
 request has taken to be answered), on a second connection of its own, and takes that answer
 once the current one ends. The next answer starts flowing about when the current one stops, so
 the download does not use more than ``connections`` flows' share of the link, though up to twice
@@ -63,14 +63,13 @@ is raised by the next read.
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
 from ..core.config import DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS
 from ..core.errors import SourceChangedError
 from ..core.handles import origin_of
+from .ahead import EarlyRequest, Latency, due
 from .fetch import (
     RETRY_STATUS,
     HttpSource,
@@ -111,11 +110,6 @@ RECEIVE = 256 << 10
 #: byte: 47 ms of each 262 ms chunk at 8 connections of 32 MB/s. With two, the next chunk's
 #: place was read a round of chunks before; the chunks are half as long in the same memory.
 PLACES_PER_CONNECTION = 2
-#: A worker requests its next chunk when the bytes left of its current one would take this many
-#: request latencies at its rate (the latency: the shortest time a chunk's request took to be
-#: answered), so that a connection's time is not spent waiting for each chunk's first byte
-#: (at 32 MB/s and 30 ms, 16 connections of 4 MiB chunks spent 19 % of it so).
-AHEAD = 1.25
 
 
 class RangeAnswerError(SourceChangedError):
@@ -194,8 +188,8 @@ class ParallelSource(Source, ChunkRing):
         self.direct: str | None = first._resolved if first._resolved != first._target else None
         self._timeout, self._retries, self._deadline = timeout, retries, deadline
         self._live: set[_Chunk] = set()
-        self._openers: dict[int, _Opener] = {}  # chunk -> its request made early by its worker
-        self._latency = math.inf  # the shortest time a chunk's request took to be answered
+        self._openers: dict[int, EarlyRequest[_Chunk]] = {}  # chunk -> its request made early by its worker
+        self._latency = Latency()  # the shortest time a chunk's request took to be answered
         # Chunk 0 is the first answer's, read by the reader itself; workers fetch 1 on, once the
         # probe has shown that the link limits (see :meth:`_probed`).
         self._ring_init(self.total, chunk_size, PLACES_PER_CONNECTION * connections, first=1,
@@ -235,12 +229,11 @@ class ParallelSource(Source, ChunkRing):
                 got += len(data)
                 # A round trip before this chunk ends, the next one's request goes out: its
                 # first byte arrives about when this one's last does (once per chunk).
-                if ahead and left and got >= 2 * RECEIVE and self._latency < math.inf and \
-                        left <= AHEAD * self._latency * got / max(1e-6, time.monotonic() - began):
+                if ahead and due(left, got, began, self._latency):
                     ahead = False
                     early = self._claim_early()
                     if early is not None:
-                        self._openers[early] = _Opener(self, early)
+                        self._openers[early] = self._open_early(early)
             chunk.finish()
         except BaseException as error:
             if early is not None:
@@ -264,8 +257,18 @@ class ParallelSource(Source, ChunkRing):
         chunk = _Chunk(self, start, end, timeout=self._timeout, retries=self._retries, deadline=self._deadline)
         chunk.answered = time.monotonic()
         if chunk._attempts == 1:  # a retried request's time is not a round trip
-            self._latency = min(self._latency, chunk.answered - began)
+            self._latency.timed(began, chunk.answered)
         return chunk
+
+    def _open_early(self, k: int) -> EarlyRequest[_Chunk]:
+        """Request chunk ``k`` on a thread of its own, while this worker still receives its
+        current chunk."""
+        return EarlyRequest(lambda: self._open(k), self._close_early, name=f"hubcache-range-ahead-{k}")
+
+    def _close_early(self, chunk: _Chunk) -> None:
+        with self._readable:
+            self._live.discard(chunk)
+        chunk.close()
 
     def _drop_early(self, k: int, handed_back: bool) -> None:
         """Abandon the request made early for chunk ``k`` (its worker failed or leaves); the chunk
@@ -348,54 +351,6 @@ class ParallelSource(Source, ChunkRing):
                 opener.discard()
             self._openers.clear()
         super().close()
-
-
-class _Opener:
-    """A worker's next chunk, requested a round trip early on a thread of its own (the worker is
-    still receiving its current chunk); :meth:`take` hands the answered request over."""
-
-    def __init__(self, owner: ParallelSource, k: int):
-        self._owner, self.k = owner, k
-        self._chunk: _Chunk | None = None
-        self._error: BaseException | None = None
-        self._discarded = False
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"hubcache-range-ahead-{k}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            chunk = self._owner._open(self.k)
-        except BaseException as error:  # raised by take(), on the worker's thread
-            self._error = error
-            return
-        with self._lock:
-            self._chunk = chunk
-            discarded = self._discarded
-        if discarded:
-            self._close(chunk)
-
-    def take(self) -> _Chunk:
-        """The chunk's request, answered; raises what making it raised."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._chunk is not None
-        return self._chunk
-
-    def discard(self) -> None:
-        """Close the request now if it was answered, else as soon as it is (without waiting:
-        a halted ring cuts it at once; otherwise it may take a round trip or a timeout)."""
-        with self._lock:
-            self._discarded = True
-            chunk = self._chunk
-        if chunk is not None:
-            self._close(chunk)
-
-    def _close(self, chunk: _Chunk) -> None:
-        with self._owner._readable:
-            self._owner._live.discard(chunk)
-        chunk.close()
 
 
 class _Chunk(HttpSource):

@@ -1,0 +1,103 @@
+"""The next request, sent a round trip before the current answer ends.
+
+Every ranged request waits a round trip (and the server's time to answer) for its first byte. A
+worker that asks for its next chunk only once its current one has ended leaves its connection
+idle for that wait, once per chunk: at 32 MB/s and 30 ms, 16 connections of 4 MiB chunks spent
+19 % of their time so. The parallel readers (http(s) in ``download/parallel.py``, object stores
+in ``download/objectread.py`` and ``download/objectfiles.py``) therefore send a worker's next
+request while its current answer still flows, timed by :func:`due` so that the next answer
+starts flowing about when the current one stops, and take the answer, already in, once it has.
+
+An early request runs on a short-lived thread of its own (:class:`EarlyRequest`): it waits for
+the answer's head only; its body stays in the connection (flow control holds it) until its
+worker reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Callable, Generic, TypeVar
+
+__all__ = ["AHEAD", "EarlyRequest", "Latency", "due"]
+
+#: A worker requests its next chunk when the bytes left of its current one would take this many
+#: request latencies at its rate (the latency: the shortest time a chunk's request took to be
+#: answered).
+AHEAD = 1.25
+#: Bytes of an answer received before its rate is trusted.
+MIN_TIMED = 512 << 10
+
+T = TypeVar("T")
+
+
+class Latency:
+    """The shortest time a request of one download took to be answered (its head); ``inf``
+    until one was timed. Retried requests are not timed: their time is not a round trip."""
+
+    def __init__(self) -> None:
+        self.seconds = math.inf
+
+    def timed(self, began: float, answered: float) -> None:
+        self.seconds = min(self.seconds, answered - began)
+
+
+def due(left: int, got: int, since: float, latency: Latency, now: float | None = None) -> bool:
+    """Whether the next request should go out now: ``got`` bytes of the current answer arrived
+    since its head came at ``since``, ``left`` are still to come, and at that rate they would take
+    no more than :data:`AHEAD` latencies. The rate counts from the answer's head, so bytes that
+    waited in the socket (an early answer whose place was not free) do not make the flow look
+    faster."""
+    if not left or got < MIN_TIMED or latency.seconds == math.inf:
+        return False
+    now = time.monotonic() if now is None else now
+    return left <= AHEAD * latency.seconds * got / max(1e-6, now - since)
+
+
+class EarlyRequest(Generic[T]):
+    """A request made on a thread of its own while its worker still receives its current answer;
+    :meth:`take` hands the answered request over on the worker's thread.
+
+    Args:
+        make: sends the request and returns it once answered (its head in), or raises.
+        close: drops an answered request nobody will read.
+        name: the thread's name.
+    """
+
+    def __init__(self, make: Callable[[], T], close: Callable[[T], None], name: str):
+        self._make, self._close = make, close
+        self._answer: T | None = None
+        self._error: BaseException | None = None
+        self._discarded = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            answer = self._make()
+        except BaseException as error:  # raised by take(), on the worker's thread
+            self._error = error
+            return
+        with self._lock:
+            self._answer = answer
+            discarded = self._discarded
+        if discarded:
+            self._close(answer)
+
+    def take(self) -> T:
+        """The answered request; raises what making it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
+
+    def discard(self) -> None:
+        """Drop the request now if it was answered, else as soon as it is (without waiting)."""
+        with self._lock:
+            self._discarded = True
+            answer = self._answer
+        if answer is not None:
+            self._close(answer)
