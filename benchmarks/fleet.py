@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=32e6, help="origin: bytes/s per connection (default 32e6)")
     parser.add_argument("--latency", type=float, default=0.030, help="origin: seconds before each answer")
     parser.add_argument("--connections", type=int, default=0, help="HUBCACHE_CONNECTIONS (default: hubcache's)")
+    parser.add_argument("--bucket-latency", type=float, default=0.0,
+                        help="the bucket: seconds before each object read's answer (default 0: the emulator's own)")
+    parser.add_argument("--bucket-rate", type=float, default=0.0,
+                        help="the bucket: bytes/s of each object read's answer (default 0: unshaped)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hubcache-bench"))
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     bucket = gcs_emulator.bucket("hubcache-fleet")
     runs = os.path.join(args.workdir, "fleet-runs")
     shutil.rmtree(runs, ignore_errors=True)
-    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "gcs_proxy.py"), emulator, str(args.hosts)],
+    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "gcs_proxy.py"), emulator, str(args.hosts),
+                              "--latency", str(args.bucket_latency), "--rate", str(args.bucket_rate)],
                              stdout=subprocess.PIPE, text=True)
     try:
         ports = json.loads(proxy.stdout.readline())["ports"]
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
               "load_average": {"before": load_before, "after": load_after},
               "settings": {"weights_bytes": args.size, "model_bytes": model_bytes, "hosts": args.hosts,
                            "format": args.format, "archive_bytes": os.path.getsize(archive), "rate": args.rate,
-                           "latency": args.latency, "connections": args.connections or "default"},
+                           "latency": args.latency, "connections": args.connections or "default",
+                           "bucket_latency": args.bucket_latency, "bucket_rate": args.bucket_rate},
               "alone": alone, "fleet": many, **summary}
     with open(os.path.join(args.out, "results-fleet.json"), "w") as f:
         json.dump(result, f, indent=2)
