@@ -79,7 +79,8 @@ def test_one_waiting_host_request_rate(backend, tmp_path, figures):
     TTL 0.4 s): its manifest reads per second, lease reads, and how soon it sees the commit; the
     fleet's load computed from the measured rate (plus the lease reads of the default 30 s TTL)."""
     m = waiter_request_rate(backend, str(tmp_path))
-    assert m["manifest_rate"] <= 4.4 and m["steady_rate"] <= 3.6 and m["lease_reads"] <= 3, m
+    # Steps of 0.125-0.25 s from one read's start to the next (objectstore.MAX_POLL): 5.3 reads/s.
+    assert m["manifest_rate"] <= 6.2 and m["steady_rate"] <= 6.0 and m["lease_reads"] <= 3, m
     assert m["latency"] < 1.0
     per_host = m["steady_rate"] + 4 / 30.0
     figures.update(run=f"one waiter for {m['window']:g} s on a live lease held by another process",
