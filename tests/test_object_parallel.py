@@ -279,3 +279,29 @@ def test_a_copy_down_requests_its_next_range_before_its_current_one_ends(far_buc
     later = ranged[n:]
     early = [r for r in later if _flowing(ranged, r) >= 1]
     assert len(early) >= len(later) - 2, [(r["range"], round(r["arrived"], 3), _flowing(ranged, r)) for r in later]
+
+
+def test_a_read_closed_midway_drops_the_requests_made_early(far_bucket, made):
+    """Closing a parallel read while requests made early are on their way or answered drops them:
+    close returns at once, the early requests' threads end, and nothing of them is kept."""
+    import threading
+
+    fs, reads = far_bucket
+    n, chunk, chunks = 2, 2 << 20, 10
+    url = f"{fresh_root()}/far.bin"
+    body = os.urandom(chunks * chunk)
+    gcs().pipe_file(url[5:], body)
+    source = objectread.open_pinned(fs, url[5:], url, connections=n, chunk_size=chunk)
+    got = bytearray()
+    while len(got) < 3 * chunk:  # into chunk 1: chunk 2's and 3's requests went out early
+        got += source.read(100_000)
+    ranges = made[0]
+    assert ranges._early, "no request made early yet"
+    began = time.monotonic()
+    source.close()
+    assert time.monotonic() - began < 5.0
+    assert bytes(got) == body[:len(got)] and not ranges._early
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("hubcache-object-ahead") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
+        time.sleep(0.05)

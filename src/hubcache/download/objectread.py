@@ -384,8 +384,9 @@ class AheadRing(ChunkRing):
     def _open_early(self, k: int) -> None:
         stream, start, end = self._range_of(k)
         if isinstance(stream, OpeningStream):
-            request = EarlyRequest(lambda: self._open_timed(stream, start, end), Answer.discard,
-                                   name=f"hubcache-object-ahead-{k}")
+            request: EarlyRequest[Answer] = EarlyRequest(lambda: self._open_timed(stream, start, end),
+                                                         lambda answer: answer.discard(),
+                                                         name=f"hubcache-object-ahead-{k}")
             with self._early_lock:
                 self._early[k] = request
 
