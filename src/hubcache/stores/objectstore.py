@@ -145,7 +145,9 @@ TAKEOVER_SPREAD = 5.0
 #: one, so a fleet does not poll in step): a waiting host notices the commit within a quarter of a
 #: second and one read, at about 5.3 reads/s of one small object; 256 waiting hosts send about
 #: 1,400 reads/s, within a new bucket's read rate (about 5,000/s before it scales up), and an hour
-#: of waiting costs a host about 19,000 reads. (At 0.5 s, the sleep after the last read before the
+#: of waiting costs a host about 19,000 reads. A fleet of a thousand waiting hosts reaches that
+#: rate: the bucket then answers some reads 429, and gcsfs retries them with backoff, which slows
+#: those hosts' polls. (At 0.5 s, the sleep after the last read before the
 #: commit was most of a fleet's 0.3-0.7 s from the commit to its copies: measured, every waiter's
 #: read had queued 3.2 s behind the holder's last uploads and returned just before the commit.)
 #: Counted start to start, so a slow read is not followed by a full step more.
