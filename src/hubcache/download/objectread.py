@@ -388,7 +388,11 @@ class AheadRing(ChunkRing):
                                                          lambda answer: answer.discard(),
                                                          name=f"hubcache-object-ahead-{k}")
             with self._early_lock:
-                self._early[k] = request
+                halted = self._stopping  # after _on_halt dropped the others: drop this one too
+                if not halted:
+                    self._early[k] = request
+            if halted:
+                request.discard()
 
     def _on_halt(self) -> None:
         with self._early_lock:
