@@ -498,7 +498,7 @@ class HttpSource(Source):
             except (urllib3.exceptions.HTTPError, OSError) as error:
                 if self._expired:
                     raise self._deadline_error() from None
-                self._response.release_conn()
+                _release(self._response)
                 self._wait_before_retry(f"interrupted after {self.position} bytes: {_error_text(error)}",
                                         self.position)
                 if self._validator is None:
@@ -559,7 +559,7 @@ class HttpSource(Source):
             self._stop_watchdog()
             response = getattr(self, "_response", None)
             if response is not None:
-                response.release_conn()
+                _release(response)
         super().close()
 
 
@@ -614,7 +614,15 @@ def _discard_response(response: urllib3.BaseHTTPResponse) -> None:
     if length is not None and length <= 64 << 10:
         with contextlib.suppress(Exception):
             response.drain_conn()
-    else:
+    _release(response)
+
+
+def _release(response: urllib3.BaseHTTPResponse) -> None:
+    """Give a response's connection back to its pool: as it is if the body was read to its end,
+    else closed. The unread rest of a body can sit in the response's buffer, where the pool's
+    check of the socket does not see it; the next request on that connection then failed
+    (``ResponseNotReady``): a retry, counted as a second restart of a parallel download."""
+    if not response.closed:
         response.close()
     response.release_conn()
 
