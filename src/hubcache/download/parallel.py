@@ -33,9 +33,10 @@ stream at 34-45).
 A round trip ahead. Each request waits a round trip (and the origin's time to answer) for its
 first byte. So that a connection does not spend that wait idle once per chunk, a worker asks
 for its next chunk while its current answer still flows: when the bytes left would take
-:data:`~hubcache.download.ahead.AHEAD` request latencies at the answer's rate (the latency: the shortest time a chunk's
-request has taken to be answered), on a second connection of its own, and takes that answer
-once the current one ends. The next answer starts flowing about when the current one stops, so
+:data:`~hubcache.download.ahead.AHEAD` request latencies at the answer's rate (the latency: the
+shortest time a chunk's request has taken to be answered; never where it is under a tenth of the
+chunk's time, see ``download/ahead.py``), on a second connection of its own, and takes that
+answer once the current one ends. The next answer starts flowing about when the current one stops, so
 the download does not use more than ``connections`` flows' share of the link, though up to twice
 as many sockets are open at moments. The second place per connection is what lets that early
 answer be taken at once: its chunk's place was read a round of chunks before.
