@@ -42,7 +42,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..core.errors import SourceChangedError
-from .ahead import EarlyRequest, Latency, due
+from .ahead import PLACES_PER_CONNECTION, EarlyRequest, Latency, due
 from .ring import MIN_CHUNKS, ChunkRing, Stopped, fitted_chunk
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ def _path_generation(fs: Any, path: str, url: str, reads: _Reads) -> PinnedObjec
     size = int(info["size"])
     # Streamed through the client's session where it has the parts of it this uses; else each
     # range read whole (more memory per range, the same pin).
-    stream = _gcs_stream(versioned, pinned, url) if _can_stream(versioned) else _fetched(fetch)
+    stream = _GcsStream(versioned, pinned, url) if _can_stream(versioned) else _fetched(fetch)
     blocks: _Blocks | ParallelRanges = (reads.ranges(stream, size) if reads.parallel(size)
                                         else _Blocks(fetch, size, reads.block_size))
     return PinnedObject(url, blocks, version, current, check_each_block=False, block_size=reads.block_size)
@@ -402,8 +402,9 @@ class AheadRing(ChunkRing):
 
 
 def ahead_places(stream_opens: bool) -> int:
-    """The ring's places per worker: two where requests go out early (see :class:`AheadRing`)."""
-    return 2 if stream_opens else 1
+    """The ring's places per worker: :data:`~hubcache.download.ahead.PLACES_PER_CONNECTION` where
+    requests go out early (see :class:`AheadRing`), else one."""
+    return PLACES_PER_CONNECTION if stream_opens else 1
 
 
 class ParallelRanges(AheadRing):
@@ -494,7 +495,7 @@ def _fetched(fetch: Callable[[int, int], bytes]) -> Stream:
 
 
 def _can_stream(fs: Any) -> bool:
-    """Whether a gcsfs client has what :func:`_gcs_stream` uses (gcsfs 2024.12 to 2026.10 do)."""
+    """Whether a gcsfs client has what :class:`_GcsStream` uses (gcsfs 2024.12 to 2026.10 do)."""
     return all(hasattr(fs, name) for name in ("_set_session", "_get_headers", "_get_params", "url", "loop"))
 
 
@@ -580,17 +581,12 @@ class _GcsAnswer(Answer):
             self._loop.call_soon_threadsafe(response.close)
 
 
-def _gcs_stream(fs: Any, pinned: str, shown: str, past_end: bool = False) -> Stream:
-    """A :class:`_GcsStream` (see there)."""
-    return _GcsStream(fs, pinned, shown, past_end)
-
-
 def object_stream(fs: Any, path: str, shown: str) -> Stream:
     """A :data:`Stream` of the object ``path`` on ``fs``, not pinned to a version (for readers that
     check what they read, as a copy between tiers checks sizes and CRC-32s), whose ranges may
     run past the object's end (fewer bytes then, none for a range starting past it)."""
     if opens_early(fs):
-        return _gcs_stream(fs, path, shown, past_end=True)
+        return _GcsStream(fs, path, shown, past_end=True)
 
     def stream(start: int, end: int, sink: Sink) -> None:
         try:

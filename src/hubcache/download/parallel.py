@@ -22,7 +22,7 @@ connections would only add work, and the first answer is read to its end as one 
 How. The reader reads chunk 0 from that first answer itself; the answer is then closed (its
 connection dropped) and the rest comes from ``connections`` worker threads, each fetching one
 chunk at a time with ``Range: bytes=START-END`` and ``If-Range`` (the first answer's
-validator), into its place in a ring allocated once (:data:`PLACES_PER_CONNECTION` places per
+validator), into its place in a ring allocated once (:data:`~hubcache.download.ahead.PLACES_PER_CONNECTION` places per
 connection, an anonymous mapping). A chunk's place is filled only while the chunk is less than
 the reader's chunk plus the places: the bytes held, received but not yet read, are at most
 ``places x chunk_size`` however slowly the reader reads (the chunks shrink so that is never more
@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Callable
 from ..core.config import DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS
 from ..core.errors import SourceChangedError
 from ..core.handles import origin_of
-from .ahead import EarlyRequest, Latency, due
+from .ahead import PLACES_PER_CONNECTION, EarlyRequest, Latency, due
 from .fetch import (
     RETRY_STATUS,
     HttpSource,
@@ -106,11 +106,6 @@ ONE_FLOW_ENOUGH = 250e6
 #: Bytes a worker receives at a time before copying them into the ring: each worker's transient
 #: buffers (urllib3's and http.client's) are a few times this.
 RECEIVE = 256 << 10
-#: The ring's places per connection. One each made a worker whose next chunk was requested
-#: early wait for the reader to read its current one (that next chunk's place) before taking a
-#: byte: 47 ms of each 262 ms chunk at 8 connections of 32 MB/s. With two, the next chunk's
-#: place was read a round of chunks before; the chunks are half as long in the same memory.
-PLACES_PER_CONNECTION = 2
 
 
 class RangeAnswerError(SourceChangedError):
